@@ -1,0 +1,52 @@
+"""Typed errors raised by the pure protocol code.
+
+Every way a peer can be wrong is one of these, so callers can turn it into a
+log line, an error reply or a broken-device state without guessing.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ProtocolError(Exception):
+    """Base of every error a peer's bytes can cause."""
+
+
+class MessageError(ProtocolError):
+    """A vhost-user message that cannot be accepted (bad header, size, fds)."""
+
+    def __init__(self, request: int | None, reason: str) -> None:
+        self.request = request
+        self.reason = reason
+        super().__init__(reason if request is None else f"request {request}: {reason}")
+
+
+class AddressError(ProtocolError):
+    """An address range that is not fully inside one memory region."""
+
+
+class QueueErrorKind(enum.Enum):
+    HEAD_OUT_OF_RANGE = "descriptor index >= queue size"
+    NEXT_OUT_OF_RANGE = "next descriptor index >= table size"
+    LOOP = "descriptor chain loops or is longer than its table"
+    NESTED_INDIRECT = "indirect descriptor inside an indirect table"
+    INDIRECT_NOT_AT_HEAD = "indirect descriptor that is not the whole chain"
+    INDIRECT_WITH_NEXT = "indirect descriptor with the NEXT flag"
+    INDIRECT_NOT_NEGOTIATED = "indirect descriptor without INDIRECT_DESC"
+    INDIRECT_BAD_LENGTH = "indirect table length is 0 or not a multiple of 16"
+    AVAIL_AHEAD = "avail.idx runs more than queue size ahead"
+    ADDRESS = "ring or table address outside guest memory"
+    OVERFLOW = "descriptor addr + len overflows 64 bits"
+    READ_AFTER_WRITE = "device-readable descriptor after a device-writable one"
+    BAD_LAYOUT = "invalid queue size or ring alignment"
+    USED_OVERRUN = "more used entries than buffers in flight"
+
+
+class QueueError(ProtocolError):
+    """A malformed ring state: the queue cannot be processed any further."""
+
+    def __init__(self, kind: QueueErrorKind, detail: str = "") -> None:
+        self.kind = kind
+        self.detail = detail
+        super().__init__(f"{kind.value}{': ' + detail if detail else ''}")

@@ -1,0 +1,133 @@
+"""Guest memory: a region table and address translation.
+
+Two address spaces point into the same regions: guest-physical addresses
+(what descriptors carry) and the front-end's virtual addresses (what
+SET_VRING_ADDR carries). A range is accepted only if it lies entirely inside
+one region; crossing a region end is refused, never split.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import itertools
+import mmap
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TypeAlias
+
+from protocol.errors import AddressError
+
+U64_LIMIT = 1 << 64
+
+
+class Space(enum.Enum):
+    GPA = "guest-physical"
+    UVA = "front-end virtual"
+
+
+@dataclass(frozen=True, slots=True)
+class Region:
+    guest_phys_addr: int
+    size: int
+    userspace_addr: int
+    mmap_offset: int
+
+    def start(self, space: Space) -> int:
+        return self.guest_phys_addr if space is Space.GPA else self.userspace_addr
+
+    def file_offset(self, offset_in_region: int) -> int:
+        """Offset in the backing fd of a byte at `offset_in_region`."""
+        return self.mmap_offset + offset_in_region
+
+    def validate(self) -> None:
+        if self.size <= 0:
+            raise AddressError(f"region at gpa {self.guest_phys_addr:#x} has size {self.size}")
+        for name, base in (
+            ("gpa", self.guest_phys_addr),
+            ("uva", self.userspace_addr),
+            ("mmap_offset", self.mmap_offset),
+        ):
+            if base < 0 or base + self.size > U64_LIMIT:
+                raise AddressError(f"region {name} {base:#x} + size {self.size:#x} wraps 64 bits")
+
+
+def _check_disjoint(regions: Sequence[Region], space: Space) -> None:
+    ordered = sorted(regions, key=lambda r: r.start(space))
+    for left, right in itertools.pairwise(ordered):
+        if left.start(space) + left.size > right.start(space):
+            raise AddressError(f"regions overlap in {space.value} space at {right.start(space):#x}")
+
+
+class RegionTable:
+    """An immutable, validated set of regions with fast lookup in both spaces."""
+
+    def __init__(self, regions: Sequence[Region]) -> None:
+        for region in regions:
+            region.validate()
+        _check_disjoint(regions, Space.GPA)
+        _check_disjoint(regions, Space.UVA)
+        self.regions: tuple[Region, ...] = tuple(regions)
+        self._sorted: dict[Space, tuple[list[int], list[int]]] = {}
+        for space in Space:
+            order = sorted(range(len(regions)), key=lambda i: regions[i].start(space))
+            self._sorted[space] = ([regions[i].start(space) for i in order], order)
+
+    def __len__(self) -> int:
+        return len(self.regions)
+
+    def find(self, addr: int, length: int, space: Space = Space.GPA) -> tuple[int, int]:
+        """(region index, offset in region) of [addr, addr+length), inside one region."""
+        if addr < 0 or length < 0 or addr + length > U64_LIMIT:
+            raise AddressError(f"{space.value} range {addr:#x}+{length:#x} wraps 64 bits")
+        starts, order = self._sorted[space]
+        pos = bisect.bisect_right(starts, addr) - 1
+        if pos >= 0:
+            index = order[pos]
+            region = self.regions[index]
+            offset = addr - starts[pos]
+            if offset + length <= region.size and (offset < region.size or length == 0):
+                return index, offset
+        raise AddressError(
+            f"{space.value} range {addr:#x}+{length:#x} is not inside one memory region"
+        )
+
+    def gpa_to_uva(self, gpa: int) -> int:
+        index, offset = self.find(gpa, 1)
+        return self.regions[index].userspace_addr + offset
+
+
+# What rings are read from and written to: the backend's and the mocked
+# guest's MAP_SHARED mappings, or plain bytearrays in unit tests.
+WritableBuffer: TypeAlias = mmap.mmap | bytearray | memoryview
+
+
+class GuestMemory:
+    """A region table plus one byte buffer per region (no syscalls here).
+
+    The backend passes its MAP_SHARED mappings, the mocked guest its own,
+    unit tests plain bytearrays: the same ring code runs over all of them.
+    """
+
+    def __init__(self, table: RegionTable, buffers: Sequence[WritableBuffer]) -> None:
+        if len(buffers) != len(table):
+            raise ValueError("one buffer per region is required")
+        for region, buffer in zip(table.regions, buffers, strict=True):
+            if len(buffer) < region.size:
+                raise ValueError("buffer smaller than its region")
+        self.table = table
+        self.buffers: tuple[WritableBuffer, ...] = tuple(buffers)
+
+    def locate(
+        self, addr: int, length: int, space: Space = Space.GPA
+    ) -> tuple[WritableBuffer, int]:
+        index, offset = self.table.find(addr, length, space)
+        return self.buffers[index], offset
+
+    def read(self, addr: int, length: int, space: Space = Space.GPA) -> bytes:
+        buffer, offset = self.locate(addr, length, space)
+        return bytes(buffer[offset : offset + length])
+
+    def write(self, addr: int, data: bytes, space: Space = Space.GPA) -> None:
+        buffer, offset = self.locate(addr, len(data), space)
+        buffer[offset : offset + len(data)] = data
