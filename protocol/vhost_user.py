@@ -536,7 +536,12 @@ def decode_request(header: Header, payload: bytes, nfds: int) -> Request:
         raise MessageError(
             request, f"{request.name} payload is {header.size} bytes, accepted: {accepted}"
         )
-    decoded = spec.decode(payload)
+    try:
+        decoded = spec.decode(payload)
+    except MessageError as error:
+        # Payload decoders are shared (GET_CONFIG/SET_CONFIG): name the request
+        # that actually carried the payload.
+        raise MessageError(request, f"{request.name}: {error.reason}") from None
     wanted = expected_fd_count(request, decoded)
     if nfds != wanted:
         raise MessageError(
@@ -562,15 +567,20 @@ def encode_backend_request(
     return encode_frame(request, payload, flags=flags)
 
 
-def decode_reply(expected_request: int, data: bytes) -> tuple[Header, bytes]:
-    """Front-end side: validate a reply frame the way QEMU does (flags == 0x5)."""
-    header = decode_header(data[:HEADER_SIZE])
+def check_reply(header: Header, expected_request: int) -> None:
+    """Validate a reply header the way QEMU does (flags exactly 0x5, same request)."""
     if header.flags != VERSION | FLAG_REPLY:
         raise MessageError(header.request, f"reply flags {header.flags:#x}, expected 0x5")
     if header.request != expected_request:
         raise MessageError(
             header.request, f"reply to request {header.request}, expected {expected_request}"
         )
+
+
+def decode_reply(expected_request: int, data: bytes) -> tuple[Header, bytes]:
+    """Front-end side: validate a whole reply frame (see `check_reply`)."""
+    header = decode_header(data[:HEADER_SIZE])
+    check_reply(header, expected_request)
     body = data[HEADER_SIZE:]
     if len(body) != header.size:
         raise MessageError(header.request, f"reply declares {header.size} bytes, got {len(body)}")

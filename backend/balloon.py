@@ -1,0 +1,213 @@
+"""The virtio-balloon device: features, config space and its queues.
+
+Free page reporting is the queue that matters: each chain is one report;
+its entries are discarded (in a worker thread, so other sessions keep being
+served), and only when every discard has returned is the used entry
+published and the driver notified (invariant 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import enum
+import logging
+import time
+from dataclasses import dataclass
+
+from backend.device import QueueContext, VirtioDevice
+from backend.discard import DiscardResult, DiscardStrategy, run_discards
+from backend.reporting import plan_report
+from backend.stats import DeviceStats
+from backend.trace import ReportRecord, TraceWriter
+from protocol import virtio
+from protocol.virtqueue import Chain, DeviceQueue
+
+OFFERED_FEATURES = virtio.feature_mask(
+    virtio.F_VERSION_1,
+    virtio.BALLOON_F_REPORTING,
+    virtio.BALLOON_F_PAGE_POISON,
+    virtio.F_INDIRECT_DESC,
+    virtio.F_EVENT_IDX,
+)
+
+
+class NotifyPolicy(enum.Enum):
+    # Every used entry is followed by a call signal. The reporting driver
+    # waits for each report anyway, so this costs nothing and cannot lose an
+    # interrupt to a missing fence.
+    ALWAYS = "always"
+    # Signal only when the driver's used_event asks for it (EVENT_IDX).
+    EVENT_IDX = "event-idx"
+
+
+@dataclass(frozen=True, slots=True)
+class BalloonSettings:
+    discard: DiscardStrategy = DiscardStrategy.PUNCH_HOLE
+    notify: NotifyPolicy = NotifyPolicy.ALWAYS
+    features: int = OFFERED_FEATURES
+
+
+class BalloonDevice(VirtioDevice):
+    def __init__(
+        self,
+        settings: BalloonSettings,
+        executor: concurrent.futures.Executor,
+        trace: TraceWriter | None,
+        session: str,
+        logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+    ) -> None:
+        self.settings = settings
+        self.executor = executor
+        self.trace = trace
+        self.session = session
+        self.log = logger
+        self.stats = DeviceStats()
+        self.config = virtio.BalloonConfig()
+        self.acked_features = 0
+        self._seq = 0
+        self._warned_balloon = False
+
+    @property
+    def max_queues(self) -> int:
+        return virtio.balloon_queues(self.settings.features).count
+
+    def offered_features(self) -> int:
+        return self.settings.features
+
+    def set_features(self, features: int) -> None:
+        self.acked_features = features
+
+    @property
+    def queues(self) -> virtio.BalloonQueues:
+        return virtio.balloon_queues(self.acked_features)
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        return self.config.read(offset, size)
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        self.config = self.config.write(offset, data)
+
+    def set_target(self, num_pages: int) -> None:
+        """A new balloon target; the session tells the driver (CONFIG_CHANGE_MSG)."""
+        self.config = virtio.BalloonConfig(
+            num_pages, self.config.actual, self.config.free_page_hint_cmd_id, self.config.poison_val
+        )
+
+    def reset(self) -> None:
+        self.acked_features = 0
+        self.config = virtio.BalloonConfig(num_pages=self.config.num_pages)
+
+    async def process_queue(self, context: QueueContext, kick_ns: int) -> None:
+        queue = context.queue
+        is_reporting = context.index == self.queues.reporting
+        while True:
+            queue.disable_notifications()
+            while context.running() and (chain := queue.pop()) is not None:
+                if is_reporting:
+                    await self._report(context, chain, kick_ns)
+                else:
+                    self._ack_balloon_chain(context, chain)
+            if not context.running() or not queue.enable_notifications():
+                return
+
+    def _notify(self, context: QueueContext) -> int:
+        """Signal the driver if the policy says so; the signal's timestamp or 0."""
+        queue: DeviceQueue = context.queue
+        wanted = queue.needs_notify()
+        if (self.settings.notify is NotifyPolicy.ALWAYS or wanted) and context.notify():
+            self.stats.notifications += 1
+            return time.monotonic_ns()
+        return 0
+
+    async def _report(self, context: QueueContext, chain: Chain, kick_ns: int) -> None:
+        popped_ns = time.monotonic_ns()
+        # QEMU acks without discarding when the guest poisons freed pages with
+        # a non-zero value: a discarded page would read back as zeros.
+        poison = self.config.poison_val != 0 and bool(
+            self.acked_features >> virtio.BALLOON_F_PAGE_POISON & 1
+        )
+        strategy = self.settings.discard
+        plan = plan_report(
+            chain, context.memory_map, discard=not poison and strategy is not DiscardStrategy.NONE
+        )
+        if plan.targets:
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(
+                self.executor, run_discards, strategy, plan.targets, plan.files
+            )
+        else:
+            now = time.monotonic_ns()
+            result = DiscardResult(started_ns=now, done_ns=now)
+        # Every discard of this report has returned: only now may the guest
+        # get its pages back.
+        context.queue.push(chain.head, 0)
+        published_ns = time.monotonic_ns()
+        notified_ns = self._notify(context)
+        self._seq += 1
+        record = ReportRecord(
+            session=self.session,
+            queue=context.index,
+            seq=self._seq,
+            head=chain.head,
+            entries=plan.entries,
+            bytes=plan.reported_bytes,
+            ranges=plan.ranges,
+            discard=strategy.value,
+            t_kick_ns=kick_ns,
+            t_popped_ns=popped_ns,
+            t_discard_start_ns=result.started_ns,
+            t_discard_done_ns=result.done_ns,
+            t_published_ns=published_ns,
+            t_notified_ns=notified_ns,
+            discard_syscall_ns=result.syscall_ns,
+            discarded_entries=len(plan.targets),
+            freed_bytes=result.freed_bytes,
+            skipped_outside=plan.skipped_outside,
+            skipped_unaligned=plan.skipped_unaligned,
+            poison_ack=poison,
+            errors=result.errors,
+        )
+        self._account(record)
+        if self.trace is not None:
+            self.trace.write(record)
+
+    def _account(self, record: ReportRecord) -> None:
+        stats = self.stats
+        stats.reports += 1
+        stats.entries += record.entries
+        stats.reported_bytes += record.bytes
+        stats.discarded_entries += record.discarded_entries
+        stats.freed_bytes += record.freed_bytes
+        stats.skipped_outside += record.skipped_outside
+        stats.skipped_unaligned += record.skipped_unaligned
+        stats.poison_acks += record.poison_ack
+        stats.discard_errors += len(record.errors)
+        stats.discard_syscall_ns += record.discard_syscall_ns
+        if record.skipped_outside or record.skipped_unaligned:
+            self.log.warning(
+                "report %d: skipped %d entries outside guest RAM, %d unaligned",
+                record.seq,
+                record.skipped_outside,
+                record.skipped_unaligned,
+            )
+        for error in record.errors:
+            self.log.error("report %d: %s", record.seq, error)
+
+    def _ack_balloon_chain(self, context: QueueContext, chain: Chain) -> None:
+        # The target (num_pages) is 0 unless set, so a Linux guest does not
+        # inflate; if a driver does, its pages are acked but not discarded.
+        name = self.queues.name(context.index)
+        if name == "inflate":
+            self.stats.inflate_acks += 1
+        else:
+            self.stats.deflate_acks += 1
+        if not self._warned_balloon:
+            self._warned_balloon = True
+            self.log.warning(
+                "%s queue used: acked without discarding (only free page "
+                "reporting discards memory)",
+                name,
+            )
+        context.queue.push(chain.head, 0)
+        self._notify(context)

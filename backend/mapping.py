@@ -1,0 +1,137 @@
+"""Guest memory regions received from the front-end, mapped MAP_SHARED.
+
+Each `MappedRegion` owns exactly one received fd and its mapping (invariant
+4: every fd is kept in one owner or closed). The backend only ever touches
+rings and descriptor tables through these mappings (invariant 3); discards go
+through the fd (punch-hole) or the mapping's address (madvise).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import stat
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from backend.syscalls import buffer_address
+from protocol.memory import GuestMemory, Region, RegionTable
+from protocol.vhost_user import MemoryRegionDesc
+
+PAGE_SIZE = mmap.PAGESIZE
+
+
+class MappingError(Exception):
+    """A region the front-end sent that cannot be mapped safely."""
+
+
+@dataclass(frozen=True, slots=True)
+class FileIdentity:
+    """Which file a region lives in: several regions may share one memfd."""
+
+    device: int
+    inode: int
+
+
+class MappedRegion:
+    """One region: its fd, a MAP_SHARED mapping from file offset 0, metadata."""
+
+    def __init__(self, desc: MemoryRegionDesc, fd: int) -> None:
+        self.region = Region(
+            desc.guest_phys_addr, desc.memory_size, desc.userspace_addr, desc.mmap_offset
+        )
+        self.fd: int | None = fd
+        self.region.validate()
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise MappingError("region fd is not a regular file or memfd")
+        end = desc.mmap_offset + desc.memory_size
+        if info.st_size < end:
+            # Touching a page past EOF would SIGBUS the whole backend.
+            raise MappingError(
+                f"region needs file bytes up to {end:#x} but the file has {info.st_size:#x}"
+            )
+        self.identity = FileIdentity(info.st_dev, info.st_ino)
+        # Discards must be whole blocks of the file system: 4 KiB on tmpfs and
+        # memfd, the huge page size on hugetlbfs (a smaller punch frees nothing).
+        self.granularity = max(PAGE_SIZE, os.fstatvfs(fd).f_bsize)
+        self.sealed_against_shrink = _sealed_against_shrink(fd)
+        try:
+            # Map from offset 0 like libvhost-user: mmap_offset need not be
+            # aligned to the (huge) page size, offset 0 always is.
+            self.mapping: mmap.mmap | None = mmap.mmap(
+                fd, end, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
+            )
+        except (OSError, OverflowError, ValueError) as error:
+            raise MappingError(f"mmap of {end:#x} bytes failed: {error}") from None
+        self.address = buffer_address(self.mapping)
+        # The region's bytes, for ring access only. Released on close: a
+        # queue still holding it then gets ValueError, never a stale pointer.
+        self.view: memoryview = memoryview(self.mapping)[desc.mmap_offset : end]
+
+    def close(self) -> None:
+        self.view.release()
+        if self.mapping is not None:
+            self.mapping.close()
+            self.mapping = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def matches(self, desc: MemoryRegionDesc) -> bool:
+        return (
+            self.region.guest_phys_addr == desc.guest_phys_addr
+            and self.region.size == desc.memory_size
+            and self.region.userspace_addr == desc.userspace_addr
+        )
+
+
+def _sealed_against_shrink(fd: int) -> bool:
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        return False
+    return bool(seals & fcntl.F_SEAL_SHRINK)
+
+
+class MemoryMap:
+    """The current set of mapped regions of one session."""
+
+    def __init__(self, regions: Sequence[MappedRegion] = ()) -> None:
+        self.regions: list[MappedRegion] = list(regions)
+        self._memory: GuestMemory | None = None
+
+    def __len__(self) -> int:
+        return len(self.regions)
+
+    @property
+    def memory(self) -> GuestMemory:
+        """Guest memory over the mappings (rebuilt after each change)."""
+        if self._memory is None:
+            table = RegionTable([r.region for r in self.regions])
+            self._memory = GuestMemory(table, [r.view for r in self.regions])
+        return self._memory
+
+    def add(self, region: MappedRegion) -> None:
+        RegionTable([r.region for r in [*self.regions, region]])  # validates overlap
+        self.regions.append(region)
+        self._memory = None
+
+    def remove(self, desc: MemoryRegionDesc) -> MappedRegion | None:
+        for mapped in self.regions:
+            if mapped.matches(desc):
+                self.regions.remove(mapped)
+                self._memory = None
+                return mapped
+        return None
+
+    def close(self) -> None:
+        close_all(self.regions)
+        self.regions = []
+        self._memory = None
+
+
+def close_all(regions: Iterable[MappedRegion]) -> None:
+    for region in regions:
+        region.close()

@@ -1,0 +1,160 @@
+"""The vhost-user server: accepts front-ends, one session (and device) each.
+
+Sessions are independent: one ending, for whatever reason, never touches
+another. Discards of every session share one small thread pool so a long
+punch-hole never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import itertools
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from backend.balloon import BalloonDevice, BalloonSettings
+from backend.session import Session, SessionLogger
+from backend.stats import DeviceStats
+from backend.trace import TraceWriter
+
+LOG = logging.getLogger("vhost_balloon")
+DISCARD_THREADS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    balloon: BalloonSettings = field(default_factory=BalloonSettings)
+    trace_path: Path | None = None
+
+
+class Server:
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.sessions: dict[str, Session] = {}
+        self.finished = DeviceStats()  # totals of sessions that have ended
+        self.sessions_served = 0
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=DISCARD_THREADS, thread_name_prefix="discard"
+        )
+        self._trace = TraceWriter(settings.trace_path) if settings.trace_path else None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ids = itertools.count(1)
+        self._accepting: asyncio.Task[None] | None = None
+        self.session_ended = asyncio.Event()
+
+    def totals(self) -> DeviceStats:
+        total = DeviceStats()
+        total.add(self.finished)
+        for session in self.sessions.values():
+            total.add(_device_stats(session))
+        return total
+
+    async def serve(self, listener: socket.socket) -> None:
+        """Accept connections until cancelled."""
+        listener.setblocking(False)
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            self._start_session(conn)
+
+    def start(self, listener: socket.socket) -> None:
+        self._accepting = asyncio.create_task(self.serve(listener), name="accept")
+
+    def _start_session(self, conn: socket.socket) -> None:
+        name = f"s{next(self._ids)}"
+        log = SessionLogger(LOG, {"session": name})
+        device = BalloonDevice(self.settings.balloon, self._executor, self._trace, name, log)
+        session = Session(name, conn, device, log)
+        self.sessions[name] = session
+        log.info("front-end connected")
+        task = asyncio.create_task(self._run(session), name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, session: Session) -> None:
+        try:
+            await session.run()
+        except Exception:  # a bug must not take the other sessions down
+            session.log.exception("session failed")
+            await session.close()
+        finally:
+            stats = _device_stats(session)
+            self.finished.add(stats)
+            self.sessions.pop(session.name, None)
+            self.sessions_served += 1
+            session.log.info(
+                "session ended: %d reports, %d entries, %d bytes reported, %d freed, "
+                "%d skipped, %d discard errors, %d queue errors",
+                stats.reports,
+                stats.entries,
+                stats.reported_bytes,
+                stats.freed_bytes,
+                stats.skipped_outside + stats.skipped_unaligned,
+                stats.discard_errors,
+                stats.queue_errors,
+            )
+            self.session_ended.set()
+
+    async def close(self) -> None:
+        if self._accepting is not None:
+            self._accepting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accepting
+        for session in list(self.sessions.values()):
+            with contextlib.suppress(OSError):
+                session.channel.sock.shutdown(socket.SHUT_RDWR)  # ends its run loop
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+        if self._trace is not None:
+            self._trace.close()
+
+
+def _device_stats(session: Session) -> DeviceStats:
+    stats = getattr(session.device, "stats", None)
+    return stats if isinstance(stats, DeviceStats) else DeviceStats()
+
+
+def listen_unix(path: Path) -> socket.socket:
+    """A listening socket at `path`; refuses to replace anything but a stale socket."""
+    if path.exists() or path.is_symlink():
+        if not path.is_socket():
+            raise OSError(f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # stale socket from a previous run
+        else:
+            raise OSError(f"another backend is already listening on {path}")
+        finally:
+            probe.close()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(str(path))
+        listener.listen(16)
+    except OSError:
+        listener.close()
+        raise
+    return listener
+
+
+def listener_from_fd(fd: int) -> socket.socket:
+    """An already-listening unix socket inherited from the caller (--fd)."""
+    try:
+        listener = socket.socket(fileno=fd)
+    except OSError as error:
+        raise OSError(f"fd {fd} is not a socket: {error.strerror}") from None
+    if listener.family != socket.AF_UNIX or listener.type != socket.SOCK_STREAM:
+        listener.detach()
+        raise OSError(f"fd {fd} is not a unix stream socket")
+    if not listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        listener.detach()
+        raise OSError(f"fd {fd} is not listening")
+    os.set_inheritable(fd, False)
+    return listener

@@ -1,0 +1,589 @@
+"""One vhost-user session: a connection from one front-end, one device.
+
+The session decodes requests, keeps the negotiated state, the memory map and
+the vrings, and runs one worker per kicked queue. It knows nothing about
+reports: those belong to the device behind `VirtioDevice`.
+
+Errors, by who caused them:
+- a frame that cannot be parsed, or a known request with the wrong payload
+  size or fd count: the front-end is sending garbage; the session ends with
+  one log line naming the request and the reason;
+- a well-formed request the device does not implement, or cannot honour
+  (bad index, unmappable region): refused; an error reply where the
+  front-end waits for one, else a log line; the session goes on;
+- a malformed ring (the guest's doing): that queue is marked broken, the err
+  eventfd is signalled, the session goes on serving messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import socket
+import stat
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+from backend.device import QueueContext, VirtioDevice
+from backend.mapping import MappedRegion, MappingError, MemoryMap
+from backend.syscalls import full_fence
+from backend.transport import ConnectionClosed, MessageChannel, close_fds
+from backend.vring import EventFdError, Vring, check_eventfd
+from protocol.errors import AddressError, MessageError, QueueError, QueueErrorKind
+from protocol.memory import Space
+from protocol.vhost_user import (
+    F_PROTOCOL_FEATURES,
+    U64,
+    BackendRequest,
+    ConfigPayload,
+    FrontendRequest,
+    Header,
+    MemoryTable,
+    ProtocolFeature,
+    Request,
+    SingleMemoryRegion,
+    VringAddr,
+    VringFile,
+    VringState,
+    check_reply,
+    decode_request,
+    encode_backend_request,
+    encode_reply,
+    protocol_feature_mask,
+)
+from protocol.virtio import F_EVENT_IDX, F_INDIRECT_DESC, has_feature
+from protocol.virtqueue import MAX_QUEUE_SIZE, DeviceQueue, RingLayout
+
+# Only what this backend implements: QEMU 11.1 sends newer requests (and
+# waits for replies) when more bits are offered.
+PROTOCOL_FEATURES = protocol_feature_mask(
+    ProtocolFeature.MQ,
+    ProtocolFeature.REPLY_ACK,
+    ProtocolFeature.BACKEND_REQ,
+    ProtocolFeature.CONFIG,
+    ProtocolFeature.CONFIGURE_MEM_SLOTS,
+)
+MAX_MEM_SLOTS = 32
+BACKEND_REPLY_TIMEOUT_S = 5.0
+_ERROR = U64(1).encode()
+_OK = U64(0).encode()
+
+
+class SessionState(enum.Enum):
+    NEGOTIATING = "negotiating"  # connected, features being exchanged
+    CONFIGURED = "configured"  # owner set, no ring running
+    RUNNING = "running"  # at least one ring started
+    BROKEN = "broken"  # a ring was malformed: the device needs a reset
+    CLOSED = "closed"
+
+
+class RequestRefused(Exception):
+    """A well-formed request that cannot be honoured; the session goes on."""
+
+    def __init__(self, reason: str, reply: bytes = _ERROR) -> None:
+        super().__init__(reason)
+        self.reply = reply  # error-form reply payload, sent if the front-end waits
+
+
+class SessionLogger(logging.LoggerAdapter[logging.Logger]):
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"[{self.extra['session'] if self.extra else '?'}] {msg}", kwargs
+
+
+Handler = Callable[[Request, list[int]], Awaitable[bytes | None]]
+
+
+class Session:
+    def __init__(
+        self, name: str, sock: socket.socket, device: VirtioDevice, log: SessionLogger
+    ) -> None:
+        self.name = name
+        self.device = device
+        self.log = log
+        self.state = SessionState.NEGOTIATING
+        self.channel = MessageChannel(sock)
+        self.memory_map = MemoryMap()
+        self.vrings = [Vring(i) for i in range(device.max_queues)]
+        self.acked_features = 0
+        self.acked_protocol_features = 0
+        self.backend_channel: MessageChannel | None = None
+        self.end_reason = ""
+        self._loop = asyncio.get_running_loop()
+        self._workers: dict[int, asyncio.Task[None]] = {}
+        self._pending_kicks: dict[int, int] = {}
+        self._paused = False
+        self._handlers: dict[FrontendRequest, Handler] = {
+            FrontendRequest.GET_FEATURES: self._get_features,
+            FrontendRequest.SET_FEATURES: self._set_features,
+            FrontendRequest.SET_OWNER: self._set_owner,
+            FrontendRequest.RESET_OWNER: self._reset,
+            FrontendRequest.RESET_DEVICE: self._reset,
+            FrontendRequest.GET_PROTOCOL_FEATURES: self._get_protocol_features,
+            FrontendRequest.SET_PROTOCOL_FEATURES: self._set_protocol_features,
+            FrontendRequest.GET_QUEUE_NUM: self._get_queue_num,
+            FrontendRequest.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
+            FrontendRequest.SET_MEM_TABLE: self._set_mem_table,
+            FrontendRequest.ADD_MEM_REG: self._add_mem_reg,
+            FrontendRequest.REM_MEM_REG: self._rem_mem_reg,
+            FrontendRequest.SET_VRING_NUM: self._set_vring_num,
+            FrontendRequest.SET_VRING_ADDR: self._set_vring_addr,
+            FrontendRequest.SET_VRING_BASE: self._set_vring_base,
+            FrontendRequest.GET_VRING_BASE: self._get_vring_base,
+            FrontendRequest.SET_VRING_KICK: self._set_vring_kick,
+            FrontendRequest.SET_VRING_CALL: self._set_vring_call,
+            FrontendRequest.SET_VRING_ERR: self._set_vring_err,
+            FrontendRequest.SET_VRING_ENABLE: self._set_vring_enable,
+            FrontendRequest.GET_CONFIG: self._get_config,
+            FrontendRequest.SET_CONFIG: self._set_config,
+            FrontendRequest.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
+        }
+
+    # -- main loop ---------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            while True:
+                header, payload, fds = await self.channel.receive()
+                await self._dispatch(header.request, header.need_reply, header, payload, fds)
+        except ConnectionClosed as closed:
+            self.end_reason = str(closed)
+            self.log.info("front-end disconnected: %s", closed)
+        except MessageError as error:
+            self.end_reason = str(error)
+            name = _request_name(error.request)
+            self.log.error("ending session: %s: %s", name, error.reason)
+        except OSError as error:
+            self.end_reason = f"socket error: {error}"
+            self.log.error("ending session: socket error: %s", error)
+        finally:
+            await self.close()
+
+    async def _dispatch(
+        self, raw_request: int, need_reply: bool, header: Header, payload: bytes, fds: list[int]
+    ) -> None:
+        try:
+            try:
+                request = decode_request(header, payload, len(fds))
+            except MessageError:
+                if raw_request in FrontendRequest._value2member_map_ or header.is_reply:
+                    raise
+                # An id this protocol version does not know: framed correctly,
+                # so refuse it and carry on.
+                self.log.warning(
+                    "refused unknown request %d (%d payload bytes)", raw_request, len(payload)
+                )
+                if need_reply:
+                    await self.channel.send(encode_reply(raw_request, _ERROR))
+                return
+            handler = self._handlers.get(request.request)
+            try:
+                if handler is None:
+                    raise RequestRefused(f"{request.request.name} is not implemented")
+                reply = await handler(request, fds)
+            except RequestRefused as refused:
+                self.log.warning("refused %s: %s", request.request.name, refused)
+                if request.expects_reply:
+                    await self.channel.send(encode_reply(request.request, refused.reply))
+                return
+            if reply is not None:
+                await self.channel.send(encode_reply(request.request, reply))
+            elif request.header.need_reply:
+                await self.channel.send(encode_reply(request.request, _OK))
+        finally:
+            close_fds(fds)  # handlers pop the fds they keep
+
+    # -- negotiation --------------------------------------------------------
+
+    async def _get_features(self, request: Request, fds: list[int]) -> bytes:
+        return U64(self.device.offered_features() | 1 << F_PROTOCOL_FEATURES).encode()
+
+    async def _set_features(self, request: Request, fds: list[int]) -> None:
+        assert isinstance(request.payload, U64)
+        features = request.payload.value
+        offered = self.device.offered_features() | 1 << F_PROTOCOL_FEATURES
+        if features & ~offered:
+            raise RequestRefused(f"features {features & ~offered:#x} were never offered")
+        self.acked_features = features
+        self.device.set_features(features & ~(1 << F_PROTOCOL_FEATURES))
+
+    async def _set_owner(self, request: Request, fds: list[int]) -> None:
+        if self.state is SessionState.NEGOTIATING:
+            self._set_state(SessionState.CONFIGURED)
+
+    async def _reset(self, request: Request, fds: list[int]) -> None:
+        with self._processing_paused():
+            await self._quiesce()
+            for vring in self.vrings:
+                self._stop_ring(vring)
+                vring.close()
+            self.vrings = [Vring(i) for i in range(self.device.max_queues)]
+        self.device.reset()
+        self.acked_features = 0
+        self._set_state(SessionState.CONFIGURED)
+
+    async def _get_protocol_features(self, request: Request, fds: list[int]) -> bytes:
+        return U64(PROTOCOL_FEATURES).encode()
+
+    async def _set_protocol_features(self, request: Request, fds: list[int]) -> None:
+        assert isinstance(request.payload, U64)
+        features = request.payload.value
+        if features & ~PROTOCOL_FEATURES:
+            raise RequestRefused(
+                f"protocol features {features & ~PROTOCOL_FEATURES:#x} were never offered"
+            )
+        self.acked_protocol_features = features
+
+    async def _get_queue_num(self, request: Request, fds: list[int]) -> bytes:
+        return U64(self.device.max_queues).encode()
+
+    async def _get_max_mem_slots(self, request: Request, fds: list[int]) -> bytes:
+        return U64(MAX_MEM_SLOTS).encode()
+
+    def _protocol_feature(self, feature: ProtocolFeature) -> bool:
+        return bool(self.acked_protocol_features >> feature & 1)
+
+    # -- memory ---------------------------------------------------------------
+
+    async def _set_mem_table(self, request: Request, fds: list[int]) -> None:
+        assert isinstance(request.payload, MemoryTable)
+        new_regions: list[MappedRegion] = []
+        try:
+            for desc in request.payload.regions:
+                new_regions.append(MappedRegion(desc, fds.pop(0)))
+            replacement = MemoryMap(new_regions)
+            _ = replacement.memory  # validates overlaps
+        except (MappingError, AddressError) as error:
+            for region in new_regions:
+                region.close()
+            raise RequestRefused(f"memory table rejected: {error}") from None
+        with self._processing_paused():
+            await self._quiesce()
+            old, self.memory_map = self.memory_map, replacement
+            self._invalidate_queues()
+            old.close()
+        self._log_regions()
+
+    async def _add_mem_reg(self, request: Request, fds: list[int]) -> None:
+        assert isinstance(request.payload, SingleMemoryRegion)
+        if len(self.memory_map) >= MAX_MEM_SLOTS:
+            raise RequestRefused(f"all {MAX_MEM_SLOTS} memory slots are in use")
+        try:
+            region = MappedRegion(request.payload.region, fds.pop(0))
+        except (MappingError, AddressError) as error:
+            raise RequestRefused(f"region rejected: {error}") from None
+        with self._processing_paused():
+            await self._quiesce()
+            try:
+                self.memory_map.add(region)
+            except AddressError as error:
+                region.close()
+                raise RequestRefused(f"region rejected: {error}") from None
+            self._invalidate_queues()
+        self._log_regions()
+
+    async def _rem_mem_reg(self, request: Request, fds: list[int]) -> None:
+        assert isinstance(request.payload, SingleMemoryRegion)
+        with self._processing_paused():
+            await self._quiesce()
+            removed = self.memory_map.remove(request.payload.region)
+            if removed is None:
+                raise RequestRefused(
+                    f"no region at gpa {request.payload.region.guest_phys_addr:#x}"
+                )
+            self._invalidate_queues()
+            removed.close()
+
+    def _log_regions(self) -> None:
+        for mapped in self.memory_map.regions:
+            r = mapped.region
+            self.log.info(
+                "region gpa %#x size %#x uva %#x file offset %#x granularity %d%s",
+                r.guest_phys_addr,
+                r.size,
+                r.userspace_addr,
+                r.mmap_offset,
+                mapped.granularity,
+                ""
+                if mapped.sealed_against_shrink
+                else " (not sealed against shrinking: truncating it would crash the backend)",
+            )
+
+    # -- vrings ---------------------------------------------------------------
+
+    def _vring(self, index: int) -> Vring:
+        if not 0 <= index < len(self.vrings):
+            raise RequestRefused(f"queue index {index}, the device has {len(self.vrings)} queues")
+        return self.vrings[index]
+
+    async def _set_vring_num(self, request: Request, fds: list[int]) -> None:
+        assert isinstance(request.payload, VringState)
+        vring = self._vring(request.payload.index)
+        num = request.payload.num
+        if not 1 <= num <= MAX_QUEUE_SIZE or num & (num - 1):
+            raise RequestRefused(f"queue size {num} is not a power of two <= {MAX_QUEUE_SIZE}")
+        vring.num = num
+
+    async def _set_vring_addr(self, request: Request, fds: list[int]) -> None:
+        assert isinstance(request.payload, VringAddr)
+        vring = self._vring(request.payload.index)
+        vring.addr = request.payload
+
+    async def _set_vring_base(self, request: Request, fds: list[int]) -> None:
+        assert isinstance(request.payload, VringState)
+        vring = self._vring(request.payload.index)
+        if vring.started:
+            raise RequestRefused(f"queue {vring.index} is running")
+        vring.base = request.payload.num & 0xFFFF
+
+    async def _get_vring_base(self, request: Request, fds: list[int]) -> bytes:
+        assert isinstance(request.payload, VringState)
+        index = request.payload.index
+        if not 0 <= index < len(self.vrings):
+            raise RequestRefused(
+                f"queue index {index} out of range", reply=VringState(index, 0).encode()
+            )
+        vring = self.vrings[index]
+        self._stop_ring(vring)
+        worker = self._workers.get(index)
+        if worker is not None:
+            await asyncio.gather(worker, return_exceptions=True)
+        if vring.queue is not None:
+            vring.base = vring.queue.next_avail
+        vring.queue = None
+        vring.replace_fd("kick", None)
+        vring.broken = False
+        if not any(v.started for v in self.vrings) and self.state is SessionState.RUNNING:
+            self._set_state(SessionState.CONFIGURED)
+        return VringState(index, vring.base).encode()
+
+    def _take_eventfd(self, request: Request, fds: list[int]) -> tuple[Vring, int | None]:
+        assert isinstance(request.payload, VringFile)
+        vring = self._vring(request.payload.index)
+        if request.payload.no_fd:
+            return vring, None
+        try:
+            check_eventfd(fds[0])
+        except EventFdError as error:
+            raise RequestRefused(str(error)) from None
+        return vring, fds.pop(0)
+
+    async def _set_vring_kick(self, request: Request, fds: list[int]) -> None:
+        vring, fd = self._take_eventfd(request, fds)
+        self._stop_ring(vring)
+        vring.replace_fd("kick", fd)
+        if fd is None:
+            raise RequestRefused("polling mode (no kick fd) is not supported")
+        # Without protocol features a ring is enabled as soon as it starts.
+        if not self.acked_features >> F_PROTOCOL_FEATURES & 1:
+            vring.enabled = True
+        vring.started = True
+        vring.queue = None
+        self._loop.add_reader(fd, self._on_kick, vring)
+        self._set_state(SessionState.RUNNING)
+        self._schedule(vring, time.monotonic_ns())  # buffers may already be waiting
+
+    async def _set_vring_call(self, request: Request, fds: list[int]) -> None:
+        vring, fd = self._take_eventfd(request, fds)
+        vring.replace_fd("call", fd)
+
+    async def _set_vring_err(self, request: Request, fds: list[int]) -> None:
+        vring, fd = self._take_eventfd(request, fds)
+        vring.replace_fd("err", fd)
+
+    async def _set_vring_enable(self, request: Request, fds: list[int]) -> None:
+        assert isinstance(request.payload, VringState)
+        vring = self._vring(request.payload.index)
+        if request.payload.num not in (0, 1):
+            raise RequestRefused(f"enable value {request.payload.num}")
+        vring.enabled = request.payload.num == 1
+        if vring.enabled:
+            self._schedule(vring, time.monotonic_ns())
+
+    def _stop_ring(self, vring: Vring) -> None:
+        if vring.started and vring.kick_fd is not None:
+            self._loop.remove_reader(vring.kick_fd)
+        vring.started = False
+
+    def _invalidate_queues(self) -> None:
+        for vring in self.vrings:
+            vring.queue = None  # rebuilt over the new mappings at the next kick
+
+    # -- config ---------------------------------------------------------------
+
+    async def _get_config(self, request: Request, fds: list[int]) -> bytes:
+        assert isinstance(request.payload, ConfigPayload)
+        config = request.payload
+        try:
+            data = self.device.read_config(config.offset, config.size)
+        except ValueError as error:
+            raise RequestRefused(
+                str(error), reply=ConfigPayload(config.offset, 0, config.flags, b"").encode()
+            ) from None
+        return ConfigPayload(config.offset, config.size, config.flags, data).encode()
+
+    async def _set_config(self, request: Request, fds: list[int]) -> None:
+        assert isinstance(request.payload, ConfigPayload)
+        try:
+            self.device.write_config(request.payload.offset, request.payload.data)
+        except ValueError as error:
+            raise RequestRefused(str(error)) from None
+
+    async def _set_backend_req_fd(self, request: Request, fds: list[int]) -> None:
+        if not stat.S_ISSOCK(os.fstat(fds[0]).st_mode):
+            raise RequestRefused("backend request fd is not a socket")
+        sock = socket.socket(fileno=fds.pop(0))
+        if self.backend_channel is not None:
+            self.backend_channel.close()
+        self.backend_channel = MessageChannel(sock)
+
+    async def send_config_change(self) -> bool:
+        """Tell the driver the config changed (CONFIG_CHANGE_MSG on the backend channel).
+
+        Returns False when the front-end gave no backend channel or refused.
+        """
+        if self.backend_channel is None or not self._protocol_feature(ProtocolFeature.CONFIG):
+            return False
+        need_reply = self._protocol_feature(ProtocolFeature.REPLY_ACK)
+        await self.backend_channel.send(
+            encode_backend_request(BackendRequest.CONFIG_CHANGE_MSG, need_reply=need_reply)
+        )
+        if not need_reply:
+            return True
+        header, payload, fds = await asyncio.wait_for(
+            self.backend_channel.receive(), BACKEND_REPLY_TIMEOUT_S
+        )
+        close_fds(fds)
+        check_reply(header, BackendRequest.CONFIG_CHANGE_MSG)
+        return len(payload) == 8 and U64.decode(payload).value == 0
+
+    # -- queue processing -------------------------------------------------------
+
+    def _on_kick(self, vring: Vring) -> None:
+        kick_ns = time.monotonic_ns()
+        assert vring.kick_fd is not None
+        try:
+            os.read(vring.kick_fd, 8)
+        except BlockingIOError:
+            return
+        self._schedule(vring, kick_ns)
+
+    def _schedule(self, vring: Vring, kick_ns: int) -> None:
+        if not (vring.started and vring.enabled) or vring.broken:
+            return
+        worker = self._workers.get(vring.index)
+        if self._paused or (worker is not None and not worker.done()):
+            self._pending_kicks.setdefault(vring.index, kick_ns)
+            return
+        self._workers[vring.index] = asyncio.create_task(
+            self._drain(vring, kick_ns), name=f"{self.name}-q{vring.index}"
+        )
+
+    def _context(self, vring: Vring) -> QueueContext:
+        if vring.queue is None:
+            if vring.addr is None or vring.num == 0:
+                raise QueueError(
+                    QueueErrorKind.BAD_LAYOUT,
+                    "queue started before its size and addresses were set",
+                )
+            layout = RingLayout(vring.num, vring.addr.desc, vring.addr.avail, vring.addr.used)
+            vring.queue = DeviceQueue(
+                self.memory_map.memory,
+                layout,
+                ring_space=Space.UVA,
+                indirect=has_feature(self.acked_features, F_INDIRECT_DESC),
+                event_idx=has_feature(self.acked_features, F_EVENT_IDX),
+                next_avail=vring.base,
+                fence=full_fence,
+            )
+        return QueueContext(
+            vring.index,
+            vring.queue,
+            self.memory_map,
+            vring.notify,
+            lambda: vring.started and vring.enabled and not self._paused,
+        )
+
+    async def _drain(self, vring: Vring, kick_ns: int) -> None:
+        while True:
+            try:
+                context = self._context(vring)
+                await self.device.process_queue(context, kick_ns)
+            except (QueueError, AddressError) as error:
+                self._break(vring, str(error))
+                return
+            except ValueError as error:  # a mapping released under a stale queue
+                self.log.warning("queue %d: %s; rebuilding over current memory", vring.index, error)
+                vring.queue = None
+            next_kick = self._pending_kicks.pop(vring.index, None)
+            if next_kick is None or self._paused:
+                if next_kick is not None:
+                    self._pending_kicks[vring.index] = next_kick
+                return
+            kick_ns = next_kick
+
+    def _break(self, vring: Vring, reason: str) -> None:
+        vring.broken = True
+        self._stop_ring(vring)
+        vring.signal_error()
+        self._count_queue_error()
+        self._set_state(SessionState.BROKEN)
+        self.log.error("queue %d is broken, device needs reset: %s", vring.index, reason)
+
+    def _count_queue_error(self) -> None:
+        stats = getattr(self.device, "stats", None)
+        if stats is not None:
+            stats.queue_errors += 1
+
+    @contextlib.contextmanager
+    def _processing_paused(self) -> Iterator[None]:
+        """No new queue work starts while memory or rings are being replaced."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+            for index in list(self._pending_kicks):
+                self._schedule(self.vrings[index], self._pending_kicks.pop(index))
+
+    async def _quiesce(self) -> None:
+        """Wait for every queue worker: no discard may run on a mapping we unmap."""
+        workers = [w for w in self._workers.values() if not w.done()]
+        if workers:
+            await asyncio.gather(*workers, return_exceptions=True)
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def _set_state(self, state: SessionState) -> None:
+        if self.state is not state and self.state is not SessionState.CLOSED:
+            if self.state is SessionState.BROKEN and state is SessionState.RUNNING:
+                return  # stays broken until reset
+            self.log.debug("state %s -> %s", self.state.value, state.value)
+            self.state = state
+
+    async def close(self) -> None:
+        if self.state is SessionState.CLOSED:
+            return
+        self._paused = True
+        for vring in self.vrings:
+            self._stop_ring(vring)
+        await self._quiesce()
+        for vring in self.vrings:
+            vring.close()
+        self.memory_map.close()
+        if self.backend_channel is not None:
+            self.backend_channel.close()
+        self.channel.close()
+        self.state = SessionState.CLOSED
+
+
+def _request_name(request: int | None) -> str:
+    if request is None:
+        return "message header"
+    try:
+        return FrontendRequest(request).name
+    except ValueError:
+        return f"request {request}"

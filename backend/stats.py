@@ -1,0 +1,30 @@
+"""Counters for every path a report or a message can take."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass(slots=True)
+class DeviceStats:
+    reports: int = 0
+    entries: int = 0
+    reported_bytes: int = 0
+    discarded_entries: int = 0
+    freed_bytes: int = 0
+    skipped_outside: int = 0
+    skipped_unaligned: int = 0
+    poison_acks: int = 0
+    discard_errors: int = 0
+    discard_syscall_ns: int = 0
+    queue_errors: int = 0
+    inflate_acks: int = 0
+    deflate_acks: int = 0
+    notifications: int = 0
+
+    def add(self, other: DeviceStats) -> None:
+        for item in fields(self):
+            setattr(self, item.name, getattr(self, item.name) + getattr(other, item.name))
+
+    def as_dict(self) -> dict[str, int]:
+        return {item.name: getattr(self, item.name) for item in fields(self)}

@@ -1,0 +1,75 @@
+"""Per-queue vhost-user state: size, base, addresses, eventfds, enable.
+
+A `Vring` owns the kick, call and err eventfds it was given (invariant 4);
+replacing one closes the old one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+from protocol.vhost_user import VringAddr
+from protocol.virtqueue import DeviceQueue
+
+_ONE = (1).to_bytes(8, "little")
+
+
+class EventFdError(Exception):
+    """An fd that is not an eventfd where one is required."""
+
+
+def check_eventfd(fd: int) -> None:
+    """Refuse anything but an eventfd: a regular file or pipe given as a kick fd
+    would make the loop spin or block."""
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as error:
+        raise EventFdError(f"fd {fd} cannot be inspected: {error}") from None
+    if target != "anon_inode:[eventfd]":
+        raise EventFdError(f"fd is {target!r}, not an eventfd")
+
+
+def signal_eventfd(fd: int) -> None:
+    # A saturated counter (EAGAIN) means a notification is pending anyway.
+    with contextlib.suppress(BlockingIOError):
+        os.write(fd, _ONE)
+
+
+@dataclass(slots=True)
+class Vring:
+    index: int
+    num: int = 0
+    base: int = 0
+    addr: VringAddr | None = None
+    kick_fd: int | None = None
+    call_fd: int | None = None
+    err_fd: int | None = None
+    enabled: bool = False
+    started: bool = False
+    broken: bool = False
+    queue: DeviceQueue | None = None
+
+    def replace_fd(self, kind: str, fd: int | None) -> None:
+        attribute = f"{kind}_fd"
+        old = getattr(self, attribute)
+        if old is not None and old != fd:
+            os.close(old)
+        setattr(self, attribute, fd)
+
+    def notify(self) -> bool:
+        if self.call_fd is None:
+            return False
+        signal_eventfd(self.call_fd)
+        return True
+
+    def signal_error(self) -> None:
+        if self.err_fd is not None:
+            signal_eventfd(self.err_fd)
+
+    def close(self) -> None:
+        for kind in ("kick", "call", "err"):
+            self.replace_fd(kind, None)
+        self.queue = None
+        self.started = False

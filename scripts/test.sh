@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what it needs, then ruff, mypy --strict, pytest.
+# Extra arguments go to pytest (e.g. scripts/test.sh -k discard).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+scripts/bootstrap.sh
+
+echo "== ruff" >&2
+.venv/bin/ruff format --check --quiet .
+.venv/bin/ruff check --quiet .
+echo "== mypy --strict" >&2
+.venv/bin/mypy
+echo "== pytest" >&2
+.venv/bin/pytest "$@"
