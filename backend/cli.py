@@ -20,10 +20,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from backend.balloon import OFFERED_FEATURES, BalloonSettings, NotifyPolicy
+from backend.balloon import BalloonSettings, NotifyPolicy
 from backend.discard import DiscardStrategy
-from backend.server import Server, ServerSettings, listen_unix, listener_from_fd
-from protocol import virtio
+from backend.server import Server, ServerSettings, listen_unix, socket_from_fd
+from protocol import units, virtio
+from protocol.units import argument_type
 
 LOG = logging.getLogger("vhost_balloon")
 DEMO_REPORTS = 300
@@ -32,6 +33,10 @@ DEMO_MEMORY = "1G"
 
 class UsageError(Exception):
     """A mistake on the command line or in the environment: one sentence, exit 2."""
+
+
+_size = argument_type(units.parse_size)
+_count = argument_type(units.parse_positive_int)
 
 
 def _add_backend_options(parser: argparse.ArgumentParser) -> None:
@@ -65,7 +70,14 @@ def _add_guest_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--order", type=int, default=9, choices=(9, 10), help="entry order: 9 = 2 MiB, 10 = 4 MiB"
     )
-    parser.add_argument("--regions", type=int, default=1, help="guest RAM regions (1-8)")
+    parser.add_argument(
+        "--regions",
+        type=int,
+        default=1,
+        choices=range(1, 9),
+        metavar="1..8",
+        help="guest RAM regions (default 1)",
+    )
     parser.add_argument("--no-indirect", action="store_true", help="direct NEXT chains only")
     parser.add_argument("--no-event-idx", action="store_true", help="do not use EVENT_IDX")
 
@@ -134,32 +146,39 @@ def _guest_command(args: argparse.Namespace, socket_path: Path) -> list[str]:
 
 
 def capabilities() -> dict[str, Any]:
-    return {
-        "type": "balloon",
-        "features": virtio.describe_features(OFFERED_FEATURES).split("|"),
-        "discard": DiscardStrategy.names(),
-    }
+    # docs/interop/vhost-user.json: a "type" (balloon is one of the listed
+    # VHostUserBackendType values); balloon defines no type-specific keys.
+    return {"type": "balloon"}
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    server = Server(ServerSettings(_balloon_settings(args), args.trace))
+    stop = asyncio.Event()
+    stopper: asyncio.Task[None] | None = None
     if args.fd is not None:
-        listener = listener_from_fd(args.fd)
+        listener, listening = socket_from_fd(args.fd)
         where = f"fd {args.fd}"
+        if not listening:  # one connected front-end: stop when it leaves
+            server.adopt(listener)
+            server.session_ended.clear()
+            stopper = asyncio.get_running_loop().create_task(_stop_when(server.session_ended, stop))
     elif args.socket_path is not None:
         listener = listen_unix(args.socket_path)
         where = str(args.socket_path)
+        listening = True
     else:
         raise UsageError("serve needs --socket-path PATH or --fd N")
-    server = Server(ServerSettings(_balloon_settings(args), args.trace))
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    server.start(listener)
+    if listening:
+        server.start(listener)
     LOG.info("serving virtio-balloon on %s (discard %s)", where, args.discard)
     try:
         await stop.wait()
     finally:
+        if stopper is not None:
+            stopper.cancel()
         await server.close()
         listener.close()
         if args.socket_path is not None:
@@ -173,6 +192,11 @@ async def _serve(args: argparse.Namespace) -> int:
             totals.freed_bytes,
         )
     return 0
+
+
+async def _stop_when(event: asyncio.Event, stop: asyncio.Event) -> None:
+    await event.wait()
+    stop.set()
 
 
 async def _demo(args: argparse.Namespace) -> int:

@@ -62,6 +62,10 @@ class Server:
             conn, _ = await loop.sock_accept(listener)
             self._start_session(conn)
 
+    def adopt(self, conn: socket.socket) -> None:
+        """Serve an already-connected front-end (a socket passed with --fd)."""
+        self._start_session(conn)
+
     def start(self, listener: socket.socket) -> None:
         self._accepting = asyncio.create_task(self.serve(listener), name="accept")
 
@@ -144,8 +148,9 @@ def listen_unix(path: Path) -> socket.socket:
     return listener
 
 
-def listener_from_fd(fd: int) -> socket.socket:
-    """An already-listening unix socket inherited from the caller (--fd)."""
+def socket_from_fd(fd: int) -> tuple[socket.socket, bool]:
+    """The unix stream socket inherited from the caller (--fd), and whether it
+    is listening (accept many front-ends) or already connected (serve one)."""
     try:
         listener = socket.socket(fileno=fd)
     except OSError as error:
@@ -153,8 +158,5 @@ def listener_from_fd(fd: int) -> socket.socket:
     if listener.family != socket.AF_UNIX or listener.type != socket.SOCK_STREAM:
         listener.detach()
         raise OSError(f"fd {fd} is not a unix stream socket")
-    if not listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-        listener.detach()
-        raise OSError(f"fd {fd} is not listening")
     os.set_inheritable(fd, False)
-    return listener
+    return listener, bool(listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))

@@ -1,0 +1,5 @@
+"""`python -m backend` is `vhost-balloon`."""
+
+from backend.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,155 @@
+"""What the backend adds to a report, against the bare discard syscalls.
+
+For each run, in the same process tree and the same minute:
+  baseline  -- populate 32 x 2 MiB of a memfd, then time the 32 bare
+               fallocate(PUNCH_HOLE) calls (what any backend must pay);
+  backend   -- `vhost-balloon serve` in its own process with a trace, and the
+               mocked guest (`python -m guest`) in another, sending the same
+               reports; per report the trace gives kick->notify and the time
+               spent inside the discard syscalls.
+  overhead  -- the same with `--discard none`: the pure per-report Python
+               path (kick, pop, publish, notify) with no syscall at all.
+
+Printed: medians over reports, then the median over runs, and the ratio of
+backend kick->notify to the bare syscalls. Machines here are noisy: read the
+median of runs, not one run.
+
+    .venv/bin/python benchmarks/report_path.py [--runs 5] [--reports 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from backend.syscalls import punch_hole
+
+ENTRY = 2 << 20
+ENTRIES = 32
+
+
+def bare_punch_hole_us(reports: int) -> float:
+    """Median time of 32 bare punch-holes over freshly populated 2 MiB blocks."""
+    size = ENTRY * ENTRIES
+    fd = os.memfd_create("baseline", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        with mmap.mmap(fd, size) as mapping:
+            fill = b"\xa5" * size
+            samples = []
+            for _ in range(reports):
+                mapping[:] = fill
+                begin = time.perf_counter_ns()
+                for entry in range(ENTRIES):
+                    punch_hole(fd, entry * ENTRY, ENTRY)
+                samples.append((time.perf_counter_ns() - begin) / 1000)
+    finally:
+        os.close(fd)
+    return statistics.median(samples)
+
+
+def backend_run(discard: str, reports: int, workdir: Path) -> dict[str, float]:
+    sock = workdir / f"{discard}.sock"
+    trace = workdir / f"{discard}.jsonl"
+    trace.unlink(missing_ok=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "backend.cli",
+            "serve",
+            "--socket-path",
+            str(sock),
+            "--discard",
+            discard,
+            "--trace",
+            str(trace),
+        ],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the backend did not start")
+            time.sleep(0.02)
+        guest = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "guest",
+                "--socket-path",
+                str(sock),
+                "--memory",
+                "512M",
+                "--reports",
+                str(reports),
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        summary = json.loads(guest.stdout)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    records = [json.loads(line) for line in trace.read_text().splitlines()]
+    kick_to_notify = [(r["t_notified_ns"] - r["t_kick_ns"]) / 1000 for r in records]
+    syscall = [r["discard_syscall_ns"] / 1000 for r in records]
+    return {
+        "kick_to_notify_us": statistics.median(kick_to_notify),
+        "syscall_us": statistics.median(syscall),
+        "outside_syscall_us": statistics.median(
+            k - s for k, s in zip(kick_to_notify, syscall, strict=True)
+        ),
+        "guest_hold_us": float(summary["hold_us"]["p50"]),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--reports", type=int, default=100)
+    args = parser.parse_args()
+    rows: list[dict[str, float]] = []
+    with tempfile.TemporaryDirectory(prefix="vb-bench-") as tmp:
+        for run in range(args.runs):
+            bare = bare_punch_hole_us(args.reports)
+            punched = backend_run("punch-hole", args.reports, Path(tmp))
+            nothing = backend_run("none", args.reports, Path(tmp))
+            row = {
+                "bare_us": bare,
+                "backend_us": punched["kick_to_notify_us"],
+                "backend_syscall_us": punched["syscall_us"],
+                "backend_outside_syscall_us": punched["outside_syscall_us"],
+                "guest_hold_us": punched["guest_hold_us"],
+                "none_path_us": nothing["kick_to_notify_us"],
+                "none_guest_hold_us": nothing["guest_hold_us"],
+                "ratio": punched["kick_to_notify_us"] / bare,
+            }
+            rows.append(row)
+            print(
+                f"run {run + 1}: "
+                + "  ".join(
+                    f"{k}={v:.1f}" if k != "ratio" else f"{k}={v:.3f}" for k, v in row.items()
+                ),
+                flush=True,
+            )
+    print(f"\nmedian of {args.runs} runs ({args.reports} reports of {ENTRIES} x 2 MiB each):")
+    for key in rows[0]:
+        value = statistics.median(row[key] for row in rows)
+        print(f"  {key:<28} {value:10.3f}" if key == "ratio" else f"  {key:<28} {value:10.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

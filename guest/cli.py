@@ -1,0 +1,179 @@
+"""`python -m guest`: run the mocked guest against a vhost-user back-end.
+
+    python -m guest --socket-path /tmp/vb.sock --memory 1G --reports 20 --json
+
+Prints the summary as JSON (--json) or as a table. Errors a user can cause
+(bad flags, an unreachable socket, a back-end that misbehaves) end with one
+sentence on stderr and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+from guest.driver import DriverConfig
+from guest.errors import GuestError
+from guest.runner import GuestOptions, run_guest
+from guest.summary import format_table
+from protocol import units
+from protocol.errors import ProtocolError
+from protocol.units import argument_type
+from protocol.virtio import PAGE_REPORTING_CAPACITY
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+class UsageError(Exception):
+    """A bad command line, reported in one sentence."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+parse_size = argument_type(units.parse_size)
+_positive_int = argument_type(units.parse_positive_int)
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text} must not be negative")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text} must be positive")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m guest",
+        description=(
+            "Mocked guest: a vhost-user front-end plus a model of Linux's virtio-balloon "
+            "free page reporting driver."
+        ),
+    )
+    parser.add_argument("--socket-path", required=True, help="the back-end's unix socket")
+    parser.add_argument("--memory", type=parse_size, default=1 << 30, help="guest RAM (1G)")
+    parser.add_argument("--reports", type=_positive_int, default=10, help="reports to send")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument(
+        "--capacity",
+        type=int,
+        choices=(16, 32),
+        default=PAGE_REPORTING_CAPACITY,
+        help="entries per report (32: Linux >= 5.7, 16: the 2019 series)",
+    )
+    parser.add_argument(
+        "--order", type=int, choices=(9, 10), default=9, help="entry size 4 KiB << order"
+    )
+    parser.add_argument("--regions", type=_positive_int, default=1, help="memory regions (1-8)")
+    parser.add_argument("--queue-size", type=_positive_int, default=64, help="virtqueue size")
+    parser.add_argument("--no-indirect", action="store_true", help="do not use INDIRECT_DESC")
+    parser.add_argument("--no-event-idx", action="store_true", help="do not use EVENT_IDX")
+    parser.add_argument(
+        "--page-poison", action="store_true", help="accept PAGE_POISON (poison_val 0)"
+    )
+    parser.add_argument(
+        "--pause-ms", type=_non_negative_float, default=0.0, help="pause between reports"
+    )
+    parser.add_argument(
+        "--discard-label", default=None, help="discard strategy name to record in the summary"
+    )
+    parser.add_argument(
+        "--connect-timeout",
+        type=_non_negative_float,
+        default=5.0,
+        help="seconds to wait for the socket",
+    )
+    parser.add_argument(
+        "--report-timeout",
+        type=_positive_float,
+        default=30.0,
+        help="seconds to wait for one report to come back",
+    )
+    return parser
+
+
+def options_from_args(args: argparse.Namespace) -> GuestOptions:
+    driver = DriverConfig(
+        capacity=args.capacity,
+        order=args.order,
+        queue_size=args.queue_size,
+        indirect=not args.no_indirect,
+        event_idx=not args.no_event_idx,
+        page_poison=args.page_poison,
+        report_timeout=args.report_timeout,
+    )
+    return GuestOptions(
+        socket_path=args.socket_path,
+        memory_bytes=args.memory,
+        regions=args.regions,
+        driver=driver,
+        connect_timeout=args.connect_timeout,
+        discard_label=args.discard_label,
+    )
+
+
+def _progress_printer() -> Callable[[int, int], None] | None:
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done: int, total: int) -> None:
+        step = max(1, total // 10)
+        if done % step == 0 or done == total:
+            print(f"guest: {done}/{total} reports ({100 * done // total}%)", file=sys.stderr)
+
+    return show
+
+
+def _fail(message: str, status: int) -> int:
+    message = message.rstrip(".")
+    print(f"guest: error: {message}.", file=sys.stderr)
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as error:
+        return _fail(str(error), EXIT_USAGE)
+    try:
+        options = options_from_args(args)
+        options.driver.validate()
+        summary = asyncio.run(
+            run_guest(
+                options,
+                args.reports,
+                pause_s=args.pause_ms / 1000,
+                progress=_progress_printer(),
+            )
+        )
+    except (GuestError, ProtocolError) as error:
+        return _fail(str(error), EXIT_FAILURE)
+    except OSError as error:
+        return _fail(f"system error: {error.strerror or error}", EXIT_FAILURE)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    print(json.dumps(summary, indent=2) if args.json else format_table(summary))
+    if not summary["integrity_ok"]:
+        return _fail(
+            f"memory the guest did not report changed: {summary['integrity_errors']} "
+            "page(s) corrupted",
+            EXIT_FAILURE,
+        )
+    return 0

@@ -1,0 +1,146 @@
+"""Wire guest RAM, the front-end and the driver together: one mocked guest.
+
+    async with MockGuest(GuestOptions(socket_path=path, memory_bytes=256 << 20)) as guest:
+        result = await guest.run(10)
+        summary = guest.summary(result)
+
+Entering connects, runs the vhost-user init sequence and probes the driver
+(which starts the device); leaving stops the rings (when the connection is
+still usable) and closes every fd and mapping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from guest.driver import DriverConfig, ReportingDriver, ReportResult, RunResult
+from guest.errors import GuestError
+from guest.frontend import FrontendOptions, VhostUserFrontend
+from guest.ram import GuestRam
+from guest.summary import RunContext, build_summary
+from protocol.virtio import F_EVENT_IDX, has_feature
+
+
+@dataclass(frozen=True, slots=True)
+class GuestOptions:
+    socket_path: str
+    memory_bytes: int = 1 << 30
+    regions: int = 1
+    driver: DriverConfig = field(default_factory=DriverConfig)
+    reply_ack: bool = True
+    config: bool = True
+    mq: bool = True
+    configure_mem_slots: bool = True
+    backend_req: bool = True
+    connect_timeout: float = 5.0
+    reply_timeout: float = 5.0
+    discard_label: str | None = None
+
+    def frontend_options(self) -> FrontendOptions:
+        return FrontendOptions(
+            num_queues=self.driver.queue_count,
+            reply_ack=self.reply_ack,
+            config=self.config,
+            mq=self.mq,
+            configure_mem_slots=self.configure_mem_slots,
+            backend_req=self.backend_req,
+            reply_timeout=self.reply_timeout,
+        )
+
+
+class MockGuest:
+    """A guest with RAM, a vhost-user front-end and a reporting driver."""
+
+    def __init__(self, options: GuestOptions) -> None:
+        options.driver.validate()
+        self.options = options
+        self.ram = GuestRam(options.memory_bytes, regions=options.regions)
+        try:
+            self.frontend = VhostUserFrontend(options.socket_path, options.frontend_options())
+            self.driver = ReportingDriver(self.frontend, self.ram, options.driver)
+        except BaseException:
+            self.ram.close()
+            raise
+        self.stopped_bases: list[int] | None = None
+
+    async def start(self) -> None:
+        await self.frontend.connect(self.options.connect_timeout)
+        await self.frontend.init()
+        await self.driver.probe()
+
+    async def report(self) -> ReportResult:
+        return await self.driver.report()
+
+    async def run(
+        self,
+        reports: int,
+        *,
+        pause_s: float = 0.0,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> RunResult:
+        return await self.driver.run(reports, pause_s=pause_s, progress=progress)
+
+    def context(self) -> RunContext:
+        driver = self.driver
+        return RunContext(
+            capacity=self.options.driver.capacity,
+            order=self.options.driver.order,
+            memory_bytes=self.options.memory_bytes,
+            regions=self.options.regions,
+            indirect=driver.use_indirect,
+            event_idx=has_feature(driver.accepted_features, F_EVENT_IDX),
+            features=driver.accepted_features,
+            queue_size=self.options.driver.queue_size,
+            discard=self.options.discard_label,
+            config_change_msgs=self.frontend.config_change_msgs,
+            kicks=driver.kicks,
+            calls=driver.calls,
+        )
+
+    def summary(self, result: RunResult) -> dict[str, Any]:
+        return build_summary(result, self.context())
+
+    async def stop(self) -> list[int]:
+        """Stop the rings (SET_VRING_ENABLE 0, GET_VRING_BASE); returns next avail indices."""
+        self.stopped_bases = await self.driver.remove()
+        return self.stopped_bases
+
+    async def close(self) -> None:
+        try:
+            await self.frontend.close()
+        finally:
+            self.ram.close()
+
+    async def __aenter__(self) -> MockGuest:
+        try:
+            await self.start()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *_rest: object) -> None:
+        try:
+            if exc_type is None and self.frontend.started:
+                await self.stop()
+        finally:
+            await self.close()
+
+
+async def run_guest(
+    options: GuestOptions,
+    reports: int,
+    *,
+    pause_s: float = 0.0,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Connect, report `reports` times, stop, and return the JSON summary."""
+    async with MockGuest(options) as guest:
+        result = await guest.run(reports, pause_s=pause_s, progress=progress)
+        summary = guest.summary(result)
+    return summary
+
+
+__all__ = ["GuestError", "GuestOptions", "MockGuest", "run_guest"]

@@ -1,0 +1,123 @@
+"""Percentiles and the JSON summary of a mocked-guest run.
+
+Percentiles are nearest-rank on the sorted samples (no interpolation, no
+numpy): the p-th percentile of n samples is the ceil(p/100 * n)-th smallest.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from guest.driver import RunResult
+from protocol.virtio import FEATURE_NAMES
+
+PERCENTILES = (50, 90, 99)
+
+
+def nearest_rank(sorted_samples: Sequence[float], percent: float) -> float:
+    """The nearest-rank percentile of already sorted samples (0.0 when empty)."""
+    if not sorted_samples:
+        return 0.0
+    if not 0 < percent <= 100:
+        raise ValueError(f"percentile {percent} outside (0, 100]")
+    rank = max(1, math.ceil(percent / 100 * len(sorted_samples)))
+    return float(sorted_samples[rank - 1])
+
+
+def percentiles(samples: Sequence[float]) -> dict[str, float]:
+    """{"p50", "p90", "p99", "max"} of the samples (all 0.0 when empty)."""
+    ordered = sorted(samples)
+    summary = {f"p{p}": nearest_rank(ordered, p) for p in PERCENTILES}
+    summary["max"] = float(ordered[-1]) if ordered else 0.0
+    return summary
+
+
+def feature_names(features: int) -> list[str]:
+    return [FEATURE_NAMES.get(bit, f"bit{bit}") for bit in range(64) if features >> bit & 1]
+
+
+@dataclass(frozen=True, slots=True)
+class RunContext:
+    """What the summary needs besides the reports (the run's settings)."""
+
+    capacity: int
+    order: int
+    memory_bytes: int
+    regions: int
+    indirect: bool
+    event_idx: bool
+    features: int
+    queue_size: int
+    discard: str | None = None
+    config_change_msgs: int = 0
+    kicks: int = 0
+    calls: int = 0
+
+
+def build_summary(result: RunResult, context: RunContext) -> dict[str, Any]:
+    """The JSON-ready summary object (see the module docs of guest.cli)."""
+    reports = result.reports
+    hold_us = [r.hold_ns / 1000 for r in reports]
+    return {
+        "reports": len(reports),
+        "entries": sum(r.entries for r in reports),
+        "reported_bytes": sum(r.reported_bytes for r in reports),
+        "freed_bytes": sum(r.freed_bytes for r in reports),
+        "zeroed_bytes": sum(r.zeroed_bytes for r in reports),
+        "hold_us": percentiles(hold_us),
+        "discard": context.discard,
+        "capacity": context.capacity,
+        "order": context.order,
+        "entry_bytes": 4096 << context.order,
+        "memory_bytes": context.memory_bytes,
+        "regions": context.regions,
+        "queue_size": context.queue_size,
+        "indirect": context.indirect,
+        "event_idx": context.event_idx,
+        "features": {"mask": context.features, "names": feature_names(context.features)},
+        "integrity_ok": result.integrity_ok,
+        "integrity_errors": result.integrity_errors,
+        "config_change_msgs": context.config_change_msgs,
+        "kicks": context.kicks,
+        "calls": context.calls,
+        "duration_s": round(result.duration_s, 6),
+    }
+
+
+def _mib(value: int) -> str:
+    return f"{value / (1 << 20):.1f} MiB"
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """A readable two-column table of the summary."""
+    hold = summary["hold_us"]
+    rows = [
+        ("reports", str(summary["reports"])),
+        ("entries", f"{summary['entries']} x {_mib(summary['entry_bytes'])}"),
+        ("reported", _mib(summary["reported_bytes"])),
+        ("freed (memfd blocks)", _mib(summary["freed_bytes"])),
+        ("read back as zero", _mib(summary["zeroed_bytes"])),
+        (
+            "hold window (us)",
+            f"p50 {hold['p50']:.1f}  p90 {hold['p90']:.1f}  "
+            f"p99 {hold['p99']:.1f}  max {hold['max']:.1f}",
+        ),
+        ("discard", summary["discard"] or "unknown"),
+        ("capacity / order", f"{summary['capacity']} / {summary['order']}"),
+        ("memory", f"{_mib(summary['memory_bytes'])} in {summary['regions']} region(s)"),
+        ("queue size", str(summary["queue_size"])),
+        ("indirect / event_idx", f"{summary['indirect']} / {summary['event_idx']}"),
+        ("features", "|".join(summary["features"]["names"]) or "none"),
+        ("kicks / calls", f"{summary['kicks']} / {summary['calls']}"),
+        ("config change msgs", str(summary["config_change_msgs"])),
+        (
+            "integrity",
+            "ok" if summary["integrity_ok"] else f"{summary['integrity_errors']} page(s) corrupted",
+        ),
+        ("duration", f"{summary['duration_s']:.3f} s"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

@@ -1,0 +1,90 @@
+"""One fixture wires a mocked guest to a real backend over a real socket and memfd.
+
+Both run in the test's event loop; they meet only through the socket, as
+QEMU and the backend do.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from backend.balloon import BalloonSettings, NotifyPolicy
+from backend.discard import DiscardStrategy
+from backend.server import Server, ServerSettings, listen_unix
+from backend.trace import read_trace
+from guest.driver import DriverConfig
+from guest.runner import GuestOptions
+
+MiB = 1 << 20
+TEST_MEMORY = 256 * MiB
+
+
+@dataclass
+class RunningBackend:
+    server: Server
+    socket_path: Path
+    trace_path: Path
+
+    def trace(self) -> list[dict[str, Any]]:
+        return read_trace(self.trace_path) if self.trace_path.exists() else []
+
+    def guest_options(self, memory: int = TEST_MEMORY, **driver: Any) -> GuestOptions:
+        frontend_keys = {
+            "regions",
+            "reply_ack",
+            "config",
+            "mq",
+            "configure_mem_slots",
+            "backend_req",
+            "reply_timeout",
+            "discard_label",
+        }
+        frontend = {k: driver.pop(k) for k in list(driver) if k in frontend_keys}
+        driver.setdefault("report_timeout", 10.0)
+        return GuestOptions(
+            socket_path=str(self.socket_path),
+            memory_bytes=memory,
+            driver=DriverConfig(**driver),
+            **frontend,
+        )
+
+
+StartBackend = Callable[..., Awaitable[RunningBackend]]
+
+
+@pytest.fixture
+async def start_backend(tmp_path: Path) -> AsyncIterator[StartBackend]:
+    running: list[tuple[RunningBackend, Any]] = []
+
+    async def start(discard: str = "punch-hole", notify: str = "always") -> RunningBackend:
+        index = len(running)
+        path = tmp_path / f"backend{index}.sock"
+        trace = tmp_path / f"trace{index}.jsonl"
+        settings = ServerSettings(
+            BalloonSettings(discard=DiscardStrategy(discard), notify=NotifyPolicy(notify)),
+            trace_path=trace,
+        )
+        listener = listen_unix(path)
+        server = Server(settings)
+        server.start(listener)
+        backend = RunningBackend(server, path, trace)
+        running.append((backend, listener))
+        return backend
+
+    yield start
+    for backend, listener in running:
+        await backend.server.close()
+        listener.close()
+
+
+def open_fds() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+__all__ = ["TEST_MEMORY", "MiB", "RunningBackend", "StartBackend", "open_fds", "replace"]

@@ -1,0 +1,161 @@
+"""The command line as a user runs it: real processes, real sockets."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+CLI = [sys.executable, "-m", "backend.cli"]
+GUEST = [sys.executable, "-m", "guest"]
+
+
+def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def test_demo_json_has_the_promised_keys() -> None:
+    result = _run("demo", "--json", "--reports", "20", "--memory", "256M")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    for key in ("reports", "entries", "reported_bytes", "freed_bytes", "hold_us", "discard"):
+        assert key in summary
+    assert set(summary["hold_us"]) >= {"p50", "p90", "p99", "max"}
+    assert summary["reports"] == 20
+    assert summary["discard"] == "punch-hole"
+    assert summary["freed_bytes"] == summary["reported_bytes"] == 20 * 32 * (2 << 20)
+    assert summary["backend"]["freed_bytes"] == summary["freed_bytes"]
+    assert 0 < summary["hold_us"]["p50"] <= summary["hold_us"]["max"]
+
+
+def test_demo_table_is_readable() -> None:
+    result = _run("demo", "--reports", "5", "--memory", "128M", "--discard", "madv-dontneed")
+    assert result.returncode == 0, result.stderr
+    assert "hold window p50" in result.stdout
+    assert "madv-dontneed" in result.stdout
+    assert "freed on the host      0 MiB" in result.stdout
+
+
+def test_print_capabilities() -> None:
+    result = _run("serve", "--print-capabilities")
+    assert result.returncode == 0
+    assert json.loads(result.stdout) == {"type": "balloon"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["serve", "--socket-path", "/nonexistent/dir/sock"], "No such file or directory"),
+        (["serve", "--fd", "97"], "fd 97"),
+        (["serve"], "needs --socket-path"),
+        (["demo", "--memory", "lots"], "memory"),
+        (["demo", "--reports", "-3"], "reports"),
+    ],
+)
+def test_user_errors_are_one_sentence_not_a_traceback(args: list[str], message: str) -> None:
+    result = _run(*args, timeout=60)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr
+
+
+def test_guest_against_a_missing_socket_says_so(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*GUEST, "--socket-path", str(tmp_path / "none.sock"), "--connect-timeout", "0.5"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "none.sock" in result.stderr
+
+
+def _wait_for_socket(path: Path, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} never appeared")
+        time.sleep(0.05)
+
+
+def test_serve_then_guest_then_ctrl_c(tmp_path: Path) -> None:
+    sock = tmp_path / "b.sock"
+    trace = tmp_path / "trace.jsonl"
+    server = subprocess.Popen(
+        [*CLI, "serve", "--socket-path", str(sock), "--trace", str(trace)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for_socket(sock)
+        for _ in range(2):  # one front-end after another
+            guest = subprocess.run(
+                [
+                    *GUEST,
+                    "--socket-path",
+                    str(sock),
+                    "--memory",
+                    "128M",
+                    "--reports",
+                    "3",
+                    "--json",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert guest.returncode == 0, guest.stderr
+            assert json.loads(guest.stdout)["reports"] == 3
+    finally:
+        server.send_signal(signal.SIGINT)
+        _, stderr = server.communicate(timeout=30)
+    assert server.returncode == 0, stderr
+    assert not sock.exists()
+    records = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert len(records) == 6
+    assert len({r["session"] for r in records}) == 2
+
+
+def test_serve_on_an_inherited_listening_fd(tmp_path: Path) -> None:
+    sock_path = tmp_path / "inherited.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock_path))
+    listener.listen()
+    fd = listener.fileno()
+    server = subprocess.Popen(
+        [*CLI, "serve", "--fd", str(fd)], pass_fds=[fd], stderr=subprocess.PIPE, text=True
+    )
+    listener.close()
+    try:
+        guest = subprocess.run(
+            [
+                *GUEST,
+                "--socket-path",
+                str(sock_path),
+                "--memory",
+                "128M",
+                "--reports",
+                "2",
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert guest.returncode == 0, guest.stderr
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=30)
+    assert server.returncode == 0
