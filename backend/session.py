@@ -154,8 +154,7 @@ class Session:
             self.log.info("front-end disconnected: %s", closed)
         except MessageError as error:
             self.end_reason = str(error)
-            name = _request_name(error.request)
-            self.log.error("ending session: %s: %s", name, error.reason)
+            self.log.error("ending session: %s", error)
         except OSError as error:
             self.end_reason = f"socket error: {error}"
             self.log.error("ending session: socket error: %s", error)
@@ -578,12 +577,3 @@ class Session:
             self.backend_channel.close()
         self.channel.close()
         self.state = SessionState.CLOSED
-
-
-def _request_name(request: int | None) -> str:
-    if request is None:
-        return "message header"
-    try:
-        return FrontendRequest(request).name
-    except ValueError:
-        return f"request {request}"

@@ -19,7 +19,11 @@ class MessageError(ProtocolError):
     def __init__(self, request: int | None, reason: str) -> None:
         self.request = request
         self.reason = reason
-        super().__init__(reason if request is None else f"request {request}: {reason}")
+        # A known request is an IntEnum member: name it; an unknown id by number.
+        name = request.name if isinstance(request, enum.Enum) else None
+        where = "message header" if request is None else name or f"request {request}"
+        self.where = where
+        super().__init__(f"{where}: {reason}")
 
 
 class AddressError(ProtocolError):
@@ -31,7 +35,6 @@ class QueueErrorKind(enum.Enum):
     NEXT_OUT_OF_RANGE = "next descriptor index >= table size"
     LOOP = "descriptor chain loops or is longer than its table"
     NESTED_INDIRECT = "indirect descriptor inside an indirect table"
-    INDIRECT_NOT_AT_HEAD = "indirect descriptor that is not the whole chain"
     INDIRECT_WITH_NEXT = "indirect descriptor with the NEXT flag"
     INDIRECT_NOT_NEGOTIATED = "indirect descriptor without INDIRECT_DESC"
     INDIRECT_BAD_LENGTH = "indirect table length is 0 or not a multiple of 16"

@@ -86,7 +86,7 @@ class RegionTable:
             index = order[pos]
             region = self.regions[index]
             offset = addr - starts[pos]
-            if offset + length <= region.size and (offset < region.size or length == 0):
+            if offset < region.size and offset + length <= region.size:
                 return index, offset
         raise AddressError(
             f"{space.value} range {addr:#x}+{length:#x} is not inside one memory region"

@@ -143,6 +143,14 @@ class Header:
         return bool(self.flags & FLAG_REPLY)
 
 
+def _known(request: int) -> int:
+    """The FrontendRequest member for a known id (errors then name it), else the id."""
+    try:
+        return FrontendRequest(request)
+    except ValueError:
+        return request
+
+
 def decode_header(data: bytes) -> Header:
     """Validate and decode a 12-byte header (before reading the payload)."""
     if len(data) != HEADER_SIZE:
@@ -150,12 +158,12 @@ def decode_header(data: bytes) -> Header:
     request, flags, size = HEADER.unpack(data)
     if flags & VERSION_MASK != VERSION:
         raise MessageError(
-            request, f"unsupported version {flags & VERSION_MASK} in flags {flags:#x}"
+            _known(request), f"unsupported version {flags & VERSION_MASK} in flags {flags:#x}"
         )
     if flags & ~KNOWN_FLAGS:
-        raise MessageError(request, f"unknown flag bits {flags & ~KNOWN_FLAGS:#x}")
+        raise MessageError(_known(request), f"unknown flag bits {flags & ~KNOWN_FLAGS:#x}")
     if size > MAX_PAYLOAD_SIZE:
-        raise MessageError(request, f"payload size {size} exceeds {MAX_PAYLOAD_SIZE}")
+        raise MessageError(_known(request), f"payload size {size} exceeds {MAX_PAYLOAD_SIZE}")
     return Header(request, flags, size)
 
 
@@ -232,6 +240,8 @@ class VringFile:
         return cls(value & VRING_IDX_MASK, bool(value & VRING_NOFD_MASK))
 
     def encode(self) -> bytes:
+        if not 0 <= self.index <= VRING_IDX_MASK:
+            raise ValueError(f"vring index {self.index} does not fit the 8-bit index field")
         return self.FORMAT.pack(self.index | (VRING_NOFD_MASK if self.no_fd else 0))
 
 
@@ -522,7 +532,7 @@ def decode_request(header: Header, payload: bytes, nfds: int) -> Request:
     file descriptors the request does not carry.
     """
     if header.is_reply:
-        raise MessageError(header.request, "a reply arrived where a request was expected")
+        raise MessageError(_known(header.request), "a reply arrived where a request was expected")
     try:
         request = FrontendRequest(header.request)
     except ValueError:
@@ -533,20 +543,16 @@ def decode_request(header: Header, payload: bytes, nfds: int) -> Request:
     low, high = spec.sizes
     if not low <= header.size <= high:
         accepted = str(low) if low == high else f"{low}..{high}"
-        raise MessageError(
-            request, f"{request.name} payload is {header.size} bytes, accepted: {accepted}"
-        )
+        raise MessageError(request, f"payload is {header.size} bytes, accepted: {accepted}")
     try:
         decoded = spec.decode(payload)
     except MessageError as error:
         # Payload decoders are shared (GET_CONFIG/SET_CONFIG): name the request
         # that actually carried the payload.
-        raise MessageError(request, f"{request.name}: {error.reason}") from None
+        raise MessageError(request, error.reason) from None
     wanted = expected_fd_count(request, decoded)
     if nfds != wanted:
-        raise MessageError(
-            request, f"{request.name} carries {wanted} fd(s) ({spec.fds.value}), got {nfds}"
-        )
+        raise MessageError(request, f"carries {wanted} fd(s) ({spec.fds.value}), got {nfds}")
     return Request(request, header, decoded)
 
 

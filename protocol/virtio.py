@@ -76,6 +76,8 @@ class BalloonConfig:
 
     @classmethod
     def decode(cls, data: bytes) -> BalloonConfig:
+        if len(data) != cls.SIZE:
+            raise ValueError(f"balloon config is {cls.SIZE} bytes, got {len(data)}")
         return cls(*cls.FORMAT.unpack(data))
 
     def encode(self) -> bytes:

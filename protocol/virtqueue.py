@@ -199,9 +199,7 @@ class DeviceQueue:
                 raise QueueError(QueueErrorKind.LOOP, f"chain from head {head}")
             addr, length, flags, nxt = DESC.unpack_from(table_buf, table + DESC_SIZE * index)
             if flags & DESC_F_INDIRECT:
-                table_buf, table, table_size = self._enter_indirect(
-                    addr, length, flags, indirect, descriptors
-                )
+                table_buf, table, table_size = self._enter_indirect(addr, length, flags, indirect)
                 indirect, index, walked = True, 0, 0
                 continue
             if addr + length > 1 << 64:
@@ -218,16 +216,16 @@ class DeviceQueue:
             index = nxt
 
     def _enter_indirect(
-        self, addr: int, length: int, flags: int, nested: bool, before: list[Descriptor]
+        self, addr: int, length: int, flags: int, nested: bool
     ) -> tuple[WritableBuffer, int, int]:
+        # Direct descriptors may precede the indirect one (virtio 1.x 2.7.5.3.2:
+        # the device MUST handle it); Linux only ever puts it at the head.
         if nested:
             raise QueueError(QueueErrorKind.NESTED_INDIRECT)
         if not self.indirect:
             raise QueueError(QueueErrorKind.INDIRECT_NOT_NEGOTIATED)
         if flags & DESC_F_NEXT:
             raise QueueError(QueueErrorKind.INDIRECT_WITH_NEXT)
-        if before:
-            raise QueueError(QueueErrorKind.INDIRECT_NOT_AT_HEAD)
         if length == 0 or length % DESC_SIZE or length // DESC_SIZE > MAX_INDIRECT_ENTRIES:
             raise QueueError(QueueErrorKind.INDIRECT_BAD_LENGTH, f"length {length}")
         if addr + length > 1 << 64:

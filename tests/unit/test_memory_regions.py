@@ -152,13 +152,13 @@ def region_tables(draw: st.DrawFn) -> list[Region]:
 
 
 def model_find(regions: list[Region], addr: int, length: int, space: Space) -> set[int]:
-    """Every region index that fully contains [addr, addr+length)."""
+    """Every region index that fully contains [addr, addr+length) and holds addr
+    (a zero-length range at a region's end is in no region)."""
     return {
         i
         for i, r in enumerate(regions)
-        if r.start(space) <= addr
+        if r.start(space) <= addr < r.start(space) + r.size
         and addr + length <= r.start(space) + r.size
-        and (addr < r.start(space) + r.size or length == 0)
     }
 
 

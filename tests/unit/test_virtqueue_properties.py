@@ -89,9 +89,16 @@ def model_pop(
         visited.add(index)
         addr, length, flags, nxt = DESC.unpack_from(buf, table + DESC_SIZE * index)
         if flags & IND:
-            # nested; or after direct descriptors, which virtio 1.x allows but
-            # DeviceQueue refuses on purpose (INDIRECT_NOT_AT_HEAD)
-            return REFUSED
+            if indirect or not indirect_ok or flags & N:
+                return REFUSED  # nested, not negotiated, or with NEXT
+            if length == 0 or length % DESC_SIZE or length > DESC_SIZE * MAX_INDIRECT_ENTRIES:
+                return REFUSED
+            if addr + length > len(buf):
+                return REFUSED
+            # direct descriptors followed by one indirect table (virtio 2.7.5.3.2)
+            table, entries, index, indirect = addr, length // DESC_SIZE, 0, True
+            visited = set()
+            continue
         if addr + length > U64_LIMIT:
             return REFUSED
         if flags & W:
