@@ -38,6 +38,14 @@ class MappedRegion:
     """One region: its fd, a MAP_SHARED mapping from file offset 0, metadata."""
 
     def __init__(self, desc: MemoryRegionDesc, fd: int) -> None:
+        """Takes ownership of `fd`: it is closed here if the region is refused."""
+        try:
+            self._map(desc, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _map(self, desc: MemoryRegionDesc, fd: int) -> None:
         self.region = Region(
             desc.guest_phys_addr, desc.memory_size, desc.userspace_addr, desc.mmap_offset
         )

@@ -350,9 +350,7 @@ class Session:
         worker = self._workers.get(index)
         if worker is not None:
             await asyncio.gather(worker, return_exceptions=True)
-        if vring.queue is not None:
-            vring.base = vring.queue.next_avail
-        vring.queue = None
+        _forget_queue(vring)
         vring.replace_fd("kick", None)
         vring.broken = False
         if not any(v.started for v in self.vrings) and self.state is SessionState.RUNNING:
@@ -380,7 +378,7 @@ class Session:
         if not self.acked_features >> F_PROTOCOL_FEATURES & 1:
             vring.enabled = True
         vring.started = True
-        vring.queue = None
+        _forget_queue(vring)
         self._loop.add_reader(fd, self._on_kick, vring)
         self._set_state(SessionState.RUNNING)
         self._schedule(vring, time.monotonic_ns())  # buffers may already be waiting
@@ -408,8 +406,10 @@ class Session:
         vring.started = False
 
     def _invalidate_queues(self) -> None:
+        """Drop parsed queues (rebuilt over the new mappings at the next kick),
+        keeping where each one had got to."""
         for vring in self.vrings:
-            vring.queue = None  # rebuilt over the new mappings at the next kick
+            _forget_queue(vring)
 
     # -- config ---------------------------------------------------------------
 
@@ -516,7 +516,7 @@ class Session:
                 return
             except ValueError as error:  # a mapping released under a stale queue
                 self.log.warning("queue %d: %s; rebuilding over current memory", vring.index, error)
-                vring.queue = None
+                _forget_queue(vring)
             next_kick = self._pending_kicks.pop(vring.index, None)
             if next_kick is None or self._paused:
                 if next_kick is not None:
@@ -577,3 +577,10 @@ class Session:
             self.backend_channel.close()
         self.channel.close()
         self.state = SessionState.CLOSED
+
+
+def _forget_queue(vring: Vring) -> None:
+    """Drop a parsed queue; it is re-parsed at the next kick from where it got to."""
+    if vring.queue is not None:
+        vring.base = vring.queue.next_avail
+    vring.queue = None

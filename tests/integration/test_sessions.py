@@ -165,6 +165,7 @@ async def test_region_larger_than_its_file_is_refused(start_backend: StartBacken
     frontend = await _frontend(str(backend.socket_path))
     fd = os.memfd_create("small")
     os.ftruncate(fd, 16 * MiB)
+    baseline = open_fds()
     try:
         table = MemoryTable((MemoryRegionDesc(0, 64 * MiB, 0x7F0000000000, 0),))
         reply = await frontend.request(
@@ -186,6 +187,7 @@ async def test_region_larger_than_its_file_is_refused(start_backend: StartBacken
         )
         assert reply is not None and U64.decode(reply).value != 0
         assert await _still_serving(frontend)
+        assert open_fds() == baseline  # every fd of the refused tables was closed
     finally:
         os.close(fd)
         await frontend.close()

@@ -1,8 +1,10 @@
-"""Smoke tests of the mocked guest against a throwaway in-test fake device.
+"""The mocked guest on its own, against a small in-test fake device.
 
-The fake is deliberately small (a blocking thread, no validation beyond the
-protocol codec): it exists so the guest can be exercised before the real
-back-end lands. Integration tests against `backend` belong in
+The fake (a blocking thread, no validation beyond the protocol codec) can
+misbehave on purpose in ways the real backend never does: discard at the
+wrong file offset, hang up mid-report, stay silent, nack. These tests show
+that the guest's own checks catch each of those, so a passing integration
+test means something. Tests against the real backend are in
 tests/integration/.
 """
 

@@ -1,0 +1,105 @@
+"""Which entries of a report may be discarded (invariant 1), without a socket."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from backend.mapping import MappedRegion, MappingError, MemoryMap
+from backend.reporting import plan_report
+from protocol.errors import AddressError
+from protocol.vhost_user import MemoryRegionDesc
+from protocol.virtqueue import DESC_F_WRITE, Chain, Descriptor
+
+MiB = 1 << 20
+GPA = 1 << 30  # the region's guest-physical base
+FILE_OFFSET = 16 * MiB  # the region starts this far into its file
+
+
+@pytest.fixture
+def memory_map() -> Iterator[MemoryMap]:
+    fd = os.memfd_create("ram", os.MFD_CLOEXEC)
+    os.ftruncate(fd, FILE_OFFSET + 64 * MiB)
+    mapped = MappedRegion(MemoryRegionDesc(GPA, 64 * MiB, 0x7F0000000000, FILE_OFFSET), fd)
+    table = MemoryMap([mapped])
+    yield table
+    table.close()
+
+
+def chain(*entries: tuple[int, int], writable: bool = True) -> Chain:
+    flags = DESC_F_WRITE if writable else 0
+    return Chain(0, tuple(Descriptor(addr, length, flags) for addr, length in entries), False)
+
+
+def test_targets_carry_the_file_offset_and_the_mapping_address(memory_map: MemoryMap) -> None:
+    plan = plan_report(chain((GPA + 2 * MiB, 2 * MiB)), memory_map, discard=True)
+    (target,) = plan.targets
+    mapped = memory_map.regions[0]
+    assert target.file_offset == FILE_OFFSET + 2 * MiB
+    assert target.address == mapped.address + FILE_OFFSET + 2 * MiB
+    assert plan.skipped == 0
+
+
+def test_huge_page_granularity_skips_entries_smaller_than_a_huge_page(
+    memory_map: MemoryMap,
+) -> None:
+    memory_map.regions[0].granularity = 2 * MiB  # as on hugetlbfs with 2 MiB pages
+    plan = plan_report(
+        chain((GPA, 2 * MiB), (GPA + 4 * MiB, 4096), (GPA + 6 * MiB + 4096, 2 * MiB)),
+        memory_map,
+        discard=True,
+    )
+    assert [t.gpa for t in plan.targets] == [GPA]
+    assert plan.skipped_unaligned == 2
+
+
+def test_entries_crossing_the_region_end_are_never_split(memory_map: MemoryMap) -> None:
+    plan = plan_report(
+        chain((GPA + 62 * MiB, 4 * MiB), (GPA - 4096, 8192)), memory_map, discard=True
+    )
+    assert plan.targets == []
+    assert plan.skipped_outside == 2
+
+
+def test_counting_only_plans_no_discard(memory_map: MemoryMap) -> None:
+    plan = plan_report(chain((GPA, 2 * MiB)), memory_map, discard=False)
+    assert plan.targets == [] and plan.entries == 1 and plan.skipped == 0
+
+
+def test_readable_descriptors_are_not_entries(memory_map: MemoryMap) -> None:
+    plan = plan_report(chain((GPA, 2 * MiB), writable=False), memory_map, discard=True)
+    assert plan.entries == 0 and plan.ignored_readable == 1
+
+
+def test_no_memory_table_skips_everything() -> None:
+    plan = plan_report(chain((GPA, 2 * MiB)), MemoryMap(), discard=True)
+    assert plan.targets == [] and plan.skipped_outside == 1
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_region_past_the_end_of_its_file_is_refused_and_its_fd_closed() -> None:
+    fd = os.memfd_create("short", os.MFD_CLOEXEC)
+    os.ftruncate(fd, MiB)
+    with pytest.raises(MappingError, match="file has"):
+        MappedRegion(MemoryRegionDesc(0, 2 * MiB, 0x7F0000000000, 0), fd)
+    assert not _is_open(fd)
+
+
+def test_region_wrapping_64_bits_is_refused_and_its_fd_closed() -> None:
+    fd = os.memfd_create("wrap", os.MFD_CLOEXEC)
+    with pytest.raises(AddressError):
+        MappedRegion(MemoryRegionDesc((1 << 64) - 4096, 8192, 0, 0), fd)
+    assert not _is_open(fd)
+
+
+def test_memfd_granularity_is_the_page_size(memory_map: MemoryMap) -> None:
+    assert memory_map.regions[0].granularity == os.sysconf("SC_PAGE_SIZE")
