@@ -31,7 +31,7 @@ class DiscardStrategy(enum.Enum):
         return [member.value for member in cls]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DiscardTarget:
     """One validated, aligned range: where it is in the file and in our mapping."""
 

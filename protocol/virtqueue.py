@@ -20,6 +20,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from protocol.errors import AddressError, QueueError, QueueErrorKind
 from protocol.memory import GuestMemory, Space, WritableBuffer
@@ -93,8 +94,9 @@ class RingLayout:
         return self.used + self.used_bytes
 
 
-@dataclass(frozen=True, slots=True)
-class Descriptor:
+class Descriptor(NamedTuple):
+    """One buffer of a chain (a NamedTuple: 32 are built per report)."""
+
     addr: int
     length: int
     flags: int
