@@ -33,6 +33,7 @@ from backend.mapping import MappedRegion, MappingError, MemoryMap
 from backend.syscalls import full_fence
 from backend.transport import ConnectionClosed, MessageChannel, close_fds
 from backend.vring import EventFdError, Vring, check_eventfd
+from backend.worker import QueueWorker
 from protocol.errors import AddressError, MessageError, QueueError, QueueErrorKind
 from protocol.memory import Space
 from protocol.vhost_user import (
@@ -113,8 +114,7 @@ class Session:
         self.backend_channel: MessageChannel | None = None
         self.end_reason = ""
         self._loop = asyncio.get_running_loop()
-        self._workers: dict[int, asyncio.Task[None]] = {}
-        self._pending_kicks: dict[int, int] = {}
+        self._workers: dict[int, QueueWorker] = {}
         self._paused = False
         self._handlers: dict[FrontendRequest, Handler] = {
             FrontendRequest.GET_FEATURES: self._get_features,
@@ -215,9 +215,10 @@ class Session:
 
     async def _reset(self, request: Request, fds: list[int]) -> None:
         with self._processing_paused():
-            await self._quiesce()
             for vring in self.vrings:
                 self._stop_ring(vring)
+            await self._stop_workers()
+            for vring in self.vrings:
                 vring.close()
             self.vrings = [Vring(i) for i in range(self.device.max_queues)]
         self.device.reset()
@@ -349,7 +350,7 @@ class Session:
         self._stop_ring(vring)
         worker = self._workers.get(index)
         if worker is not None:
-            await asyncio.gather(worker, return_exceptions=True)
+            await worker.wait_idle()
         _forget_queue(vring)
         vring.replace_fd("kick", None)
         vring.broken = False
@@ -474,12 +475,14 @@ class Session:
         if not (vring.started and vring.enabled) or vring.broken:
             return
         worker = self._workers.get(vring.index)
-        if self._paused or (worker is not None and not worker.done()):
-            self._pending_kicks.setdefault(vring.index, kick_ns)
-            return
-        self._workers[vring.index] = asyncio.create_task(
-            self._drain(vring, kick_ns), name=f"{self.name}-q{vring.index}"
-        )
+        if worker is None:
+            worker = QueueWorker(
+                f"{self.name}-q{vring.index}",
+                lambda kick: self._process(vring, kick),
+                lambda: vring.started and vring.enabled and not vring.broken and not self._paused,
+            )
+            self._workers[vring.index] = worker
+        worker.kick(kick_ns)
 
     def _context(self, vring: Vring) -> QueueContext:
         if vring.queue is None:
@@ -506,23 +509,16 @@ class Session:
             lambda: vring.started and vring.enabled and not self._paused,
         )
 
-    async def _drain(self, vring: Vring, kick_ns: int) -> None:
-        while True:
-            try:
-                context = self._context(vring)
-                await self.device.process_queue(context, kick_ns)
-            except (QueueError, AddressError) as error:
-                self._break(vring, str(error))
-                return
-            except ValueError as error:  # a mapping released under a stale queue
-                self.log.warning("queue %d: %s; rebuilding over current memory", vring.index, error)
-                _forget_queue(vring)
-            next_kick = self._pending_kicks.pop(vring.index, None)
-            if next_kick is None or self._paused:
-                if next_kick is not None:
-                    self._pending_kicks[vring.index] = next_kick
-                return
-            kick_ns = next_kick
+    async def _process(self, vring: Vring, kick_ns: int) -> None:
+        try:
+            context = self._context(vring)
+            await self.device.process_queue(context, kick_ns)
+        except (QueueError, AddressError) as error:
+            self._break(vring, str(error))
+        except ValueError as error:  # a mapping released under a stale queue
+            self.log.warning("queue %d: %s; rebuilding over current memory", vring.index, error)
+            _forget_queue(vring)
+            self._schedule(vring, kick_ns)
 
     def _break(self, vring: Vring, reason: str) -> None:
         vring.broken = True
@@ -545,14 +541,18 @@ class Session:
             yield
         finally:
             self._paused = False
-            for index in list(self._pending_kicks):
-                self._schedule(self.vrings[index], self._pending_kicks.pop(index))
+            for worker in self._workers.values():
+                worker.retry()
 
     async def _quiesce(self) -> None:
         """Wait for every queue worker: no discard may run on a mapping we unmap."""
-        workers = [w for w in self._workers.values() if not w.done()]
-        if workers:
-            await asyncio.gather(*workers, return_exceptions=True)
+        for worker in list(self._workers.values()):
+            await worker.wait_idle()
+
+    async def _stop_workers(self) -> None:
+        for worker in self._workers.values():
+            await worker.stop()
+        self._workers.clear()
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -569,7 +569,7 @@ class Session:
         self._paused = True
         for vring in self.vrings:
             self._stop_ring(vring)
-        await self._quiesce()
+        await self._stop_workers()
         for vring in self.vrings:
             vring.close()
         self.memory_map.close()
