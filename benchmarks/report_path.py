@@ -1,8 +1,11 @@
 """What the backend adds to a report, against the bare discard syscalls.
 
 For each run, in the same process tree and the same minute:
-  baseline  -- populate 32 x 2 MiB of a memfd, then time the 32 bare
+  baseline  -- a forked child ("the guest") maps a memfd and populates
+               32 x 2 MiB, then this process times the 32 bare
                fallocate(PUNCH_HOLE) calls (what any backend must pay);
+               also the same with the pages populated by this process
+               (no other page tables to zap);
   backend   -- `vhost-balloon serve` in its own process with a trace, and the
                mocked guest (`python -m guest`) in another, sending the same
                reports; per report the trace gives kick->notify and the time
@@ -11,8 +14,8 @@ For each run, in the same process tree and the same minute:
                path (kick, pop, publish, notify) with no syscall at all.
 
 Printed: medians over reports, then the median over runs, and the ratio of
-backend kick->notify to the bare syscalls. Machines here are noisy: read the
-median of runs, not one run.
+backend kick->notify to the bare cross-process syscalls (`bare_us`).
+Machines here are noisy: read the median of runs, not one run.
 
     .venv/bin/python benchmarks/report_path.py [--runs 5] [--reports 100]
 """
@@ -36,21 +39,49 @@ ENTRY = 2 << 20
 ENTRIES = 32
 
 
-def bare_punch_hole_us(reports: int) -> float:
-    """Median time of 32 bare punch-holes over freshly populated 2 MiB blocks."""
+def _punch_all(fd: int) -> float:
+    begin = time.perf_counter_ns()
+    for entry in range(ENTRIES):
+        punch_hole(fd, entry * ENTRY, ENTRY)
+    return (time.perf_counter_ns() - begin) / 1000
+
+
+def bare_punch_hole_us(reports: int, *, populated_by_other_process: bool) -> float:
+    """Median time of 32 bare punch-holes over freshly populated 2 MiB blocks.
+
+    With `populated_by_other_process`, a forked child maps the memfd and
+    writes the pages (as the guest, i.e. QEMU, does): punching then has to
+    zap another process's page tables, which is the backend's situation.
+    """
     size = ENTRY * ENTRIES
     fd = os.memfd_create("baseline", os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    fill = b"\xa5" * size
+    samples = []
     try:
-        os.ftruncate(fd, size)
-        with mmap.mmap(fd, size) as mapping:
-            fill = b"\xa5" * size
-            samples = []
-            for _ in range(reports):
-                mapping[:] = fill
-                begin = time.perf_counter_ns()
-                for entry in range(ENTRIES):
-                    punch_hole(fd, entry * ENTRY, ENTRY)
-                samples.append((time.perf_counter_ns() - begin) / 1000)
+        if not populated_by_other_process:
+            with mmap.mmap(fd, size) as mapping:
+                for _ in range(reports):
+                    mapping[:] = fill
+                    samples.append(_punch_all(fd))
+            return statistics.median(samples)
+        from_parent, to_child = os.pipe()
+        from_child, to_parent = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the "guest": populate on request, keep the mapping
+            with mmap.mmap(fd, size) as mapping:
+                while os.read(from_parent, 1) == b"p":
+                    mapping[:] = fill
+                    os.write(to_parent, b"k")
+            os._exit(0)
+        for _ in range(reports):
+            os.write(to_child, b"p")
+            os.read(from_child, 1)
+            samples.append(_punch_all(fd))
+        os.write(to_child, b"q")
+        os.waitpid(pid, 0)
+        for end in (to_child, from_parent, from_child, to_parent):
+            os.close(end)
     finally:
         os.close(fd)
     return statistics.median(samples)
@@ -123,10 +154,12 @@ def main() -> int:
     rows: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="vb-bench-") as tmp:
         for run in range(args.runs):
-            bare = bare_punch_hole_us(args.reports)
+            bare_same = bare_punch_hole_us(args.reports, populated_by_other_process=False)
+            bare = bare_punch_hole_us(args.reports, populated_by_other_process=True)
             punched = backend_run("punch-hole", args.reports, Path(tmp))
             nothing = backend_run("none", args.reports, Path(tmp))
             row = {
+                "bare_same_process_us": bare_same,
                 "bare_us": bare,
                 "backend_us": punched["kick_to_notify_us"],
                 "backend_syscall_us": punched["syscall_us"],
