@@ -13,10 +13,14 @@ import concurrent.futures
 import enum
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
+from backend.contention import BigLock
 from backend.device import QueueContext, VirtioDevice
 from backend.discard import DiscardResult, DiscardStrategy, run_discards
+from backend.injection import BqlPhase, Injector, LatencySettings, Point
 from backend.reporting import plan_report
 from backend.stats import DeviceStats
 from backend.trace import ReportRecord, TraceWriter
@@ -42,6 +46,20 @@ class NotifyPolicy(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class _Turn:
+    """What a report inherits from the kick that woke its queue."""
+
+    kick_ns: int
+    start_ns: int
+    kick_delay_ns: int
+    pop_wait_ns: int
+    latency: LatencySettings
+
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
 class BalloonSettings:
     discard: DiscardStrategy = DiscardStrategy.PUNCH_HOLE
     notify: NotifyPolicy = NotifyPolicy.ALWAYS
@@ -56,6 +74,9 @@ class BalloonDevice(VirtioDevice):
         trace: TraceWriter | None,
         session: str,
         logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+        *,
+        latency: Callable[[], LatencySettings] = LatencySettings,
+        big_lock: BigLock | None = None,
     ) -> None:
         self.settings = settings
         self.executor = executor
@@ -65,6 +86,9 @@ class BalloonDevice(VirtioDevice):
         self.stats = DeviceStats()
         self.config = virtio.BalloonConfig()
         self.acked_features = 0
+        self.injector = Injector(latency)
+        self.big_lock = big_lock or BigLock()
+        self.on_report: Callable[[ReportRecord], None] | None = None
         self._seq = 0
         self._warned_balloon = False
 
@@ -91,7 +115,10 @@ class BalloonDevice(VirtioDevice):
     def set_target(self, num_pages: int) -> None:
         """A new balloon target; the session tells the driver (CONFIG_CHANGE_MSG)."""
         self.config = virtio.BalloonConfig(
-            num_pages, self.config.actual, self.config.free_page_hint_cmd_id, self.config.poison_val
+            num_pages,
+            self.config.actual,
+            self.config.free_page_hint_cmd_id,
+            self.config.poison_val,
         )
 
     def reset(self) -> None:
@@ -101,15 +128,47 @@ class BalloonDevice(VirtioDevice):
     async def process_queue(self, context: QueueContext, kick_ns: int) -> None:
         queue = context.queue
         is_reporting = context.index == self.queues.reporting
+        kick_delay = 0
+        kick_latency: LatencySettings | None = None
+        # A pass with nothing to pop (ring start, a spurious kick) is not a
+        # report's kick: it gets no kick delay.
+        if is_reporting and queue.has_available():
+            kick_latency = self.injector.begin_report()
+            kick_delay = await self.injector.delay(Point.KICK)
         while True:
             queue.disable_notifications()
-            while context.running() and (chain := queue.pop()) is not None:
+            while context.running():
+                start_ns = time.monotonic_ns()
+                if kick_latency is not None:  # the first report runs under the kick's settings
+                    latency, kick_latency = kick_latency, None
+                elif is_reporting:
+                    latency = self.injector.begin_report()
+                else:
+                    latency = LatencySettings()
+                chain, pop_wait = await self._under_bql(latency, BqlPhase.POP, queue.pop)
+                if chain is None:
+                    break
                 if is_reporting:
-                    await self._report(context, chain, kick_ns)
+                    await self._report(
+                        context, chain, _Turn(kick_ns, start_ns, kick_delay, pop_wait, latency)
+                    )
+                    kick_delay = 0  # attributed to the first report of the batch
                 else:
                     self._ack_balloon_chain(context, chain)
             if not context.running() or not queue.enable_notifications():
                 return
+
+    async def _under_bql(
+        self, latency: LatencySettings, phase: BqlPhase, action: Callable[[], _T]
+    ) -> tuple[_T, int]:
+        """Run a ring phase under the big lock when BQL contention is modelled."""
+        if latency.bql is None or phase not in latency.bql_phases:
+            return action(), 0
+        waited = await self.big_lock.acquire()
+        try:
+            return action(), waited
+        finally:
+            self.big_lock.release()
 
     def _notify(self, context: QueueContext) -> int:
         """Signal the driver if the policy says so; the signal's timestamp or 0."""
@@ -120,31 +179,55 @@ class BalloonDevice(VirtioDevice):
             return time.monotonic_ns()
         return 0
 
-    async def _report(self, context: QueueContext, chain: Chain, kick_ns: int) -> None:
+    async def _report(self, context: QueueContext, chain: Chain, turn: _Turn) -> None:
         popped_ns = time.monotonic_ns()
+        injector = self.injector
+        injected: dict[str, int] = {}
+        if turn.kick_delay_ns or injector.has(Point.KICK):
+            injected[Point.KICK.value] = turn.kick_delay_ns
+        if injector.has(Point.REPORT):
+            injected[Point.REPORT.value] = await injector.delay(Point.REPORT)
         # QEMU acks without discarding when the guest poisons freed pages with
         # a non-zero value: a discarded page would read back as zeros.
         poison = self.config.poison_val != 0 and bool(
             self.acked_features >> virtio.BALLOON_F_PAGE_POISON & 1
         )
         strategy = self.settings.discard
-        plan = plan_report(
-            chain, context.memory_map, discard=not poison and strategy is not DiscardStrategy.NONE
-        )
-        if plan.targets:
+        plan = plan_report(chain, context.memory_map, discard=not poison)
+        entry_delays = injector.entry_delays(len(plan.targets)) if plan.targets else None
+        if plan.targets and (strategy is not DiscardStrategy.NONE or entry_delays):
             loop = asyncio.get_running_loop()
             result = await loop.run_in_executor(
-                self.executor, run_discards, strategy, plan.targets, plan.files
+                self.executor, run_discards, strategy, plan.targets, plan.files, entry_delays
             )
         else:
             now = time.monotonic_ns()
             result = DiscardResult(started_ns=now, done_ns=now)
+        if entry_delays is not None:
+            injected[Point.ENTRY.value] = result.entry_delay_ns
         # Every discard of this report has returned: only now may the guest
         # get its pages back.
-        context.queue.push(chain.head, 0)
+        if injector.has(Point.PUBLISH):
+            injected[Point.PUBLISH.value] = await injector.delay(Point.PUBLISH)
+        latency = turn.latency
+        _, publish_wait = await self._under_bql(
+            latency, BqlPhase.PUBLISH, lambda: context.queue.push(chain.head, 0)
+        )
         published_ns = time.monotonic_ns()
-        notified_ns = self._notify(context)
+        if injector.has(Point.NOTIFY):
+            injected[Point.NOTIFY.value] = await injector.delay(Point.NOTIFY)
+        notified_ns, notify_wait = await self._under_bql(
+            latency, BqlPhase.NOTIFY, lambda: self._notify(context)
+        )
+        bql_wait = {}
+        if latency.bql is not None:
+            bql_wait = {
+                BqlPhase.POP.value: turn.pop_wait_ns,
+                BqlPhase.PUBLISH.value: publish_wait,
+                BqlPhase.NOTIFY.value: notify_wait,
+            }
         self._seq += 1
+        discarded = len(plan.targets) if strategy is not DiscardStrategy.NONE else 0
         record = ReportRecord(
             session=self.session,
             queue=context.index,
@@ -154,23 +237,29 @@ class BalloonDevice(VirtioDevice):
             bytes=plan.reported_bytes,
             ranges=plan.ranges,
             discard=strategy.value,
-            t_kick_ns=kick_ns,
+            t_kick_ns=turn.kick_ns,
+            t_start_ns=turn.start_ns,
             t_popped_ns=popped_ns,
             t_discard_start_ns=result.started_ns,
             t_discard_done_ns=result.done_ns,
             t_published_ns=published_ns,
             t_notified_ns=notified_ns,
             discard_syscall_ns=result.syscall_ns,
-            discarded_entries=len(plan.targets),
+            discarded_entries=discarded,
             freed_bytes=result.freed_bytes,
             skipped_outside=plan.skipped_outside,
             skipped_unaligned=plan.skipped_unaligned,
             poison_ack=poison,
+            injected_ns=injected,
+            bql_wait_ns=bql_wait,
+            settings=latency.describe(),
             errors=result.errors,
         )
         self._account(record)
         if self.trace is not None:
             self.trace.write(record)
+        if self.on_report is not None:
+            self.on_report(record)
 
     def _account(self, record: ReportRecord) -> None:
         stats = self.stats

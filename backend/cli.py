@@ -16,12 +16,22 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from backend.balloon import BalloonSettings, NotifyPolicy
+from backend.contention import parse_bql, parse_mmap_contention
+from backend.control import ControlError, control_request
 from backend.discard import DiscardStrategy
+from backend.injection import (
+    ALL_BQL_PHASES,
+    LatencySettings,
+    Point,
+    parse_bql_phases,
+    parse_delay_option,
+)
+from backend.metrics import parse_listen_address
 from backend.server import Server, ServerSettings, listen_unix, socket_from_fd
 from protocol import units, virtio
 from protocol.units import argument_type
@@ -59,11 +69,21 @@ def _add_backend_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_guest_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--memory", default=DEMO_MEMORY, help="guest RAM size (K/M/G suffix)")
-    parser.add_argument("--reports", type=int, default=DEMO_REPORTS, help="reports to send")
+    parser.add_argument(
+        "--memory",
+        type=_size,
+        default=units.parse_size(DEMO_MEMORY),
+        help=f"guest RAM size, K/M/G suffix (default {DEMO_MEMORY})",
+    )
+    parser.add_argument(
+        "--reports",
+        type=_count,
+        default=DEMO_REPORTS,
+        help=f"reports to send (default {DEMO_REPORTS})",
+    )
     parser.add_argument(
         "--capacity",
-        type=int,
+        type=_count,
         default=virtio.PAGE_REPORTING_CAPACITY,
         help="entries per report: 32 (Linux >= 5.7) or 16 (2019 series)",
     )
@@ -80,6 +100,71 @@ def _add_guest_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-indirect", action="store_true", help="direct NEXT chains only")
     parser.add_argument("--no-event-idx", action="store_true", help="do not use EVENT_IDX")
+
+
+def _add_latency_options(parser: argparse.ArgumentParser) -> None:
+    points = ", ".join(p.value for p in Point)
+    parser.add_argument(
+        "--delay",
+        type=_typed(parse_delay_option),
+        action="append",
+        default=[],
+        metavar="POINT=MODEL",
+        help=f"inject a delay (repeatable); POINT: {points}; MODEL: const:5ms, "
+        "uniform:1ms..3ms, exp:2ms, lognormal:median=2ms,sigma=0.5, "
+        "normal:mean=2ms,sd=0.5ms, replay:FILE",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of every delay sequence")
+    parser.add_argument(
+        "--bql",
+        type=_typed(parse_bql),
+        metavar="HOLD_MODEL@RATE[,threads=N]",
+        help="a big lock taken RATE times/s by N threads, held for HOLD_MODEL",
+    )
+    parser.add_argument(
+        "--bql-phases",
+        type=_typed(parse_bql_phases),
+        default=ALL_BQL_PHASES,
+        metavar="pop,publish,notify",
+        help="report phases that take the big lock (default: all three)",
+    )
+    parser.add_argument(
+        "--mmap-contention",
+        type=_typed(parse_mmap_contention),
+        metavar="THREADS[,size=64M]",
+        help="threads that map, protect and unmap memory in the backend",
+    )
+
+
+def _add_service_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--control-socket",
+        type=Path,
+        metavar="PATH",
+        help="JSON-lines control socket (see `vhost-balloon ctl`)",
+    )
+    parser.add_argument(
+        "--metrics",
+        type=_typed(parse_listen_address),
+        metavar="ADDR:PORT",
+        help="serve Prometheus metrics at http://ADDR:PORT/metrics",
+    )
+
+
+_ParsedT = TypeVar("_ParsedT")
+
+
+def _typed(parse: Callable[[str], _ParsedT]) -> Callable[[str], _ParsedT]:
+    """An argparse type whose own error message reaches the user."""
+
+    def convert(text: str) -> _ParsedT:
+        try:
+            return parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the backend's capabilities as JSON and exit",
     )
     _add_backend_options(serve)
+    _add_latency_options(serve)
+    _add_service_options(serve)
 
     guest = commands.add_parser("guest", help="run the mocked guest against a backend")
     guest.add_argument("--socket-path", type=Path, required=True)
@@ -109,12 +196,48 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="backend + mocked guest over a real socket")
     demo.add_argument("--json", action="store_true", help="print one JSON summary object")
     _add_backend_options(demo)
+    _add_latency_options(demo)
+    _add_service_options(demo)
     _add_guest_options(demo)
+
+    ctl = commands.add_parser("ctl", help="read statistics or change latency settings live")
+    ctl.add_argument("--control-socket", type=Path, required=True, metavar="PATH")
+    ctl_commands = ctl.add_subparsers(dest="ctl_command", required=True)
+    ctl_commands.add_parser("stats", help="counters, per-session histograms, settings")
+    ctl_commands.add_parser("get", help="the latency settings in force")
+    change = ctl_commands.add_parser("set", help="change settings from the next report on")
+    change.add_argument(
+        "--delay",
+        action="append",
+        default=[],
+        metavar="POINT=MODEL|none",
+        help="set (or with =none remove) one point's delay; repeatable",
+    )
+    change.add_argument("--replace", action="store_true", help="drop every delay not given here")
+    change.add_argument("--bql", metavar="SPEC|none")
+    change.add_argument("--bql-phases", metavar="pop,publish,notify")
+    change.add_argument("--mmap-contention", metavar="SPEC|none")
+    change.add_argument("--seed", type=int)
     return parser
 
 
-def _balloon_settings(args: argparse.Namespace) -> BalloonSettings:
-    return BalloonSettings(discard=DiscardStrategy(args.discard), notify=NotifyPolicy(args.notify))
+def _server_settings(args: argparse.Namespace) -> ServerSettings:
+    latency = LatencySettings(
+        delays=dict(args.delay),
+        bql=args.bql,
+        bql_phases=args.bql_phases,
+        mmap=args.mmap_contention,
+        seed=args.seed,
+    )
+    return ServerSettings(
+        balloon=BalloonSettings(
+            discard=DiscardStrategy(args.discard), notify=NotifyPolicy(args.notify)
+        ),
+        trace_path=args.trace,
+        latency=latency,
+        control_socket=args.control_socket,
+        metrics_address=args.metrics,
+    )
 
 
 def _guest_command(args: argparse.Namespace, socket_path: Path) -> list[str]:
@@ -152,7 +275,7 @@ def capabilities() -> dict[str, Any]:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    server = Server(ServerSettings(_balloon_settings(args), args.trace))
+    server = Server(_server_settings(args))
     stop = asyncio.Event()
     stopper: asyncio.Task[None] | None = None
     if args.fd is not None:
@@ -171,10 +294,16 @@ async def _serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    if listening:
-        server.start(listener)
-    LOG.info("serving virtio-balloon on %s (discard %s)", where, args.discard)
     try:
+        await server.start_services()
+        if listening:
+            server.start(listener)
+        LOG.info(
+            "serving virtio-balloon on %s (discard %s, latency %s)",
+            where,
+            args.discard,
+            json.dumps(server.runtime.describe()),
+        )
         await stop.wait()
     finally:
         if stopper is not None:
@@ -203,9 +332,10 @@ async def _demo(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="vhost-balloon-") as run_dir:
         socket_path = Path(run_dir) / "balloon.sock"
         listener = listen_unix(socket_path)
-        server = Server(ServerSettings(_balloon_settings(args), args.trace))
-        server.start(listener)
+        server = Server(_server_settings(args))
         try:
+            await server.start_services()
+            server.start(listener)
             guest = await asyncio.create_subprocess_exec(
                 *_guest_command(args, socket_path),
                 stdout=subprocess.PIPE,
@@ -221,6 +351,7 @@ async def _demo(args: argparse.Namespace) -> int:
     summary: dict[str, Any] = json.loads(out)
     totals = server.totals()
     summary["discard"] = args.discard
+    summary["injected"] = server.runtime.settings.describe()
     summary["backend"] = {
         "reports": totals.reports,
         "entries": totals.entries,
@@ -246,6 +377,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     backend = summary.get("backend", {})
     rows = [
         ("discard strategy", str(summary.get("discard"))),
+        ("injected", _describe_injected(summary.get("injected", {}))),
         (
             "reports",
             f"{summary['reports']} ({summary['entries']} entries, "
@@ -262,6 +394,46 @@ def format_summary(summary: dict[str, Any]) -> str:
     ]
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
+def _describe_injected(injected: dict[str, Any]) -> str:
+    parts = [f"{point}={spec}" for point, spec in injected.get("delay", {}).items()]
+    if injected.get("bql"):
+        parts.append(f"bql {injected['bql']} on {','.join(injected.get('bql_phases', []))}")
+    if injected.get("mmap_contention"):
+        parts.append(f"mmap contention {injected['mmap_contention']}")
+    return " ".join(parts) or "nothing"
+
+
+def _ctl(args: argparse.Namespace) -> int:
+    request: dict[str, Any] = {"cmd": args.ctl_command}
+    if args.ctl_command == "set":
+        delays: dict[str, str] = {}
+        for item in args.delay:
+            point, sep, model = item.partition("=")
+            if not sep:
+                raise UsageError(f"--delay '{item}': expected POINT=MODEL or POINT=none")
+            delays[point.strip()] = model.strip()
+        request["delay"] = delays
+        if args.replace:
+            request["replace"] = True
+        for key, value in (
+            ("bql", args.bql),
+            ("bql_phases", args.bql_phases),
+            ("mmap_contention", args.mmap_contention),
+            ("seed", args.seed),
+        ):
+            if value is not None:
+                request[key] = value
+    try:
+        reply = control_request(args.control_socket, request)
+    except ControlError as error:
+        raise UsageError(str(error)) from None
+    if not reply.get("ok"):
+        print(f"vhost-balloon ctl: {reply.get('error', 'refused')}", file=sys.stderr)
+        return 1
+    print(json.dumps(reply, indent=2))
+    return 0
 
 
 def _run_guest(args: argparse.Namespace) -> int:
@@ -287,6 +459,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_serve(args))
         if args.command == "guest":
             return _run_guest(args)
+        if args.command == "ctl":
+            return _ctl(args)
         return asyncio.run(_demo(args))
     except (UsageError, OSError) as error:
         print(f"vhost-balloon {args.command}: {error}", file=sys.stderr)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from backend.mapping import FileIdentity
 from backend.syscalls import MADV_DONTNEED, MADV_REMOVE, madvise, punch_hole
+from backend.timer import sleep_ns_blocking
 
 
 class DiscardStrategy(enum.Enum):
@@ -49,6 +50,7 @@ class DiscardResult:
     done_ns: int = 0
     syscall_ns: int = 0
     freed_bytes: int = 0
+    entry_delay_ns: int = 0  # injected before the syscalls (measured, not requested)
     errors: list[str] = field(default_factory=list)
 
 
@@ -67,13 +69,25 @@ def _discard_one(strategy: DiscardStrategy, target: DiscardTarget) -> None:
 
 
 def run_discards(
-    strategy: DiscardStrategy, targets: Sequence[DiscardTarget], files: Mapping[FileIdentity, int]
+    strategy: DiscardStrategy,
+    targets: Sequence[DiscardTarget],
+    files: Mapping[FileIdentity, int],
+    entry_delays: Sequence[int] | None = None,
 ) -> DiscardResult:
-    """Discard every target in order; never raises for a failed syscall."""
+    """Discard every target in order; never raises for a failed syscall.
+
+    `entry_delays` (ns, one per target) are slept before each syscall, here in
+    the worker thread, so they never hold up the event loop.
+    """
     result = DiscardResult()
-    before = {identity: allocated_bytes(fd) for identity, fd in files.items()}
+    accounted = strategy is not DiscardStrategy.NONE
+    before = {identity: allocated_bytes(fd) for identity, fd in files.items()} if accounted else {}
     result.started_ns = time.monotonic_ns()
-    for target in targets:
+    for index, target in enumerate(targets):
+        if entry_delays is not None:
+            result.entry_delay_ns += sleep_ns_blocking(entry_delays[index])
+        if not accounted:
+            continue
         begin = time.perf_counter_ns()
         try:
             _discard_one(strategy, target)
@@ -81,5 +95,6 @@ def run_discards(
             result.errors.append(f"{strategy.value} gpa {target.gpa:#x}: {error.strerror}")
         result.syscall_ns += time.perf_counter_ns() - begin
     result.done_ns = time.monotonic_ns()
-    result.freed_bytes = sum(before[i] - allocated_bytes(fd) for i, fd in files.items())
+    if accounted:
+        result.freed_bytes = sum(before[i] - allocated_bytes(fd) for i, fd in files.items())
     return result

@@ -1,8 +1,10 @@
 """The vhost-user server: accepts front-ends, one session (and device) each.
 
 Sessions are independent: one ending, for whatever reason, never touches
-another. Discards of every session share one small thread pool so a long
-punch-hole never blocks the event loop.
+another. Discards of every session share one thread pool so a long
+punch-hole never blocks the event loop (it is sized for injected per-entry
+delays, which sleep in those threads). The server also owns the latency
+runtime (settings, BQL, mmap contention), the metrics and the control socket.
 """
 
 from __future__ import annotations
@@ -16,20 +18,28 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from backend.balloon import BalloonDevice, BalloonSettings
+from backend.control import close_control, serve_control
+from backend.injection import LatencySettings
+from backend.metrics import Metrics, serve_metrics
+from backend.runtime import Runtime
 from backend.session import Session, SessionLogger
 from backend.stats import DeviceStats
 from backend.trace import TraceWriter
 
 LOG = logging.getLogger("vhost_balloon")
-DISCARD_THREADS = 4
+DISCARD_THREADS = 16
 
 
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
     balloon: BalloonSettings = field(default_factory=BalloonSettings)
     trace_path: Path | None = None
+    latency: LatencySettings = field(default_factory=LatencySettings)
+    control_socket: Path | None = None
+    metrics_address: tuple[str, int] | None = None
 
 
 class Server:
@@ -46,6 +56,61 @@ class Server:
         self._ids = itertools.count(1)
         self._accepting: asyncio.Task[None] | None = None
         self.session_ended = asyncio.Event()
+        self.runtime = Runtime(settings.latency)
+        self.metrics = Metrics()
+        self._services: list[asyncio.AbstractServer] = []
+        self._control: asyncio.AbstractServer | None = None
+
+    async def start_services(self) -> None:
+        """Contention threads, the control socket and the metrics endpoint."""
+        await self.runtime.start()
+        if self.settings.control_socket is not None:
+            self._control = await serve_control(self.settings.control_socket, self.handle_control)
+            self._services.append(self._control)
+        if self.settings.metrics_address is not None:
+            host, port = self.settings.metrics_address
+            self._services.append(await serve_metrics(host, port, self.render_metrics))
+
+    def render_metrics(self) -> str:
+        totals = self.totals()
+        counters = {
+            "reports": totals.reports,
+            "entries": totals.entries,
+            "reported_bytes": totals.reported_bytes,
+            "freed_bytes": totals.freed_bytes,
+            "skipped_entries": totals.skipped_outside + totals.skipped_unaligned,
+            "discard_errors": totals.discard_errors,
+            "queue_errors": totals.queue_errors,
+        }
+        return self.metrics.render(counters, len(self.sessions))
+
+    async def handle_control(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The control socket's commands: stats, get, set."""
+        command = request.get("cmd")
+        if command == "get":
+            return {"ok": True, "settings": self.runtime.describe()}
+        if command == "set":
+            await self.runtime.apply(self.runtime.updated(request))
+            return {"ok": True, "settings": self.runtime.describe()}
+        if command == "stats":
+            sessions = {}
+            for name, session in self.sessions.items():
+                histograms = self.metrics.session(name)
+                sessions[name] = {
+                    "state": session.state.value,
+                    **_device_stats(session).as_dict(),
+                    "hold_us": histograms.percentiles("hold"),
+                    "discard_us": histograms.percentiles("discard"),
+                    "bql_wait_us": histograms.percentiles("bql_wait"),
+                }
+            return {
+                "ok": True,
+                "totals": self.totals().as_dict(),
+                "sessions_served": self.sessions_served,
+                "sessions": sessions,
+                "settings": self.runtime.describe(),
+            }
+        raise ValueError(f"unknown command {command!r}; accepted: stats, get, set")
 
     def totals(self) -> DeviceStats:
         total = DeviceStats()
@@ -72,7 +137,19 @@ class Server:
     def _start_session(self, conn: socket.socket) -> None:
         name = f"s{next(self._ids)}"
         log = SessionLogger(LOG, {"session": name})
-        device = BalloonDevice(self.settings.balloon, self._executor, self._trace, name, log)
+        device = BalloonDevice(
+            self.settings.balloon,
+            self._executor,
+            self._trace,
+            name,
+            log,
+            latency=self.runtime.current,
+            big_lock=self.runtime.big_lock,
+        )
+        histograms = self.metrics.session(name)
+        device.on_report = lambda record: histograms.record(
+            record, sum(record.bql_wait_ns.values()), record.injected_ns
+        )
         session = Session(name, conn, device, log)
         self.sessions[name] = session
         log.info("front-end connected")
@@ -90,6 +167,7 @@ class Server:
             stats = _device_stats(session)
             self.finished.add(stats)
             self.sessions.pop(session.name, None)
+            self.metrics.end_session(session.name)
             self.sessions_served += 1
             session.log.info(
                 "session ended: %d reports, %d entries, %d bytes reported, %d freed, "
@@ -114,6 +192,14 @@ class Server:
                 session.channel.sock.shutdown(socket.SHUT_RDWR)  # ends its run loop
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        for service in self._services:
+            if service is self._control:
+                assert self.settings.control_socket is not None
+                await close_control(service, self.settings.control_socket)
+            else:
+                service.close()
+                await service.wait_closed()
+        await self.runtime.close()
         self._executor.shutdown(wait=True)
         if self._trace is not None:
             self._trace.close()

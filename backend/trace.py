@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 
 @dataclass(slots=True)
@@ -24,6 +24,7 @@ class ReportRecord:
     discard: str
     t_kick_ns: int
     t_popped_ns: int
+    t_start_ns: int = 0  # this report's turn began (after a kick delay or earlier reports)
     t_discard_start_ns: int = 0
     t_discard_done_ns: int = 0
     t_published_ns: int = 0
@@ -34,6 +35,9 @@ class ReportRecord:
     skipped_outside: int = 0
     skipped_unaligned: int = 0
     poison_ack: bool = False
+    injected_ns: dict[str, int] = field(default_factory=dict)  # measured, per point
+    bql_wait_ns: dict[str, int] = field(default_factory=dict)  # per BQL phase
+    settings: dict[str, Any] = field(default_factory=dict)  # LatencySettings in force
     errors: list[str] = field(default_factory=list)
 
     @property

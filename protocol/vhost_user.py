@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import ClassVar, TypeAlias
 
 from protocol.errors import MessageError
+from protocol.virtio import feature_mask
 
 HEADER = struct.Struct("=III")
 HEADER_SIZE = HEADER.size
@@ -122,10 +123,7 @@ class ProtocolFeature(enum.IntEnum):
 
 
 def protocol_feature_mask(*features: ProtocolFeature) -> int:
-    mask = 0
-    for feature in features:
-        mask |= 1 << feature
-    return mask
+    return feature_mask(*features)
 
 
 @dataclass(frozen=True, slots=True)

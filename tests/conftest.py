@@ -16,6 +16,7 @@ import pytest
 
 from backend.balloon import BalloonSettings, NotifyPolicy
 from backend.discard import DiscardStrategy
+from backend.injection import LatencySettings
 from backend.server import Server, ServerSettings, listen_unix
 from backend.trace import read_trace
 from guest.driver import DriverConfig
@@ -62,16 +63,24 @@ StartBackend = Callable[..., Awaitable[RunningBackend]]
 async def start_backend(tmp_path: Path) -> AsyncIterator[StartBackend]:
     running: list[tuple[RunningBackend, Any]] = []
 
-    async def start(discard: str = "punch-hole", notify: str = "always") -> RunningBackend:
+    async def start(
+        discard: str = "punch-hole",
+        notify: str = "always",
+        latency: LatencySettings | None = None,
+        control: bool = False,
+    ) -> RunningBackend:
         index = len(running)
         path = tmp_path / f"backend{index}.sock"
         trace = tmp_path / f"trace{index}.jsonl"
         settings = ServerSettings(
             BalloonSettings(discard=DiscardStrategy(discard), notify=NotifyPolicy(notify)),
             trace_path=trace,
+            latency=latency or LatencySettings(),
+            control_socket=tmp_path / f"control{index}.sock" if control else None,
         )
         listener = listen_unix(path)
         server = Server(settings)
+        await server.start_services()
         server.start(listener)
         backend = RunningBackend(server, path, trace)
         running.append((backend, listener))

@@ -1,0 +1,447 @@
+"""Real contention inside the backend process: a BQL stand-in and mmap_lock churn.
+
+QEMU's big lock (BQL) is held by vCPU, I/O and timer threads; a device
+backend that needs it waits behind them. `BigLock` is that lock for this
+process and `BqlContention` is the other holders: N daemon threads taking it
+at Poisson arrivals and holding it for a sampled time. The report path takes
+the same lock, so what it waited is measured, not assumed.
+
+`MmapContention` is real kernel contention: threads that map, populate,
+mprotect and unmap anonymous memory in a loop, so this process's mmap_lock is
+repeatedly held for write (mmap, mprotect, munmap) and for a long read
+(MADV_POPULATE_WRITE). A discard that needs mmap_lock queues behind them:
+MADV_REMOVE always; MADV_DONTNEED only on kernels that have not moved it to
+the per-VMA lock. fallocate(PUNCH_HOLE) never takes it and is the control
+(benchmarks/mmap_contention.py measures all three).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import errno
+import logging
+import math
+import mmap
+import random
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import cffi
+
+from backend.delays import DelayModel, DelaySpecError, parse_delay
+
+LOG = logging.getLogger("vhost_balloon")
+
+MAX_THREADS = 64
+_POLL_S = 0.05  # how often a lock waiter looks at its stop/abandon flag
+_BACKOFF_S = 0.01  # after a failed mmap or populate (e.g. ENOMEM)
+
+
+class ContentionSpecError(ValueError):
+    """A --bql or --mmap-contention value that cannot be used; says which part and why."""
+
+
+# Syscalls through cffi in ABI mode, which releases the GIL around each call.
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14; the stdlib mmap module lacks it on 3.11
+
+_ffi = cffi.FFI()
+_ffi.cdef(
+    """
+    void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset);
+    int munmap(void *addr, size_t length);
+    int mprotect(void *addr, size_t length, int prot);
+    int madvise(void *addr, size_t length, int advice);
+    int prctl(int option, unsigned long arg2, unsigned long arg3, unsigned long arg4,
+              unsigned long arg5);
+    """
+)
+_libc: Any = _ffi.dlopen(None)
+_MAP_FAILED = -1
+_PR_SET_TIMERSLACK = 29
+
+
+# ---------------------------------------------------------------- BQL stand-in
+
+
+@dataclass(frozen=True)
+class BqlSpec:
+    hold: DelayModel
+    rate: float  # acquisitions per second, in total over all threads
+    threads: int
+    spec: str
+
+    @property
+    def utilisation(self) -> float:
+        """Offered lock load (mean hold x rate); >= 1 means the lock saturates."""
+        return self.hold.mean_ns() * self.rate / 1e9
+
+
+_BQL_FORMAT = "HOLD_MODEL@RATE[,threads=N], e.g. const:200us@500 or exp:1ms@100,threads=2"
+
+
+def parse_bql(spec: str) -> BqlSpec:
+    """Parse `HOLD_MODEL@RATE[,threads=N]`; RATE is the total over the threads.
+
+    The hold model may itself contain commas ("lognormal:median=2ms,sigma=0.5")
+    or an '@' (a replay file's path), so the split is at the LAST '@' and
+    options are read only after the rate.
+    """
+    hold_text, at, tail = spec.rpartition("@")
+    if not at or not hold_text:
+        raise ContentionSpecError(f"--bql {spec!r}: expected {_BQL_FORMAT}")
+    try:
+        hold = parse_delay(hold_text)
+    except DelaySpecError as error:
+        raise ContentionSpecError(f"--bql {spec!r}: bad hold model: {error}") from None
+    rate_text, *options = tail.split(",")
+    try:
+        rate = float(rate_text)
+    except ValueError:
+        rate = math.nan
+    if not (math.isfinite(rate) and rate > 0):
+        raise ContentionSpecError(
+            f"--bql {spec!r}: bad rate {rate_text!r}: expected acquisitions per second "
+            f"(a number > 0) after '@', in {_BQL_FORMAT}"
+        )
+    settings = _options(f"--bql {spec!r}", options, {"threads"})
+    threads = _thread_count(f"--bql {spec!r}: bad threads=", settings.get("threads", "1"))
+    return BqlSpec(hold=hold, rate=rate, threads=threads, spec=spec)
+
+
+class BigLock:
+    """Process-wide lock; background threads and report processing take it.
+
+    A plain `threading.Lock`: unfair like QEMU's BQL mutex, and releasable
+    from any thread, so the event loop may release what a helper thread
+    acquired on its behalf.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # One helper per concurrent async waiter; more waiters queue for a helper,
+        # which is still time spent waiting for the lock and is measured as such.
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=4, thread_name_prefix="biglock-wait"
+        )
+
+    async def acquire(self) -> int:
+        """Take the lock without blocking the event loop; returns ns waited."""
+        start = time.monotonic_ns()
+        if self._lock.acquire(blocking=False):
+            return time.monotonic_ns() - start
+        abandoned = threading.Event()
+        future = self._executor.submit(self.acquire_until, abandoned)
+        try:
+            waited = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            # The helper may still win the lock after we gave up: tell it to stop
+            # trying, and release whatever it acquires so nobody deadlocks.
+            abandoned.set()
+            future.add_done_callback(self._release_if_acquired)
+            raise
+        if waited is None:  # only if abandoned, which happens only above
+            raise RuntimeError("BigLock helper gave up without being abandoned")
+        return time.monotonic_ns() - start
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def acquire_blocking(self) -> int:
+        """Take the lock from a thread; returns ns waited."""
+        start = time.monotonic_ns()
+        self._lock.acquire()
+        return time.monotonic_ns() - start
+
+    def acquire_until(self, stop: threading.Event) -> int | None:
+        """Wait for the lock unless `stop` is set first; ns waited, or None if stopped.
+
+        The timed acquire wakes as soon as the lock is free; the timeout only
+        bounds how late a stop is noticed.
+        """
+        start = time.monotonic_ns()
+        while not stop.is_set():
+            if self._lock.acquire(timeout=_POLL_S):
+                return time.monotonic_ns() - start
+        return None
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    def close(self) -> None:
+        """Stop the helper threads (waiters still queued are abandoned)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _release_if_acquired(self, future: concurrent.futures.Future[int | None]) -> None:
+        if not future.cancelled() and future.exception() is None and future.result() is not None:
+            self._lock.release()
+
+
+class BqlContention:
+    """N daemon threads that take the BigLock at RATE/s in total and hold it.
+
+    Each thread is an independent Poisson source at RATE/N (their sum is
+    Poisson at RATE): exponential gaps from a `random.Random` seeded by
+    (seed, thread), holds from the hold model's (seed, "bql-hold-i") stream.
+    Arrivals are scheduled on the clock, not after each release, so holds
+    and waits do not lower the rate while the lock keeps up; a thread that
+    falls behind (mean hold x RATE near or above 1) takes it again at once
+    but keeps at most one arrival pending, so there is no unbounded backlog
+    and the achieved rate drops. Holds overshoot the sampled value by the
+    timer wakeup (tens of us); `held_ns` is what was really held, and the
+    achieved rate is `acquisitions` over the run time.
+    """
+
+    def __init__(self, lock: BigLock, spec: BqlSpec, seed: int) -> None:
+        self._lock = lock
+        self._spec = spec
+        self._seed = seed
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        # One slot per thread, written only by that thread: no lock needed.
+        self._acquisitions = [0] * spec.threads
+        self._held_ns = [0] * spec.threads
+
+    def start(self) -> None:
+        if self.running:
+            raise RuntimeError("BQL contention is already running")
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(
+                target=self._run, args=(index, self._stop), name=f"bql-{index}", daemon=True
+            )
+            for index in range(self._spec.threads)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Wake every thread (gaps and holds wait on the stop event) and join them."""
+        self._stop.set()
+        _join_all(self._threads, timeout, "BQL contention")
+
+    @property
+    def acquisitions(self) -> int:
+        return sum(self._acquisitions)
+
+    @property
+    def held_ns(self) -> int:
+        return sum(self._held_ns)
+
+    @property
+    def running(self) -> bool:
+        return any(thread.is_alive() for thread in self._threads)
+
+    def _run(self, index: int, stop: threading.Event) -> None:
+        rate = self._spec.rate / self._spec.threads
+        gaps = random.Random(f"{self._seed}:bql-gap:{index}")
+        # The default 50 us timer slack makes a 200 us hold last ~270 us; 1 ns
+        # slack (this thread only) brings the overshoot to ~20 us.
+        _libc.prctl(_PR_SET_TIMERSLACK, 1, 0, 0, 0)
+        try:
+            hold = self._spec.hold.sampler(self._seed, f"bql-hold-{index}")
+            next_at = time.monotonic() + gaps.expovariate(rate)
+            while not stop.wait(max(0.0, next_at - time.monotonic())):
+                if self._lock.acquire_until(stop) is None:
+                    return
+                if stop.is_set():  # got it just as a stop freed it: do not hold again
+                    self._lock.release()
+                    return
+                taken = time.monotonic_ns()
+                try:
+                    stop.wait(max(0, hold()) / 1e9)
+                finally:
+                    self._held_ns[index] += time.monotonic_ns() - taken
+                    self._lock.release()
+                self._acquisitions[index] += 1
+                next_at = max(next_at + gaps.expovariate(rate), time.monotonic())
+        except Exception:  # a broken hold model (e.g. replay file) ends this thread only
+            LOG.exception("BQL contention thread %d stopped", index)
+
+
+# ----------------------------------------------------------- mmap_lock churn
+
+
+@dataclass(frozen=True)
+class MmapSpec:
+    threads: int
+    size: int  # bytes per thread's mapping, a multiple of the page size
+    spec: str
+
+
+_SIZE = re.compile(r"(\d+)([KMG]?)", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+_MMAP_FORMAT = "THREADS[,size=BYTES[K|M|G]], e.g. 2 or 4,size=128M"
+
+
+def parse_mmap_contention(spec: str) -> MmapSpec:
+    """Parse `THREADS[,size=64M]`: threads 1..64, size at least one page."""
+    threads_text, *options = spec.split(",")
+    what = f"--mmap-contention {spec!r}"
+    threads = _thread_count(f"{what}: bad thread count", threads_text)
+    settings = _options(what, options, {"size"})
+    size_text = settings.get("size", "64M")
+    match = _SIZE.fullmatch(size_text.strip())
+    if match is None:
+        raise ContentionSpecError(
+            f"{what}: bad size {size_text!r}: expected bytes with an optional K, M or G "
+            f"suffix, in {_MMAP_FORMAT}"
+        )
+    size = int(match[1]) * _UNITS[match[2].upper()]
+    if size < mmap.PAGESIZE:
+        raise ContentionSpecError(
+            f"{what}: bad size {size_text!r}: must be at least one page ({mmap.PAGESIZE} bytes)"
+        )
+    size = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
+    return MmapSpec(threads=threads, size=size, spec=spec)
+
+
+class MmapContention:
+    """Threads that churn this process's mmap_lock until stopped.
+
+    Each iteration: mmap an anonymous private region (mmap_lock for write),
+    MADV_POPULATE_WRITE it (read lock, held while the kernel faults every
+    page in), mprotect it read-only (write lock), munmap it (write lock).
+    Every call goes through cffi, which releases the GIL for its duration:
+    the Python loop holds the GIL only for a few bytecodes between syscalls,
+    so the event loop thread is not starved of it and what it feels is the
+    kernel lock (and the CPUs), not the interpreter.
+    """
+
+    def __init__(self, spec: MmapSpec) -> None:
+        self._spec = spec
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self._iterations = [0] * spec.threads
+        self._failures = [0] * spec.threads
+        # Cleared (once, by any thread) on a kernel without MADV_POPULATE_WRITE.
+        self._populate_with_madvise = True
+
+    def start(self) -> None:
+        if self.running:
+            raise RuntimeError("mmap contention is already running")
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(
+                target=self._run,
+                args=(index, self._stop),
+                name=f"mmap-contention-{index}",
+                daemon=True,
+            )
+            for index in range(self._spec.threads)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Threads finish their current iteration (one populate) and exit."""
+        self._stop.set()
+        _join_all(self._threads, timeout, "mmap contention")
+
+    @property
+    def iterations(self) -> int:
+        return sum(self._iterations)
+
+    @property
+    def failures(self) -> int:
+        """Iterations that failed (MAP_FAILED, populate errors) and backed off."""
+        return sum(self._failures)
+
+    @property
+    def running(self) -> bool:
+        return any(thread.is_alive() for thread in self._threads)
+
+    def _run(self, index: int, stop: threading.Event) -> None:
+        size = self._spec.size
+        prot_rw = mmap.PROT_READ | mmap.PROT_WRITE
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+        while not stop.is_set():
+            address = _libc.mmap(_ffi.NULL, size, prot_rw, flags, -1, 0)
+            if int(_ffi.cast("intptr_t", address)) == _MAP_FAILED:
+                self._failures[index] += 1
+                stop.wait(_BACKOFF_S)
+                continue
+            try:
+                ok = self._populate(address, size) and (
+                    _libc.mprotect(address, size, mmap.PROT_READ) == 0
+                )
+            finally:
+                _libc.munmap(address, size)
+            if ok:
+                self._iterations[index] += 1
+            else:
+                self._failures[index] += 1
+                stop.wait(_BACKOFF_S)
+
+    def _populate(self, address: Any, size: int) -> bool:
+        if self._populate_with_madvise:
+            if _libc.madvise(address, size, _MADV_POPULATE_WRITE) == 0:
+                return True
+            if _ffi.errno != errno.EINVAL:
+                return False
+            self._populate_with_madvise = False  # kernel < 5.14
+            LOG.info("MADV_POPULATE_WRITE unsupported; mmap contention touches pages instead")
+        _touch_pages(address, size)
+        return True
+
+
+def _touch_pages(address: Any, size: int) -> None:
+    """Fault every page in by writing one byte to it (the pre-5.14 fallback).
+
+    Unlike the madvise, this loop holds the GIL (dropped every switch
+    interval), so on old kernels the contention also competes for the GIL.
+    """
+    pages = _ffi.buffer(address, size)
+    for offset in range(0, size, mmap.PAGESIZE):
+        pages[offset] = b"\x01"
+
+
+# ------------------------------------------------------------------- helpers
+
+
+def _options(what: str, options: list[str], accepted: set[str]) -> dict[str, str]:
+    settings: dict[str, str] = {}
+    names = ", ".join(f"{name}=" for name in sorted(accepted))
+    for option in options:
+        name, equals, value = option.partition("=")
+        name = name.strip()
+        if not equals or name not in accepted:
+            raise ContentionSpecError(f"{what}: unknown option {option!r}: accepted: {names}")
+        if name in settings:
+            raise ContentionSpecError(f"{what}: {name}= given twice")
+        settings[name] = value.strip()
+    return settings
+
+
+def _thread_count(what: str, text: str) -> int:
+    try:
+        threads = int(text.strip())
+    except ValueError:
+        threads = 0
+    if not 1 <= threads <= MAX_THREADS:
+        raise ContentionSpecError(f"{what} {text!r}: expected an integer 1..{MAX_THREADS}")
+    return threads
+
+
+def _join_all(threads: list[threading.Thread], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    alive = [thread.name for thread in threads if thread.is_alive()]
+    if alive:
+        raise TimeoutError(f"{what}: {', '.join(alive)} still running after {timeout} s")
+
+
+__all__ = [
+    "BigLock",
+    "BqlContention",
+    "BqlSpec",
+    "ContentionSpecError",
+    "MmapContention",
+    "MmapSpec",
+    "parse_bql",
+    "parse_mmap_contention",
+]

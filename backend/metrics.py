@@ -1,0 +1,419 @@
+"""Latency histograms per session and a Prometheus endpoint for them.
+
+Histograms are HDR histograms in microseconds (1 us .. 60 s, 3 significant
+digits: every value is kept to within 0.1%). Each also keeps the exact sum
+and maximum in nanoseconds, because a summary's `_sum` from HDR's mean would
+be an approximation and HDR's mean walks the whole counts array.
+
+Everything here runs on the event loop thread; nothing is locked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import math
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+from hdrh.histogram import HdrHistogram
+
+from backend.trace import ReportRecord
+
+LOG = logging.getLogger("vhost_balloon.metrics")
+
+LOWEST_US = 1
+HIGHEST_US = 60_000_000  # 60 s; longer values are counted as 60 s (exact max kept)
+SIGNIFICANT_DIGITS = 3
+QUANTILES = (0.5, 0.9, 0.99)
+FIXED = ("hold", "discard", "bql_wait")
+INJECTED_PREFIX = "injected:"  # + the injection point, e.g. "injected:publish"
+TOTAL_SESSION = "all"  # the session label of the totals over every session
+ENDED_KEPT = 64  # ended sessions whose summaries stay exported
+
+COUNTERS = (
+    ("reports", "Reports handled (used entries published)."),
+    ("entries", "Entries in the reports."),
+    ("reported_bytes", "Bytes the guest reported free."),
+    ("freed_bytes", "Bytes the host really freed (allocated blocks before - after)."),
+    ("skipped_entries", "Entries not discarded: outside guest memory or unaligned."),
+    ("discard_errors", "Discard syscalls that failed."),
+    ("queue_errors", "Virtqueues broken by a malformed ring."),
+)
+SUMMARIES = (
+    ("hold", "hold_seconds", "Kick to notification (or publish when none was sent) per report."),
+    ("discard", "discard_seconds", "Time spent discarding one report's entries."),
+    ("bql_wait", "bql_wait_seconds", "Time a report waited for the modelled big lock."),
+)
+INJECTED_HELP = "Delay injected per report at each injection point."
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """A histogram's numbers at one moment; what the endpoint shows."""
+
+    count: int
+    sum_ns: int
+    max_ns: int
+    quantiles_us: tuple[float, ...]  # in QUANTILES order; 0.0 when count == 0
+
+    def percentiles(self) -> dict[str, float]:
+        p50, p90, p99 = self.quantiles_us
+        return {
+            "p50": p50,
+            "p90": p90,
+            "p99": p99,
+            "max": self.max_ns / 1000,
+            "count": float(self.count),
+        }
+
+
+_EMPTY = Summary(0, 0, 0, (0.0,) * len(QUANTILES))
+
+
+class _Series:
+    def __init__(self) -> None:
+        self._hdr = HdrHistogram(LOWEST_US, HIGHEST_US, SIGNIFICANT_DIGITS)
+        self.count = 0
+        self.sum_ns = 0
+        self.max_ns = 0
+        self._cached = _EMPTY
+
+    def add(self, value_ns: int) -> None:
+        if value_ns < 0:  # a missing timestamp, not a latency
+            return
+        self._hdr.record_value(min((value_ns + 500) // 1000, HIGHEST_US))
+        self.count += 1
+        self.sum_ns += value_ns
+        self.max_ns = max(self.max_ns, value_ns)
+
+    def summary(self) -> Summary:
+        # Cached by count: an idle or ended session costs nothing per scrape.
+        if self._cached.count != self.count:
+            found = self._hdr.get_percentile_to_value_dict([q * 100 for q in QUANTILES])
+            # HDR answers the top of a value's bucket, which can pass the real max.
+            top = self.max_ns / 1000
+            values = tuple(min(float(found[q * 100]), top) for q in QUANTILES)
+            self._cached = Summary(self.count, self.sum_ns, self.max_ns, values)
+        return self._cached
+
+
+class Histograms:
+    """HDR histograms in microseconds of one session (or of all of them):
+    hold (kick -> notify), discard (t_discard_done - t_discard_start),
+    bql_wait, and the delay injected at each injection point."""
+
+    def __init__(self, parent: Histograms | None = None) -> None:
+        self._parent = parent  # the totals, fed with every record too
+        self._series: dict[str, _Series] = {name: _Series() for name in FIXED}
+
+    def record(
+        self,
+        record: ReportRecord,
+        bql_wait_ns: int = 0,
+        injected_ns: Mapping[str, int] | None = None,
+    ) -> None:
+        """Add one report. bql_wait_ns is recorded for every report (0 when no
+        lock is modelled), so its count matches the report count."""
+        end_ns = record.t_notified_ns or record.t_published_ns
+        if record.t_kick_ns and end_ns:
+            self._series["hold"].add(end_ns - record.t_kick_ns)
+        if record.t_discard_start_ns and record.t_discard_done_ns:
+            self._series["discard"].add(record.t_discard_done_ns - record.t_discard_start_ns)
+        self._series["bql_wait"].add(bql_wait_ns)
+        for point, delay_ns in (injected_ns or {}).items():
+            name = INJECTED_PREFIX + point
+            series = self._series.get(name)
+            if series is None:
+                series = self._series[name] = _Series()
+            series.add(delay_ns)
+        if self._parent is not None:
+            self._parent.record(record, bql_wait_ns, injected_ns)
+
+    def names(self) -> list[str]:
+        """Names: "hold", "discard", "bql_wait", then "injected:POINT" per point seen."""
+        return list(self._series)
+
+    def percentiles(self, name: str) -> dict[str, float]:
+        """{"p50", "p90", "p99", "max", "count"}, in microseconds; all 0.0 when
+        nothing was recorded (JSON-safe: never NaN). KeyError for an unknown name."""
+        return self._series[name].summary().percentiles()
+
+    def summaries(self) -> dict[str, Summary]:
+        return {name: series.summary() for name, series in self._series.items()}
+
+
+class Metrics:
+    """Per-session Histograms, their totals, and the server's counters rendered
+    in the Prometheus text exposition format 0.0.4.
+
+    The totals (session="all") include every session ever served. An ended
+    session's series stay exported, frozen, for the last ENDED_KEPT (64)
+    ended sessions, so a scrape after a short session still sees it while
+    the exposition does not grow without bound on a long-running server.
+    """
+
+    def __init__(self) -> None:
+        self.total = Histograms()
+        self._live: dict[str, Histograms] = {}
+        self._ended: OrderedDict[str, dict[str, Summary]] = OrderedDict()
+
+    def session(self, name: str) -> Histograms:
+        """The live session's histograms, created on first use. A name reused
+        after its session ended starts afresh (its ended series are dropped)."""
+        histograms = self._live.get(name)
+        if histograms is None:
+            if name == TOTAL_SESSION:
+                raise ValueError(f"session name {name!r} is reserved for the totals")
+            self._ended.pop(name, None)
+            histograms = self._live[name] = Histograms(self.total)
+        return histograms
+
+    def end_session(self, name: str) -> None:
+        """Freeze the session's summaries (its data stays in the totals)."""
+        histograms = self._live.pop(name, None)
+        if histograms is None:
+            return
+        self._ended[name] = histograms.summaries()  # the HDR arrays are freed
+        while len(self._ended) > ENDED_KEPT:
+            self._ended.popitem(last=False)
+
+    def render(self, counters: Mapping[str, int], sessions_live: int) -> str:
+        """The exposition text. counters must hold every key of COUNTERS;
+        skipped_entries may instead be given as skipped_outside + skipped_unaligned
+        (as DeviceStats.as_dict() has them)."""
+        values = dict(counters)
+        if "skipped_entries" not in values and "skipped_outside" in values:
+            values["skipped_entries"] = values["skipped_outside"] + values.get(
+                "skipped_unaligned", 0
+            )
+        missing = [key for key, _ in COUNTERS if key not in values]
+        if missing:
+            raise KeyError(f"counters missing: {', '.join(missing)}")
+        out: list[str] = []
+        for key, help_text in COUNTERS:
+            name = f"vhost_balloon_{key}_total"
+            out += _header(name, "counter", help_text)
+            out.append(f"{name} {int(values[key])}")
+        out += _header("vhost_balloon_sessions", "gauge", "Front-ends connected now.")
+        out.append(f"vhost_balloon_sessions {int(sessions_live)}")
+
+        sessions = list(self._sessions())
+        for key, suffix, help_text in SUMMARIES:
+            name = f"vhost_balloon_{suffix}"
+            out += _header(name, "summary", help_text + ' session="all" is every session.')
+            for session, summaries in sessions:
+                out += _summary(name, {"session": session}, summaries[key])
+        injected = [
+            (s, n, summary)
+            for s, summaries in sessions
+            for n, summary in summaries.items()
+            if n.startswith(INJECTED_PREFIX)
+        ]
+        if injected:
+            name = "vhost_balloon_injected_seconds"
+            out += _header(name, "summary", INJECTED_HELP)
+            for session, key, summary in injected:
+                point = key.removeprefix(INJECTED_PREFIX)
+                out += _summary(name, {"session": session, "point": point}, summary)
+        return "\n".join(out) + "\n"
+
+    def _sessions(self) -> Iterator[tuple[str, dict[str, Summary]]]:
+        yield TOTAL_SESSION, self.total.summaries()
+        for name, histograms in self._live.items():
+            yield name, histograms.summaries()
+        yield from self._ended.items()
+
+
+def _header(name: str, kind: str, help_text: str) -> list[str]:
+    escaped = help_text.replace("\\", "\\\\").replace("\n", "\\n")
+    return [f"# HELP {name} {escaped}", f"# TYPE {name} {kind}"]
+
+
+def _labels(labels: Mapping[str, str]) -> str:
+    return ",".join(f'{key}="{escape_label(value)}"' for key, value in labels.items())
+
+
+def escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _summary(name: str, labels: Mapping[str, str], summary: Summary) -> list[str]:
+    base = _labels(labels)
+    lines = []
+    for quantile, value_us in zip(QUANTILES, summary.quantiles_us, strict=True):
+        # An empty summary's quantiles are NaN by Prometheus convention.
+        value = value_us / 1e6 if summary.count else math.nan
+        lines.append(f'{name}{{{base},quantile="{quantile}"}} {_number(value)}')
+    lines.append(f"{name}_sum{{{base}}} {_number(summary.sum_ns / 1e9)}")
+    lines.append(f"{name}_count{{{base}}} {summary.count}")
+    return lines
+
+
+def _number(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value)
+
+
+# --- the HTTP endpoint -------------------------------------------------------
+
+MAX_REQUEST = 8192  # request line + headers
+READ_TIMEOUT = 10.0  # a client that never finishes its request is dropped
+LINGER = 1.0  # after an error reply, drain the client's unread input this long
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_REQUEST_LINE = re.compile(rb"([A-Z]+) (\S+) HTTP/1\.[01]")
+_HEADER = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:.*")
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    500: "Internal Server Error",
+}
+
+
+class _BadRequest(Exception):
+    pass
+
+
+async def serve_metrics(host: str, port: int, render: Callable[[], str]) -> asyncio.Server:
+    """A minimal HTTP/1.1 server: GET (or HEAD) /metrics -> render(); one
+    request per connection. Never lets a client's bytes raise out of it."""
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Cancelled (loop shutdown mid-request): end quietly; Python 3.11's
+        # streams callback would report a cancelled handler as an error.
+        with contextlib.suppress(asyncio.CancelledError):
+            try:
+                await _handle(reader, writer, render)
+            except (OSError, TimeoutError):
+                pass  # the client went away or stalled; nothing to answer
+            except Exception:
+                LOG.exception("metrics request failed")
+            finally:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
+
+    return await asyncio.start_server(on_client, host, port)
+
+
+async def _handle(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, render: Callable[[], str]
+) -> None:
+    try:
+        async with asyncio.timeout(READ_TIMEOUT):
+            head = await _read_head(reader)
+        method, path = _parse(head)
+    except _BadRequest as error:
+        await _respond(writer, 400, f"{error}\n")
+        await _linger(reader, writer)
+        return
+    if path != "/metrics":
+        status, body = 404, "not found; try /metrics\n"
+    elif method not in ("GET", "HEAD"):
+        status, body = 405, "only GET and HEAD\n"
+    else:
+        try:
+            status, body = 200, render()
+        except Exception:
+            LOG.exception("rendering metrics failed")
+            status, body = 500, "rendering failed\n"
+    await _respond(writer, status, body, include_body=method != "HEAD")
+
+
+async def _read_head(reader: asyncio.StreamReader) -> bytes:
+    buffer = b""
+    while True:
+        for end in (b"\r\n\r\n", b"\n\n"):
+            found = buffer.find(end)
+            if found >= 0:
+                if found > MAX_REQUEST:
+                    raise _BadRequest(f"request head over {MAX_REQUEST} bytes")
+                return buffer[:found]
+        if len(buffer) > MAX_REQUEST:
+            raise _BadRequest(f"request head over {MAX_REQUEST} bytes")
+        chunk = await reader.read(4096)
+        if not chunk:
+            raise _BadRequest("connection closed before the end of the request head")
+        buffer += chunk
+
+
+def _parse(head: bytes) -> tuple[str, str]:
+    lines = head.replace(b"\r\n", b"\n").split(b"\n")
+    match = _REQUEST_LINE.fullmatch(lines[0])
+    if match is None:
+        raise _BadRequest("malformed request line")
+    if not all(_HEADER.fullmatch(line) for line in lines[1:]):
+        raise _BadRequest("malformed header line")
+    method, target = match.group(1).decode(), match.group(2).decode("ascii", "replace")
+    return method, target.partition("?")[0]
+
+
+async def _respond(
+    writer: asyncio.StreamWriter, status: int, body: str, include_body: bool = True
+) -> None:
+    data = body.encode()
+    kind = CONTENT_TYPE if status == 200 else "text/plain; charset=utf-8"
+    head = (
+        f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {kind}\r\n"
+        f"Content-Length: {len(data)}\r\nConnection: close\r\n"
+    )
+    if status == 405:
+        head += "Allow: GET, HEAD\r\n"
+    writer.write(head.encode() + b"\r\n" + (data if include_body else b""))
+    await writer.drain()
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Half-close, then read what the client is still sending: closing with
+    unread input would send a reset that can destroy the 400 in flight."""
+    if writer.can_write_eof():
+        writer.write_eof()
+    with contextlib.suppress(TimeoutError, OSError):
+        async with asyncio.timeout(LINGER):
+            while await reader.read(65536):
+                pass
+
+
+def parse_listen_address(text: str) -> tuple[str, int]:
+    """(host, port) from "HOST:PORT", "[IPV6]:PORT", ":PORT" or "PORT".
+
+    An empty host means 127.0.0.1: the endpoint is never on every interface
+    unless asked ("0.0.0.0:9464", "[::]:9464"). Port 0 picks a free port."""
+    original = text
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError(f"bad listen address {original!r}: expected [IPV6]:PORT")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(
+                f"bad listen address {original!r}: {host!r} is not an IPv6 address"
+            ) from None
+        port_text = rest[1:]
+    elif ":" in text:
+        host, _, port_text = text.rpartition(":")
+        if ":" in host:
+            raise ValueError(
+                f"bad listen address {original!r}: put an IPv6 address in brackets, e.g. [::1]:9464"
+            )
+        host = host or "127.0.0.1"
+    else:
+        host, port_text = "127.0.0.1", text
+    if not host or any(c.isspace() for c in host):
+        raise ValueError(f"bad listen address {original!r}: bad host {host!r}")
+    if not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
+        raise ValueError(
+            f"bad listen address {original!r}: port must be a number 0-65535, got {port_text!r}"
+        )
+    return host, int(port_text)

@@ -1,0 +1,476 @@
+"""Latency histograms, the Prometheus text they render, and the HTTP endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from backend import metrics as metrics_module
+from backend.metrics import ENDED_KEPT, Histograms, Metrics, parse_listen_address, serve_metrics
+from backend.stats import DeviceStats
+from backend.trace import ReportRecord
+
+US = 1000  # ns
+BASE = 10**12  # a plausible monotonic_ns; 0 would mean "missing"
+
+COUNTERS = {
+    "reports": 5,
+    "entries": 40,
+    "reported_bytes": 1 << 30,
+    "freed_bytes": 1 << 29,
+    "skipped_entries": 3,
+    "discard_errors": 1,
+    "queue_errors": 0,
+}
+
+
+def report(
+    hold_us: float = 100,
+    discard_us: float = 10,
+    *,
+    notified: bool = True,
+    session: str = "s1",
+) -> ReportRecord:
+    kick = BASE
+    end = kick + int(hold_us * US)
+    return ReportRecord(
+        session=session,
+        queue=2,
+        seq=1,
+        head=0,
+        entries=1,
+        bytes=4096,
+        ranges=[(0, 4096)],
+        discard="punch",
+        t_kick_ns=kick,
+        t_popped_ns=kick + 1,
+        t_discard_start_ns=kick + 2,
+        t_discard_done_ns=kick + 2 + int(discard_us * US),
+        t_published_ns=end,
+        t_notified_ns=end if notified else 0,
+    )
+
+
+# --- histograms ----------------------------------------------------------------
+
+
+def test_percentiles_of_known_values() -> None:
+    histograms = Histograms()
+    for value in range(1, 1001):  # 1..1000 us: below 2048 HDR keeps every value exactly
+        histograms.record(report(hold_us=value, discard_us=2 * value), bql_wait_ns=7 * US)
+    assert histograms.percentiles("hold") == {
+        "p50": 500.0,
+        "p90": 900.0,
+        "p99": 990.0,
+        "max": 1000.0,
+        "count": 1000.0,
+    }
+    discard = histograms.percentiles("discard")
+    assert (discard["p50"], discard["max"], discard["count"]) == (1000.0, 2000.0, 1000.0)
+    assert histograms.percentiles("bql_wait") == {
+        "p50": 7.0,
+        "p90": 7.0,
+        "p99": 7.0,
+        "max": 7.0,
+        "count": 1000.0,
+    }
+
+
+def test_large_values_stay_within_three_digits_and_never_pass_max() -> None:
+    histograms = Histograms()
+    histograms.record(report(hold_us=1_234_567))
+    hold = histograms.percentiles("hold")
+    assert hold["max"] == 1_234_567.0
+    assert hold["p50"] == pytest.approx(1_234_567, rel=1e-3)
+    assert hold["p99"] <= hold["max"]
+
+
+def test_values_past_sixty_seconds_are_counted_with_their_exact_max() -> None:
+    histograms = Histograms()
+    histograms.record(report(hold_us=120e6))
+    hold = histograms.percentiles("hold")
+    assert hold["count"] == 1.0
+    assert hold["max"] == 120e6
+    assert hold["p50"] == pytest.approx(60e6, rel=1e-3)
+
+
+def test_hold_ends_at_publish_when_no_notification_was_sent() -> None:
+    histograms = Histograms()
+    histograms.record(report(hold_us=250, notified=False))
+    assert histograms.percentiles("hold")["max"] == 250.0
+
+
+def test_missing_timestamps_are_not_latencies() -> None:
+    histograms = Histograms()
+    record = report()
+    record.t_published_ns = record.t_notified_ns = 0
+    record.t_discard_start_ns = record.t_discard_done_ns = 0
+    histograms.record(record, bql_wait_ns=-5)
+    for name in ("hold", "discard", "bql_wait"):
+        assert histograms.percentiles(name)["count"] == 0.0
+
+
+def test_empty_percentiles_are_zeros_not_nan() -> None:
+    values = Histograms().percentiles("hold")
+    assert values == {"p50": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0, "count": 0.0}
+
+
+def test_injected_delays_per_point() -> None:
+    histograms = Histograms()
+    histograms.record(report(), injected_ns={"publish": 5000 * US, "kick": 0})
+    histograms.record(report(), injected_ns={"publish": 3000 * US})
+    assert histograms.names() == [
+        "hold",
+        "discard",
+        "bql_wait",
+        "injected:publish",
+        "injected:kick",
+    ]
+    publish = histograms.percentiles("injected:publish")
+    assert (publish["count"], publish["max"]) == (2.0, 5000.0)
+    assert publish["p50"] == pytest.approx(3000, rel=1e-3)
+    assert histograms.percentiles("injected:kick")["count"] == 1.0
+    with pytest.raises(KeyError):
+        histograms.percentiles("injected:notify")
+
+
+def test_percentiles_follow_new_records() -> None:
+    histograms = Histograms()
+    histograms.record(report(hold_us=10))
+    assert histograms.percentiles("hold")["max"] == 10.0
+    histograms.record(report(hold_us=20))
+    assert histograms.percentiles("hold")["max"] == 20.0
+
+
+# --- sessions and totals ---------------------------------------------------------
+
+
+def test_totals_keep_ended_sessions() -> None:
+    metrics = Metrics()
+    metrics.session("s1").record(report(hold_us=100))
+    metrics.session("s2").record(report(hold_us=300))
+    metrics.end_session("s1")
+    metrics.end_session("unknown")  # harmless
+    assert metrics.total.percentiles("hold")["count"] == 2.0
+    assert metrics.total.percentiles("hold")["max"] == 300.0
+    samples = parse_exposition(metrics.render(COUNTERS, 1))
+    assert samples.value("vhost_balloon_hold_seconds_count", session="s1") == 1
+    assert samples.value("vhost_balloon_hold_seconds_count", session="s2") == 1
+    assert samples.value("vhost_balloon_hold_seconds_count", session="all") == 2
+
+
+def test_only_the_last_ended_sessions_stay_exported() -> None:
+    metrics = Metrics()
+    for number in range(ENDED_KEPT + 3):
+        name = f"s{number}"
+        metrics.session(name).record(report())
+        metrics.end_session(name)
+    samples = parse_exposition(metrics.render(COUNTERS, 0))
+    sessions = {s.labels["session"] for s in samples.named("vhost_balloon_hold_seconds_count")}
+    assert len(sessions) == ENDED_KEPT + 1  # plus "all"
+    assert "s0" not in sessions
+    assert f"s{ENDED_KEPT + 2}" in sessions
+    assert samples.value("vhost_balloon_hold_seconds_count", session="all") == ENDED_KEPT + 3
+
+
+def test_session_name_all_is_reserved() -> None:
+    with pytest.raises(ValueError, match="reserved"):
+        Metrics().session("all")
+
+
+# --- the exposition text -----------------------------------------------------------
+
+SAMPLE = re.compile(
+    r"(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)"
+    r"(?:\{(?P<labels>(?:[a-zA-Z_][a-zA-Z0-9_]*=\"(?:[^\"\\\n]|\\[\\\"n])*\",?)*)\})?"
+    r" (?P<value>\S+)"
+)
+LABEL = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)=\"((?:[^\"\\\n]|\\[\\\"n])*)\"")
+SUFFIXES = {"summary": ("_sum", "_count", ""), "counter": ("",), "gauge": ("",)}
+
+
+@dataclass
+class Sample:
+    name: str
+    labels: dict[str, str]
+    value: float
+
+
+@dataclass
+class Exposition:
+    types: dict[str, str] = field(default_factory=dict)
+    samples: list[Sample] = field(default_factory=list)
+
+    def named(self, name: str) -> list[Sample]:
+        return [s for s in self.samples if s.name == name]
+
+    def value(self, name: str, **labels: str) -> float:
+        found = [s.value for s in self.named(name) if s.labels == labels]
+        assert len(found) == 1, (name, labels, found)
+        return found[0]
+
+
+def _unescape(value: str) -> str:
+    return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), value)
+
+
+def parse_exposition(text: str) -> Exposition:
+    """Just enough of format 0.0.4 to hold the renderer to it: every sample is
+    `name{labels} value` of the family whose TYPE line came last, each family
+    has one HELP and one TYPE, families are not interleaved."""
+    assert text.endswith("\n")
+    parsed = Exposition()
+    helped: set[str] = set()
+    current: str | None = None
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            name = line.split(" ", 3)[2]
+            assert name not in helped, f"second HELP for {name}"
+            helped.add(name)
+            continue
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert kind in SUFFIXES, line
+            assert name not in parsed.types, f"second TYPE for {name}"
+            assert name in helped, f"TYPE before HELP for {name}"
+            parsed.types[name] = kind
+            current = name
+            continue
+        assert line and not line.startswith("#"), f"unexpected line {line!r}"
+        match = SAMPLE.fullmatch(line)
+        assert match, f"not a sample line: {line!r}"
+        name = match["name"]
+        assert current is not None, f"sample before any TYPE: {line!r}"
+        assert name in {current + s for s in SUFFIXES[parsed.types[current]]}, (
+            f"{name} outside its family (current {current})"
+        )
+        labels = {k: _unescape(v) for k, v in LABEL.findall(match["labels"] or "")}
+        if parsed.types[current] == "summary" and name == current:
+            assert "quantile" in labels, line
+        value = float(match["value"])  # accepts NaN, +Inf, 1e-06
+        parsed.samples.append(Sample(name, labels, value))
+    return parsed
+
+
+def test_render_is_valid_exposition_with_counters_and_summaries() -> None:
+    metrics = Metrics()
+    histograms = metrics.session("s1")
+    for value in range(1, 1001):
+        histograms.record(
+            report(hold_us=value), bql_wait_ns=2 * US, injected_ns={"entry": 1500 * US}
+        )
+    metrics.session("s2")  # connected, nothing reported yet
+    parsed = parse_exposition(metrics.render(COUNTERS, 2))
+
+    for key, value in COUNTERS.items():
+        name = f"vhost_balloon_{key}_total"
+        assert parsed.types[name] == "counter"
+        assert parsed.value(name) == value
+    assert parsed.types["vhost_balloon_sessions"] == "gauge"
+    assert parsed.value("vhost_balloon_sessions") == 2
+    for family in ("hold", "discard", "bql_wait", "injected"):
+        assert parsed.types[f"vhost_balloon_{family}_seconds"] == "summary"
+
+    hold = "vhost_balloon_hold_seconds"
+    assert parsed.value(hold, session="s1", quantile="0.5") == pytest.approx(500e-6)
+    assert parsed.value(hold, session="s1", quantile="0.9") == pytest.approx(900e-6)
+    assert parsed.value(hold, session="s1", quantile="0.99") == pytest.approx(990e-6)
+    assert parsed.value(hold + "_count", session="s1") == 1000
+    assert parsed.value(hold + "_sum", session="s1") == pytest.approx(sum(range(1, 1001)) * 1e-6)
+    assert parsed.value("vhost_balloon_bql_wait_seconds", session="s1", quantile="0.5") == (
+        pytest.approx(2e-6)
+    )
+    injected = "vhost_balloon_injected_seconds"
+    assert parsed.value(injected, session="s1", point="entry", quantile="0.99") == (
+        pytest.approx(1.5e-3, rel=1e-3)
+    )
+    assert parsed.value(injected + "_count", session="all", point="entry") == 1000
+    # A session with no reports: count 0, quantiles NaN (the Prometheus convention).
+    assert parsed.value(hold + "_count", session="s2") == 0
+    assert math.isnan(parsed.value(hold, session="s2", quantile="0.5"))
+
+
+def test_no_injected_family_without_injections() -> None:
+    metrics = Metrics()
+    metrics.session("s1").record(report())
+    parsed = parse_exposition(metrics.render(COUNTERS, 1))
+    assert "vhost_balloon_injected_seconds" not in parsed.types
+
+
+def test_label_values_are_escaped() -> None:
+    metrics = Metrics()
+    odd = 'a"b\\c\nd'
+    metrics.session(odd).record(report(), injected_ns={'p"\\\n': 1 * US})
+    parsed = parse_exposition(metrics.render(COUNTERS, 1))
+    assert parsed.value("vhost_balloon_hold_seconds_count", session=odd) == 1
+    assert parsed.value("vhost_balloon_injected_seconds_count", session=odd, point='p"\\\n') == 1
+
+
+def test_render_takes_device_stats_and_names_missing_counters() -> None:
+    stats = DeviceStats(reports=2, skipped_outside=1, skipped_unaligned=2)
+    parsed = parse_exposition(Metrics().render(stats.as_dict(), 0))
+    assert parsed.value("vhost_balloon_skipped_entries_total") == 3
+    assert parsed.value("vhost_balloon_reports_total") == 2
+    with pytest.raises(KeyError, match="queue_errors"):
+        Metrics().render({k: v for k, v in COUNTERS.items() if k != "queue_errors"}, 0)
+
+
+# --- listen addresses -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:9464", ("127.0.0.1", 9464)),
+        (":9464", ("127.0.0.1", 9464)),
+        ("9464", ("127.0.0.1", 9464)),
+        ("0.0.0.0:9464", ("0.0.0.0", 9464)),
+        ("localhost:0", ("localhost", 0)),
+        ("[::1]:9464", ("::1", 9464)),
+        ("[::]:65535", ("::", 65535)),
+    ],
+)
+def test_parse_listen_address(text: str, expected: tuple[str, int]) -> None:
+    assert parse_listen_address(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "port"),
+        ("127.0.0.1:", "port"),
+        ("127.0.0.1:http", "port"),
+        ("127.0.0.1:65536", "port"),
+        ("127.0.0.1:+94", "port"),
+        ("::1:9464", "brackets"),
+        ("[::1]", r"\[IPV6\]:PORT"),
+        ("[::1:9464", r"\[IPV6\]:PORT"),
+        ("[1.2.3.4]:9464", "not an IPv6"),
+        ("my host:9464", "bad host"),
+    ],
+)
+def test_parse_listen_address_refuses(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as caught:
+        parse_listen_address(text)
+    assert repr(text) in str(caught.value)
+
+
+# --- the HTTP endpoint ------------------------------------------------------------
+
+
+@dataclass
+class Endpoint:
+    port: int
+    render: Callable[[], str]
+
+    async def exchange(
+        self, data: bytes, half_close: bool = False
+    ) -> tuple[int, dict[str, str], bytes]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        try:
+            writer.write(data)
+            await writer.drain()
+            if half_close:
+                writer.write_eof()
+            response = await asyncio.wait_for(reader.read(), 3)  # until the server closes
+        finally:
+            writer.close()
+        head, _, body = response.partition(b"\r\n\r\n")
+        status_line, *header_lines = head.decode().split("\r\n")
+        assert status_line.startswith("HTTP/1.1 ")
+        headers = {}
+        for line in header_lines:
+            key, _, value = line.partition(":")
+            headers[key.strip().lower()] = value.strip()
+        assert headers["connection"] == "close"
+        assert int(headers["content-length"]) == len(body) or data.startswith(b"HEAD")
+        return int(status_line.split()[1]), headers, body
+
+    async def get(self, path: str) -> tuple[int, dict[str, str], bytes]:
+        return await self.exchange(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+
+
+@pytest.fixture
+async def endpoint() -> AsyncIterator[Endpoint]:
+    metrics = Metrics()
+    metrics.session("s1").record(report(hold_us=100))
+    state = Endpoint(0, lambda: metrics.render(COUNTERS, 1))
+
+    def render() -> str:  # what the test sets in state.render at the time
+        return state.render()
+
+    server = await serve_metrics("127.0.0.1", 0, render)
+    state.port = server.sockets[0].getsockname()[1]
+    yield state
+    server.close()
+    await server.wait_closed()
+
+
+async def test_get_metrics(endpoint: Endpoint) -> None:
+    status, headers, body = await endpoint.get("/metrics")
+    assert status == 200
+    assert headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    parsed = parse_exposition(body.decode())
+    assert parsed.value("vhost_balloon_reports_total") == 5
+    assert parsed.value("vhost_balloon_hold_seconds_count", session="s1") == 1
+    status, _, _ = await endpoint.get("/metrics?name[]=x")  # queries are ignored
+    assert status == 200
+
+
+async def test_http_errors_and_the_server_survives(endpoint: Endpoint) -> None:
+    assert (await endpoint.get("/"))[0] == 404
+    assert (await endpoint.get("/metricsx"))[0] == 404
+    status, headers, _ = await endpoint.exchange(b"POST /metrics HTTP/1.1\r\n\r\n")
+    assert (status, headers["allow"]) == (405, "GET, HEAD")
+    status, headers, body = await endpoint.exchange(b"HEAD /metrics HTTP/1.0\r\n\r\n")
+    assert (status, body) == (200, b"")
+    assert int(headers["content-length"]) > 0
+    assert (await endpoint.exchange(b"\x00\xff garbage\r\n\r\n"))[0] == 400
+    assert (await endpoint.exchange(b"GET /metrics HTTP/2.0\r\n\r\n"))[0] == 400
+    assert (await endpoint.exchange(b"GET /metrics HTTP/1.1\r\nno colon\r\n\r\n"))[0] == 400
+    truncated = b"GET /metrics HTTP/1.1\r\n"  # then the client shuts its side
+    assert (await endpoint.exchange(truncated, half_close=True))[0] == 400
+    oversized = b"GET /metrics HTTP/1.1\r\nX-Pad: " + b"a" * 16384 + b"\r\n\r\n"
+    status, _, body = await endpoint.exchange(oversized)
+    assert status == 400
+    assert b"8192" in body
+    endless = b"A" * 20000  # no line end at all
+    assert (await endpoint.exchange(endless))[0] == 400
+    # A client that connects and leaves at once.
+    _, writer = await asyncio.open_connection("127.0.0.1", endpoint.port)
+    writer.close()
+    assert (await endpoint.get("/metrics"))[0] == 200
+
+
+async def test_render_failure_is_a_500_not_a_crash(endpoint: Endpoint) -> None:
+    def broken() -> str:
+        raise RuntimeError("boom")
+
+    endpoint.render = broken
+    assert (await endpoint.get("/metrics"))[0] == 500
+    endpoint.render = lambda: "ok 1\n"
+    status, _, body = await endpoint.get("/metrics")
+    assert (status, body) == (200, b"ok 1\n")
+
+
+async def test_concurrent_scrapes(endpoint: Endpoint) -> None:
+    results = await asyncio.gather(*(endpoint.get("/metrics") for _ in range(10)))
+    assert {status for status, _, _ in results} == {200}
+
+
+async def test_a_stalled_client_is_dropped(
+    endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(metrics_module, "READ_TIMEOUT", 0.1)
+    reader, writer = await asyncio.open_connection("127.0.0.1", endpoint.port)
+    try:
+        writer.write(b"GET /metrics HTTP/1.1\r\n")  # and nothing more
+        assert await asyncio.wait_for(reader.read(), 3) == b""  # closed, no answer
+    finally:
+        writer.close()
+    assert (await endpoint.get("/metrics"))[0] == 200
