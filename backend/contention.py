@@ -33,6 +33,7 @@ from typing import Any
 import cffi
 
 from backend.delays import DelayModel, DelaySpecError, parse_delay
+from backend.syscalls import precise_sleeps_for_this_thread
 
 LOG = logging.getLogger("vhost_balloon")
 
@@ -55,13 +56,10 @@ _ffi.cdef(
     int munmap(void *addr, size_t length);
     int mprotect(void *addr, size_t length, int prot);
     int madvise(void *addr, size_t length, int advice);
-    int prctl(int option, unsigned long arg2, unsigned long arg3, unsigned long arg4,
-              unsigned long arg5);
     """
 )
 _libc: Any = _ffi.dlopen(None)
 _MAP_FAILED = -1
-_PR_SET_TIMERSLACK = 29
 
 
 # ---------------------------------------------------------------- BQL stand-in
@@ -240,7 +238,7 @@ class BqlContention:
         gaps = random.Random(f"{self._seed}:bql-gap:{index}")
         # The default 50 us timer slack makes a 200 us hold last ~270 us; 1 ns
         # slack (this thread only) brings the overshoot to ~20 us.
-        _libc.prctl(_PR_SET_TIMERSLACK, 1, 0, 0, 0)
+        precise_sleeps_for_this_thread()
         try:
             hold = self._spec.hold.sampler(self._seed, f"bql-hold-{index}")
             next_at = time.monotonic() + gaps.expovariate(rate)

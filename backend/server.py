@@ -27,6 +27,7 @@ from backend.metrics import Metrics, serve_metrics
 from backend.runtime import Runtime
 from backend.session import Session, SessionLogger
 from backend.stats import DeviceStats
+from backend.syscalls import precise_sleeps_for_this_thread
 from backend.trace import TraceWriter
 
 LOG = logging.getLogger("vhost_balloon")
@@ -49,7 +50,9 @@ class Server:
         self.finished = DeviceStats()  # totals of sessions that have ended
         self.sessions_served = 0
         self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=DISCARD_THREADS, thread_name_prefix="discard"
+            max_workers=DISCARD_THREADS,
+            thread_name_prefix="discard",
+            initializer=precise_sleeps_for_this_thread,
         )
         self._trace = TraceWriter(settings.trace_path) if settings.trace_path else None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -63,6 +66,7 @@ class Server:
 
     async def start_services(self) -> None:
         """Contention threads, the control socket and the metrics endpoint."""
+        precise_sleeps_for_this_thread()  # the event loop's thread: timer wake-ups
         await self.runtime.start()
         if self.settings.control_socket is not None:
             self._control = await serve_control(self.settings.control_socket, self.handle_control)

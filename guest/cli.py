@@ -14,6 +14,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
 from guest.driver import DriverConfig
@@ -95,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--discard-label", default=None, help="discard strategy name to record in the summary"
     )
     parser.add_argument(
+        "--report-log",
+        type=Path,
+        metavar="FILE",
+        help="write each report as the guest saw it (hold_ns, gpas, ...) as JSON lines",
+    )
+    parser.add_argument(
         "--connect-timeout",
         type=_non_negative_float,
         default=5.0,
@@ -161,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.reports,
                 pause_s=args.pause_ms / 1000,
                 progress=_progress_printer(),
+                report_log=args.report_log,
             )
         )
     except (GuestError, ProtocolError) as error:

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,108 @@ def test_serve_on_an_inherited_listening_fd(tmp_path: Path) -> None:
         server.send_signal(signal.SIGTERM)
         server.communicate(timeout=30)
     assert server.returncode == 0
+
+
+def test_demo_shows_an_injected_delay_at_once() -> None:
+    result = _run(
+        "demo", "--json", "--reports", "10", "--memory", "128M", "--delay", "publish=const:5ms"
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["hold_us"]["p50"] >= 5000
+    assert summary["injected"]["delay"] == {"publish": "const:5ms"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--delay", "publish=bogus:1ms"], "bogus"),
+        (["--delay", "sideways=const:1ms"], "sideways"),
+        (["--delay", "publish=uniform:3ms..1ms"], "above high"),
+        (["--bql", "const:1ms"], "--bql"),
+        (["--mmap-contention", "0"], "--mmap-contention"),
+        (["--metrics", "localhost:http"], "localhost:http"),
+    ],
+)
+def test_bad_latency_specs_are_rejected_at_start(
+    args: list[str], message: str, tmp_path: Path
+) -> None:
+    result = _run("serve", "--socket-path", str(tmp_path / "s.sock"), *args, timeout=60)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr
+    assert not (tmp_path / "s.sock").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_ctl_and_metrics_against_a_running_backend(tmp_path: Path) -> None:
+    sock = tmp_path / "b.sock"
+    control = tmp_path / "control.sock"
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            *CLI,
+            "serve",
+            "--socket-path",
+            str(sock),
+            "--control-socket",
+            str(control),
+            "--metrics",
+            f"127.0.0.1:{port}",
+            "--delay",
+            "notify=const:1ms",
+            "--seed",
+            "3",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for_socket(control)
+
+        def ctl(*args: str) -> dict[str, object]:
+            done = _run("ctl", "--control-socket", str(control), *args, timeout=60)
+            assert done.returncode == 0, done.stderr
+            reply: dict[str, object] = json.loads(done.stdout)
+            return reply
+
+        settings = ctl("get")["settings"]
+        assert settings == {**settings, "delay": {"notify": "const:1ms"}, "seed": 3}  # type: ignore[dict-item]
+        changed = ctl("set", "--delay", "publish=exp:2ms", "--delay", "notify=none")
+        assert changed["settings"]["delay"] == {"publish": "exp:2ms"}  # type: ignore[index]
+        guest = subprocess.run(
+            [*GUEST, "--socket-path", str(sock), "--memory", "128M", "--reports", "4", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert guest.returncode == 0, guest.stderr
+        stats = ctl("stats")
+        assert stats["totals"]["reports"] == 4  # type: ignore[index]
+        refused = _run(
+            "ctl",
+            "--control-socket",
+            str(control),
+            "set",
+            "--delay",
+            "publish=nonsense",
+            timeout=60,
+        )
+        assert refused.returncode == 1 and "nonsense" in refused.stderr
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+        assert "vhost_balloon_reports_total 4" in text
+        assert 'vhost_balloon_hold_seconds{session="all",quantile="0.5"}' in text
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.communicate(timeout=30)
+    assert server.returncode == 0
+    assert not control.exists()
+    missing = _run("ctl", "--control-socket", str(control), "stats", timeout=60)
+    assert missing.returncode == 2 and str(control) in missing.stderr
