@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from guest.driver import DriverConfig
 from guest.errors import GuestError
@@ -96,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--discard-label", default=None, help="discard strategy name to record in the summary"
     )
     parser.add_argument(
+        "--control-socket",
+        type=Path,
+        metavar="PATH",
+        help="the backend's control socket: record its latency settings as 'injected'",
+    )
+    parser.add_argument(
         "--report-log",
         type=Path,
         metavar="FILE",
@@ -134,6 +141,32 @@ def options_from_args(args: argparse.Namespace) -> GuestOptions:
         connect_timeout=args.connect_timeout,
         discard_label=args.discard_label,
     )
+
+
+def backend_settings(path: Path, timeout: float = 5.0) -> dict[str, Any]:
+    """The backend's latency settings, asked over its JSON-lines control socket.
+
+    The guest speaks the socket's tiny protocol itself: it never imports the
+    backend.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(timeout)
+        conn.connect(str(path))
+        conn.sendall(b'{"cmd": "get"}\n')
+        reply = b""
+        while not reply.endswith(b"\n"):
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    try:
+        decoded = json.loads(reply)
+    except ValueError:
+        raise OSError(f"{path} sent something that is not JSON") from None
+    if not isinstance(decoded, dict) or not decoded.get("ok"):
+        raise OSError(f"{path} refused: {decoded!r}")
+    settings: dict[str, Any] = decoded["settings"]
+    return settings
 
 
 def _progress_printer() -> Callable[[int, int], None] | None:
@@ -177,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"system error: {error.strerror or error}", EXIT_FAILURE)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
+    if args.control_socket is not None:
+        try:
+            summary["injected"] = backend_settings(args.control_socket)
+        except OSError as error:
+            return _fail(f"cannot read the backend's settings: {error}", EXIT_FAILURE)
     print(json.dumps(summary, indent=2) if args.json else format_table(summary))
     if not summary["integrity_ok"]:
         return _fail(

@@ -235,13 +235,26 @@ def test_ctl_and_metrics_against_a_running_backend(tmp_path: Path) -> None:
         changed = ctl("set", "--delay", "publish=exp:2ms", "--delay", "notify=none")
         assert changed["settings"]["delay"] == {"publish": "exp:2ms"}  # type: ignore[index]
         guest = subprocess.run(
-            [*GUEST, "--socket-path", str(sock), "--memory", "128M", "--reports", "4", "--json"],
+            [
+                *GUEST,
+                "--socket-path",
+                str(sock),
+                "--memory",
+                "128M",
+                "--reports",
+                "4",
+                "--json",
+                "--control-socket",
+                str(control),
+            ],
             capture_output=True,
             text=True,
             timeout=60,
             check=False,
         )
         assert guest.returncode == 0, guest.stderr
+        summary = json.loads(guest.stdout)
+        assert summary["injected"]["delay"] == {"publish": "exp:2ms"}
         stats = ctl("stats")
         assert stats["totals"]["reports"] == 4  # type: ignore[index]
         refused = _run(
