@@ -155,6 +155,9 @@ class BalloonDevice(VirtioDevice):
                     kick_delay = 0  # attributed to the first report of the batch
                 else:
                     self._ack_balloon_chain(context, chain)
+                # A guest that keeps the ring full must not keep the loop:
+                # every chain gives other sessions a turn.
+                await asyncio.sleep(0)
             if not context.running() or not queue.enable_notifications():
                 return
 

@@ -66,6 +66,12 @@ def _add_backend_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trace", type=Path, metavar="FILE", help="append one JSON line per report to FILE"
     )
+    parser.add_argument(
+        "--allow-unsealed-memory",
+        action="store_true",
+        help="accept guest RAM memfds not sealed against shrinking (a front-end that "
+        "truncates one crashes the backend)",
+    )
 
 
 def _add_guest_options(parser: argparse.ArgumentParser) -> None:
@@ -237,6 +243,7 @@ def _server_settings(args: argparse.Namespace) -> ServerSettings:
         latency=latency,
         control_socket=args.control_socket,
         metrics_address=args.metrics,
+        allow_unsealed_memory=args.allow_unsealed_memory,
     )
 
 

@@ -37,15 +37,15 @@ class FileIdentity:
 class MappedRegion:
     """One region: its fd, a MAP_SHARED mapping from file offset 0, metadata."""
 
-    def __init__(self, desc: MemoryRegionDesc, fd: int) -> None:
+    def __init__(self, desc: MemoryRegionDesc, fd: int, *, allow_unsealed: bool = False) -> None:
         """Takes ownership of `fd`: it is closed here if the region is refused."""
         try:
-            self._map(desc, fd)
+            self._map(desc, fd, allow_unsealed)
         except BaseException:
             os.close(fd)
             raise
 
-    def _map(self, desc: MemoryRegionDesc, fd: int) -> None:
+    def _map(self, desc: MemoryRegionDesc, fd: int, allow_unsealed: bool) -> None:
         self.region = Region(
             desc.guest_phys_addr, desc.memory_size, desc.userspace_addr, desc.mmap_offset
         )
@@ -64,7 +64,17 @@ class MappedRegion:
         # Discards must be whole blocks of the file system: 4 KiB on tmpfs and
         # memfd, the huge page size on hugetlbfs (a smaller punch frees nothing).
         self.granularity = max(PAGE_SIZE, os.fstatvfs(fd).f_bsize)
-        self.sealed_against_shrink = _sealed_against_shrink(fd)
+        seals = _seals(fd)
+        self.sealable = seals is not None
+        self.sealed_against_shrink = seals is not None and bool(seals & fcntl.F_SEAL_SHRINK)
+        if self.sealable and not self.sealed_against_shrink and not allow_unsealed:
+            # Ring access past a truncated end would SIGBUS the whole process.
+            raise MappingError(
+                "the memfd is not sealed against shrinking (F_SEAL_SHRINK), so the "
+                "front-end could truncate it and crash the backend; QEMU's "
+                "memory-backend-memfd seals by default (or serve with "
+                "--allow-unsealed-memory)"
+            )
         try:
             # Map from offset 0 like libvhost-user: mmap_offset need not be
             # aligned to the (huge) page size, offset 0 always is.
@@ -95,12 +105,12 @@ class MappedRegion:
         )
 
 
-def _sealed_against_shrink(fd: int) -> bool:
+def _seals(fd: int) -> int | None:
+    """The file's seals, or None when it cannot be sealed (not a memfd)."""
     try:
-        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        return fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError:
-        return False
-    return bool(seals & fcntl.F_SEAL_SHRINK)
+        return None
 
 
 class MemoryMap:

@@ -32,6 +32,7 @@ from backend.trace import TraceWriter
 
 LOG = logging.getLogger("vhost_balloon")
 DISCARD_THREADS = 16
+ACCEPT_RETRY_S = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +42,7 @@ class ServerSettings:
     latency: LatencySettings = field(default_factory=LatencySettings)
     control_socket: Path | None = None
     metrics_address: tuple[str, int] | None = None
+    allow_unsealed_memory: bool = False
 
 
 class Server:
@@ -128,7 +130,14 @@ class Server:
         listener.setblocking(False)
         loop = asyncio.get_running_loop()
         while True:
-            conn, _ = await loop.sock_accept(listener)
+            try:
+                conn, _ = await loop.sock_accept(listener)
+            except OSError as error:
+                # EMFILE, ECONNABORTED, ENOBUFS: one failed accept must not stop
+                # the server from accepting ever again.
+                LOG.error("accepting a front-end failed: %s; retrying", error)
+                await asyncio.sleep(ACCEPT_RETRY_S)
+                continue
             self._start_session(conn)
 
     def adopt(self, conn: socket.socket) -> None:
@@ -154,7 +163,9 @@ class Server:
         device.on_report = lambda record: histograms.record(
             record, sum(record.bql_wait_ns.values()), record.injected_ns
         )
-        session = Session(name, conn, device, log)
+        session = Session(
+            name, conn, device, log, allow_unsealed_memory=self.settings.allow_unsealed_memory
+        )
         self.sessions[name] = session
         log.info("front-end connected")
         task = asyncio.create_task(self._run(session), name=name)

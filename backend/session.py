@@ -32,7 +32,7 @@ from backend.device import QueueContext, VirtioDevice
 from backend.mapping import MappedRegion, MappingError, MemoryMap
 from backend.syscalls import full_fence
 from backend.transport import ConnectionClosed, MessageChannel, close_fds
-from backend.vring import EventFdError, Vring, check_eventfd
+from backend.vring import EventFdError, Vring, check_eventfd, read_eventfd
 from backend.worker import QueueWorker
 from protocol.errors import AddressError, MessageError, QueueError, QueueErrorKind
 from protocol.memory import Space
@@ -100,9 +100,16 @@ Handler = Callable[[Request, list[int]], Awaitable[bytes | None]]
 
 class Session:
     def __init__(
-        self, name: str, sock: socket.socket, device: VirtioDevice, log: SessionLogger
+        self,
+        name: str,
+        sock: socket.socket,
+        device: VirtioDevice,
+        log: SessionLogger,
+        *,
+        allow_unsealed_memory: bool = False,
     ) -> None:
         self.name = name
+        self.allow_unsealed_memory = allow_unsealed_memory
         self.device = device
         self.log = log
         self.state = SessionState.NEGOTIATING
@@ -253,7 +260,9 @@ class Session:
         new_regions: list[MappedRegion] = []
         try:
             for desc in request.payload.regions:
-                new_regions.append(MappedRegion(desc, fds.pop(0)))
+                new_regions.append(
+                    MappedRegion(desc, fds.pop(0), allow_unsealed=self.allow_unsealed_memory)
+                )
             replacement = MemoryMap(new_regions)
             _ = replacement.memory  # validates overlaps
         except (MappingError, AddressError) as error:
@@ -272,7 +281,9 @@ class Session:
         if len(self.memory_map) >= MAX_MEM_SLOTS:
             raise RequestRefused(f"all {MAX_MEM_SLOTS} memory slots are in use")
         try:
-            region = MappedRegion(request.payload.region, fds.pop(0))
+            region = MappedRegion(
+                request.payload.region, fds.pop(0), allow_unsealed=self.allow_unsealed_memory
+            )
         except (MappingError, AddressError) as error:
             raise RequestRefused(f"region rejected: {error}") from None
         with self._processing_paused():
@@ -309,7 +320,7 @@ class Session:
                 mapped.granularity,
                 ""
                 if mapped.sealed_against_shrink
-                else " (not sealed against shrinking: truncating it would crash the backend)",
+                else " (NOT sealed against shrinking: a truncation would crash the backend)",
             )
 
     # -- vrings ---------------------------------------------------------------
@@ -348,9 +359,7 @@ class Session:
             )
         vring = self.vrings[index]
         self._stop_ring(vring)
-        worker = self._workers.get(index)
-        if worker is not None:
-            await worker.wait_idle()
+        await self._wait_worker(vring)
         _forget_queue(vring)
         vring.replace_fd("kick", None)
         vring.broken = False
@@ -367,11 +376,14 @@ class Session:
             check_eventfd(fds[0])
         except EventFdError as error:
             raise RequestRefused(str(error)) from None
-        return vring, fds.pop(0)
+        fd = fds.pop(0)
+        os.set_blocking(fd, False)  # a blocking read or write would stall every session
+        return vring, fd
 
     async def _set_vring_kick(self, request: Request, fds: list[int]) -> None:
         vring, fd = self._take_eventfd(request, fds)
         self._stop_ring(vring)
+        await self._wait_worker(vring)  # a batch still running must finish first
         vring.replace_fd("kick", fd)
         if fd is None:
             raise RequestRefused("polling mode (no kick fd) is not supported")
@@ -400,6 +412,11 @@ class Session:
         vring.enabled = request.payload.num == 1
         if vring.enabled:
             self._schedule(vring, time.monotonic_ns())
+
+    async def _wait_worker(self, vring: Vring) -> None:
+        worker = self._workers.get(vring.index)
+        if worker is not None:
+            await worker.wait_idle()
 
     def _stop_ring(self, vring: Vring) -> None:
         if vring.started and vring.kick_fd is not None:
@@ -466,7 +483,7 @@ class Session:
         kick_ns = time.monotonic_ns()
         assert vring.kick_fd is not None
         try:
-            os.read(vring.kick_fd, 8)
+            read_eventfd(vring.kick_fd)
         except BlockingIOError:
             return
         self._schedule(vring, kick_ns)
@@ -501,12 +518,14 @@ class Session:
                 next_avail=vring.base,
                 fence=full_fence,
             )
+        queue = vring.queue
         return QueueContext(
             vring.index,
-            vring.queue,
+            queue,
             self.memory_map,
             vring.notify,
-            lambda: vring.started and vring.enabled and not self._paused,
+            # A batch stops as soon as its ring is stopped or re-parsed.
+            lambda: vring.started and vring.enabled and not self._paused and vring.queue is queue,
         )
 
     async def _process(self, vring: Vring, kick_ns: int) -> None:
@@ -515,10 +534,10 @@ class Session:
             await self.device.process_queue(context, kick_ns)
         except (QueueError, AddressError) as error:
             self._break(vring, str(error))
-        except ValueError as error:  # a mapping released under a stale queue
-            self.log.warning("queue %d: %s; rebuilding over current memory", vring.index, error)
-            _forget_queue(vring)
-            self._schedule(vring, kick_ns)
+        except ValueError as error:
+            # A mapping released under a running queue: memory changes wait
+            # for workers, so this is a bug; stop rather than guess a position.
+            self._break(vring, f"ring memory unavailable: {error}")
 
     def _break(self, vring: Vring, reason: str) -> None:
         vring.broken = True

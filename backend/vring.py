@@ -21,17 +21,33 @@ class EventFdError(Exception):
 
 
 def check_eventfd(fd: int) -> None:
-    """Refuse anything but an eventfd: a regular file or pipe given as a kick fd
-    would make the loop spin or block."""
+    """Refuse anything but a plain eventfd: a regular file or pipe given as a
+    kick fd would make the loop spin or block, and so would a semaphore
+    eventfd (each read takes only 1 off its counter)."""
     try:
         target = os.readlink(f"/proc/self/fd/{fd}")
+        with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as info:
+            fdinfo = info.read()
     except OSError as error:
         raise EventFdError(f"fd {fd} cannot be inspected: {error}") from None
     if target != "anon_inode:[eventfd]":
         raise EventFdError(f"fd is {target!r}, not an eventfd")
+    if "eventfd-semaphore: 1" in fdinfo:
+        raise EventFdError("fd is a semaphore eventfd (EFD_SEMAPHORE)")
+
+
+# O_NONBLOCK lives on the open file the front-end shares with us, so it can
+# switch it off again: set it before every read and write, so that a peer
+# cannot make the event loop block (one fcntl pair, about a microsecond).
+
+
+def read_eventfd(fd: int) -> None:
+    os.set_blocking(fd, False)
+    os.read(fd, 8)
 
 
 def signal_eventfd(fd: int) -> None:
+    os.set_blocking(fd, False)
     # A saturated counter (EAGAIN) means a notification is pending anyway.
     with contextlib.suppress(BlockingIOError):
         os.write(fd, _ONE)

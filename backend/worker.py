@@ -66,3 +66,4 @@ class QueueWorker:
                 LOG.exception("%s: queue processing failed", self._task.get_name())
             finally:
                 self._idle.set()
+            await asyncio.sleep(0)  # Event.wait() does not yield when already set

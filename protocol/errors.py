@@ -37,7 +37,7 @@ class QueueErrorKind(enum.Enum):
     NESTED_INDIRECT = "indirect descriptor inside an indirect table"
     INDIRECT_WITH_NEXT = "indirect descriptor with the NEXT flag"
     INDIRECT_NOT_NEGOTIATED = "indirect descriptor without INDIRECT_DESC"
-    INDIRECT_BAD_LENGTH = "indirect table length is 0 or not a multiple of 16"
+    INDIRECT_BAD_LENGTH = "indirect table length is 0, not a multiple of 16, or over the queue size"
     AVAIL_AHEAD = "avail.idx runs more than queue size ahead"
     ADDRESS = "ring or table address outside guest memory"
     OVERFLOW = "descriptor addr + len overflows 64 bits"

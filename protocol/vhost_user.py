@@ -405,6 +405,7 @@ Payload: TypeAlias = (
 class FdRule(enum.Enum):
     NONE = "no fd"
     ONE = "exactly one fd"
+    ONE_OR_NONE = "at most one fd"
     PER_REGION = "one fd per memory region"
     VRING = "one fd unless the payload's no-fd bit is set"
 
@@ -485,7 +486,7 @@ REQUEST_SPECS: dict[FrontendRequest, RequestSpec] = {
     _R.REM_MEM_REG: RequestSpec(
         SingleMemoryRegion.decode,
         (SingleMemoryRegion.SIZE, SingleMemoryRegion.SIZE),
-        FdRule.ONE,
+        FdRule.ONE_OR_NONE,
         False,
     ),
     _R.SET_STATUS: _fixed(U64.decode, 8),
@@ -515,11 +516,20 @@ def expected_fd_count(request: FrontendRequest, payload: Payload) -> int:
         return 0
     if rule is FdRule.ONE:
         return 1
+    if rule is FdRule.ONE_OR_NONE:
+        return 1
     if rule is FdRule.PER_REGION:
         assert isinstance(payload, MemoryTable)
         return len(payload.regions)
     assert isinstance(payload, VringFile)
     return 0 if payload.no_fd else 1
+
+
+def accepted_fd_counts(request: FrontendRequest, payload: Payload) -> tuple[int, ...]:
+    """Every fd count the request may carry (QEMU sends REM_MEM_REG without one)."""
+    if REQUEST_SPECS[request].fds is FdRule.ONE_OR_NONE:
+        return (0, 1)
+    return (expected_fd_count(request, payload),)
 
 
 def decode_request(header: Header, payload: bytes, nfds: int) -> Request:
@@ -549,7 +559,7 @@ def decode_request(header: Header, payload: bytes, nfds: int) -> Request:
         # that actually carried the payload.
         raise MessageError(request, error.reason) from None
     wanted = expected_fd_count(request, decoded)
-    if nfds != wanted:
+    if nfds not in accepted_fd_counts(request, decoded):
         raise MessageError(request, f"carries {wanted} fd(s) ({spec.fds.value}), got {nfds}")
     return Request(request, header, decoded)
 

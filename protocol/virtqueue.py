@@ -37,8 +37,8 @@ USED_F_NO_NOTIFY = 1
 AVAIL_F_NO_INTERRUPT = 1
 
 MAX_QUEUE_SIZE = 32768
-# Indirect tables may exceed the queue size; this bounds what a guest can make
-# the device walk (QEMU's VIRTQUEUE_MAX_SIZE is 1024; we accept up to 32768).
+# The largest indirect table any queue accepts; a queue accepts at most its
+# own size (QEMU's VIRTQUEUE_MAX_SIZE is 1024).
 MAX_INDIRECT_ENTRIES = MAX_QUEUE_SIZE
 
 
@@ -228,7 +228,9 @@ class DeviceQueue:
             raise QueueError(QueueErrorKind.INDIRECT_NOT_NEGOTIATED)
         if flags & DESC_F_NEXT:
             raise QueueError(QueueErrorKind.INDIRECT_WITH_NEXT)
-        if length == 0 or length % DESC_SIZE or length // DESC_SIZE > MAX_INDIRECT_ENTRIES:
+        # A chain may not be longer than the queue (virtio 2.7.5.3.1): bounding
+        # indirect tables by the queue size bounds what a guest makes us walk.
+        if length == 0 or length % DESC_SIZE or length // DESC_SIZE > self.size:
             raise QueueError(QueueErrorKind.INDIRECT_BAD_LENGTH, f"length {length}")
         if addr + length > 1 << 64:
             raise QueueError(QueueErrorKind.OVERFLOW, f"indirect table {addr:#x}+{length:#x}")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -20,8 +22,9 @@ FILE_OFFSET = 16 * MiB  # the region starts this far into its file
 
 @pytest.fixture
 def memory_map() -> Iterator[MemoryMap]:
-    fd = os.memfd_create("ram", os.MFD_CLOEXEC)
+    fd = os.memfd_create("ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, FILE_OFFSET + 64 * MiB)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
     mapped = MappedRegion(MemoryRegionDesc(GPA, 64 * MiB, 0x7F0000000000, FILE_OFFSET), fd)
     table = MemoryMap([mapped])
     yield table
@@ -103,3 +106,30 @@ def test_region_wrapping_64_bits_is_refused_and_its_fd_closed() -> None:
 
 def test_memfd_granularity_is_the_page_size(memory_map: MemoryMap) -> None:
     assert memory_map.regions[0].granularity == os.sysconf("SC_PAGE_SIZE")
+
+
+def test_unsealed_memfd_is_refused_unless_allowed() -> None:
+    def unsealed() -> int:
+        fd = os.memfd_create("unsealed", os.MFD_CLOEXEC)
+        os.ftruncate(fd, 2 * MiB)
+        return fd
+
+    fd = unsealed()
+    with pytest.raises(MappingError, match="F_SEAL_SHRINK"):
+        MappedRegion(MemoryRegionDesc(0, 2 * MiB, 0x7F0000000000, 0), fd)
+    assert not _is_open(fd)
+    allowed = MappedRegion(
+        MemoryRegionDesc(0, 2 * MiB, 0x7F0000000000, 0), unsealed(), allow_unsealed=True
+    )
+    assert allowed.sealable and not allowed.sealed_against_shrink
+    allowed.close()
+
+
+def test_a_file_that_cannot_be_sealed_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "ram"
+    path.write_bytes(bytes(2 * MiB))
+    mapped = MappedRegion(
+        MemoryRegionDesc(0, 2 * MiB, 0x7F0000000000, 0), os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    )
+    assert not mapped.sealable
+    mapped.close()

@@ -278,3 +278,50 @@ def test_ctl_and_metrics_against_a_running_backend(tmp_path: Path) -> None:
     assert not control.exists()
     missing = _run("ctl", "--control-socket", str(control), "stats", timeout=60)
     assert missing.returncode == 2 and str(control) in missing.stderr
+
+
+def test_running_out_of_fds_does_not_stop_accepting(tmp_path: Path) -> None:
+    sock = tmp_path / "b.sock"
+
+    server = subprocess.Popen(
+        [
+            "bash",
+            "-c",
+            'ulimit -n 24 && exec "$@"',
+            "serve",
+            *CLI,
+            "serve",
+            "--socket-path",
+            str(sock),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for_socket(sock)
+        clients = []
+        for _ in range(60):  # more than the backend can hold open
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.settimeout(1.0)  # a full backlog blocks connect
+            clients.append(client)
+            try:
+                client.connect(str(sock))
+            except OSError:
+                break
+        time.sleep(0.5)
+        for client in clients:
+            client.close()
+        time.sleep(0.5)
+        guest = subprocess.run(
+            [*GUEST, "--socket-path", str(sock), "--memory", "128M", "--reports", "2", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert guest.returncode == 0, guest.stderr
+    finally:
+        server.send_signal(signal.SIGINT)
+        _, stderr = server.communicate(timeout=30)
+    assert server.returncode == 0, stderr
+    assert "accepting a front-end failed" in stderr

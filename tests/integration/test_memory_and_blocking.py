@@ -4,6 +4,7 @@ stall anyone else."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Iterator
 
@@ -12,7 +13,7 @@ import pytest
 import backend.discard
 from backend.syscalls import punch_hole as real_punch_hole
 from guest.runner import MockGuest
-from protocol.vhost_user import FrontendRequest, MemoryTable, SingleMemoryRegion
+from protocol.vhost_user import FrontendRequest, MemoryTable, SingleMemoryRegion, VringFile
 from protocol.virtqueue import Buffer
 from tests.conftest import StartBackend, open_fds
 
@@ -195,3 +196,46 @@ async def test_memory_table_replaced_while_running_keeps_the_queue_position(
         summary = guest.summary(await guest.run(3))
     assert summary["reports"] == 3 and summary["integrity_ok"]
     assert len(backend.trace()) == 6  # nothing processed twice
+
+
+async def test_a_new_kick_fd_during_a_discard_never_discards_a_report_twice(
+    start_backend: StartBackend, gate: Gate
+) -> None:
+    backend = await start_backend()
+    async with MockGuest(backend.guest_options()) as guest:
+        driver = guest.driver
+        index = driver.reporting_queue
+        size = driver.layout.block_size
+        vq = driver.queue(index)
+        blocks = driver.layout.blocks
+        vq.add([Buffer(blocks[0].gpa, size, True)])
+        vq.add([Buffer(blocks[1].gpa, size, True)])
+        guest.frontend.kick(index)
+        assert await asyncio.to_thread(gate.entered.wait, 5.0)
+        new_kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            request = guest.frontend.request(
+                FrontendRequest.SET_VRING_KICK,
+                VringFile(index, False),
+                fds=[new_kick],
+                need_reply=True,
+                expect_reply=True,
+            )
+            reply_task = asyncio.ensure_future(request)
+            await asyncio.sleep(0.1)
+            assert not reply_task.done()  # it waits for the discard in flight
+            gate.opened.set()
+            assert await reply_task == bytes(8)
+            os.eventfd_write(new_kick, 1)
+            await guest.frontend.wait_call(index, 5.0)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 5
+            used: list[tuple[int, int]] = []
+            while len(used) < 2 and loop.time() < deadline:
+                used += vq.get_used()
+                await asyncio.sleep(0.01)
+        finally:
+            os.close(new_kick)
+        assert sorted(head for head, _ in used) == [0, 1]
+        records = backend.trace()
+        assert sorted(r["head"] for r in records) == [0, 1]  # each discarded once

@@ -20,6 +20,7 @@ from protocol.vhost_user import (
     LogPayload,
     MemoryRegionDesc,
     MemoryTable,
+    SingleMemoryRegion,
     VringFile,
     VringState,
     encode_frame,
@@ -271,3 +272,79 @@ async def _wait_for(condition: object, timeout: float = 5.0) -> None:
         if loop.time() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.01)
+
+
+async def test_unsealed_guest_memory_is_refused_unless_allowed(
+    start_backend: StartBackend,
+) -> None:
+    backend = await start_backend()
+    frontend = await _frontend(str(backend.socket_path))
+    fd = os.memfd_create("unsealed")
+    os.ftruncate(fd, 16 * MiB)
+    try:
+        table = MemoryTable((MemoryRegionDesc(0, 16 * MiB, 0x7F0000000000, 0),))
+        reply = await frontend.request(
+            FrontendRequest.SET_MEM_TABLE, table, fds=[fd], need_reply=True, expect_reply=True
+        )
+        assert reply is not None and U64.decode(reply).value != 0
+        assert await _still_serving(frontend)
+    finally:
+        os.close(fd)
+        await frontend.close()
+
+
+@pytest.mark.parametrize("kind", ["semaphore", "blocking-then-saturated"])
+async def test_hostile_eventfds_cannot_stall_the_loop(
+    start_backend: StartBackend, kind: str
+) -> None:
+    backend = await start_backend()
+    frontend = await _frontend(str(backend.socket_path))
+    try:
+        if kind == "semaphore":
+            fd = os.eventfd(0, os.EFD_SEMAPHORE)
+            reply = await frontend.request(
+                FrontendRequest.SET_VRING_KICK,
+                VringFile(2, False),
+                fds=[fd],
+                need_reply=True,
+                expect_reply=True,
+            )
+            assert reply is not None and U64.decode(reply).value != 0
+        else:
+            fd = os.eventfd(0)  # blocking, as a hostile front-end may pass it
+            reply = await frontend.request(
+                FrontendRequest.SET_VRING_CALL,
+                VringFile(2, False),
+                fds=[fd],
+                need_reply=True,
+                expect_reply=True,
+            )
+            assert reply == bytes(8)
+            assert not os.get_blocking(fd)  # the backend made it non-blocking
+            os.set_blocking(fd, True)  # and the peer flips it back ...
+            os.eventfd_write(fd, 0xFFFF_FFFF_FFFF_FFFE)  # ... and saturates it
+            (session,) = backend.server.sessions.values()
+            session.vrings[2].notify()  # must not block the event loop
+        os.close(fd)
+        assert await _still_serving(frontend)
+    finally:
+        await frontend.close()
+
+
+async def test_rem_mem_reg_without_an_fd_as_qemu_sends_it(start_backend: StartBackend) -> None:
+    backend = await start_backend()
+    options = backend.guest_options(memory=384 << 20, regions=2)
+    async with MockGuest(options) as guest:
+        second = guest.ram.regions[1]
+        reply = await guest.frontend.request(
+            FrontendRequest.REM_MEM_REG,
+            SingleMemoryRegion(second.desc()),
+            fds=[],
+            need_reply=True,
+            expect_reply=True,
+        )
+        assert reply == bytes(8)
+        (session,) = backend.server.sessions.values()
+        assert len(session.memory_map) == 1
+        summary = guest.summary(await guest.run(1))
+        assert summary["reports"] == 1

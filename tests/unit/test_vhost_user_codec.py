@@ -258,9 +258,10 @@ FD_CARRIERS = {
     FrontendRequest.SET_INFLIGHT_FD,
     FrontendRequest.GPU_SET_SOCKET,
     FrontendRequest.ADD_MEM_REG,
-    FrontendRequest.REM_MEM_REG,
     FrontendRequest.SET_DEVICE_STATE_FD,
 }
+# QEMU's send_remove_regions sends REM_MEM_REG without an fd; others send one.
+OPTIONAL_FD_CARRIERS = {FrontendRequest.REM_MEM_REG}
 VRING_FD_CARRIERS = {
     FrontendRequest.SET_VRING_KICK,
     FrontendRequest.SET_VRING_CALL,
@@ -273,6 +274,8 @@ def test_fd_rules_match_what_the_front_end_sends() -> None:
         rule = REQUEST_SPECS[request_].fds
         if request_ in FD_CARRIERS:
             assert rule is FdRule.ONE, request_
+        elif request_ in OPTIONAL_FD_CARRIERS:
+            assert rule is FdRule.ONE_OR_NONE, request_
         elif request_ in VRING_FD_CARRIERS:
             assert rule is FdRule.VRING, request_
         elif request_ is FrontendRequest.SET_MEM_TABLE:
@@ -284,8 +287,17 @@ def test_fd_rules_match_what_the_front_end_sends() -> None:
 WRONG_FD_COUNTS = [
     pytest.param(request_, wrong, id=f"{request_.name}-{wrong}")
     for request_ in ALL_REQUESTS
-    for wrong in {0, 1, 2, MAX_FDS_PER_MESSAGE} - {fds_for(request_, valid_payload(request_))}
+    for wrong in {0, 1, 2, MAX_FDS_PER_MESSAGE}
+    - {fds_for(request_, valid_payload(request_))}
+    - ({0} if request_ in OPTIONAL_FD_CARRIERS else set())
 ]
+
+
+def test_rem_mem_reg_may_come_with_or_without_its_fd() -> None:
+    payload = valid_payload(FrontendRequest.REM_MEM_REG)
+    header = header_for(FrontendRequest.REM_MEM_REG, payload)
+    for nfds in (0, 1):
+        assert decode_request(header, payload, nfds).request is FrontendRequest.REM_MEM_REG
 
 
 @pytest.mark.parametrize(("request_", "nfds"), WRONG_FD_COUNTS)

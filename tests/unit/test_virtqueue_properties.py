@@ -23,7 +23,6 @@ from protocol.virtqueue import (
     DESC_F_NEXT,
     DESC_F_WRITE,
     DESC_SIZE,
-    MAX_INDIRECT_ENTRIES,
     USED_ELEM,
     Buffer,
     Chain,
@@ -75,7 +74,7 @@ def model_pop(
     if flags & IND:
         if not indirect_ok or flags & N:
             return REFUSED
-        if length == 0 or length % DESC_SIZE or length > DESC_SIZE * MAX_INDIRECT_ENTRIES:
+        if length == 0 or length % DESC_SIZE or length > DESC_SIZE * size:
             return REFUSED
         if addr + length > len(buf):
             return REFUSED
@@ -91,7 +90,7 @@ def model_pop(
         if flags & IND:
             if indirect or not indirect_ok or flags & N:
                 return REFUSED  # nested, not negotiated, or with NEXT
-            if length == 0 or length % DESC_SIZE or length > DESC_SIZE * MAX_INDIRECT_ENTRIES:
+            if length == 0 or length % DESC_SIZE or length > DESC_SIZE * size:
                 return REFUSED
             if addr + length > len(buf):
                 return REFUSED
@@ -128,7 +127,7 @@ def pop_or_error(device: DeviceQueue) -> ModelChain | str | None:
 def assert_legal(chain: Chain, size: int) -> None:
     assert 0 <= chain.head < size
     assert chain.descriptors
-    limit = MAX_INDIRECT_ENTRIES if chain.indirect else size
+    limit = 2 * size if chain.indirect else size  # direct part + one table
     assert len(chain.descriptors) <= limit
     writable_seen = False
     for pos, desc in enumerate(chain.descriptors):
@@ -288,31 +287,44 @@ def test_pop_over_arbitrary_ring_bytes_returns_legal_chains_or_queue_error(
             assert_legal(chain, size)
 
 
-def test_walking_the_largest_indirect_table_terminates() -> None:
-    """32768 entries chained in a loop-free line: long, bounded, legal."""
-    memory, buf = make_memory(DESC_SIZE * MAX_INDIRECT_ENTRIES + 0x1000)
-    layout = RingLayout.packed_at(0, 2)
+BIG_QUEUE = 4096  # an indirect table may be as long as the queue, no longer
+BIG_TABLE = 0x20000
+
+
+def test_walking_an_indirect_table_as_long_as_the_queue_terminates() -> None:
+    """4096 entries chained in a loop-free line: long, bounded, legal."""
+    memory, buf = make_memory(BIG_TABLE + DESC_SIZE * BIG_QUEUE)
+    layout = RingLayout.packed_at(0, BIG_QUEUE)
+    assert layout.end <= BIG_TABLE
     ring = RawRing(memory, buf, layout)
-    table = 0x1000
-    for index in range(MAX_INDIRECT_ENTRIES):
-        last = index == MAX_INDIRECT_ENTRIES - 1
-        ring.set_desc(index, 0, 1, W | (0 if last else N), index + 1, table=table)
-    ring.set_desc(0, table, DESC_SIZE * MAX_INDIRECT_ENTRIES, IND)
+    for index in range(BIG_QUEUE):
+        last = index == BIG_QUEUE - 1
+        ring.set_desc(index, 0, 1, W | (0 if last else N), index + 1, table=BIG_TABLE)
+    ring.set_desc(0, BIG_TABLE, DESC_SIZE * BIG_QUEUE, IND)
     ring.make_available(0)
     with time_limit(5):
         chain = DeviceQueue(memory, layout, indirect=True).pop()
     assert chain is not None
-    assert len(chain.descriptors) == MAX_INDIRECT_ENTRIES
+    assert len(chain.descriptors) == BIG_QUEUE
 
 
-def test_looping_the_largest_indirect_table_is_refused_in_bounded_time() -> None:
-    memory, buf = make_memory(DESC_SIZE * MAX_INDIRECT_ENTRIES + 0x1000)
+def test_an_indirect_table_longer_than_the_queue_is_refused() -> None:
+    memory, buf = make_memory(0x2000 + DESC_SIZE * 3)
     layout = RingLayout.packed_at(0, 2)
     ring = RawRing(memory, buf, layout)
-    table = 0x1000
-    for index in range(MAX_INDIRECT_ENTRIES):
-        ring.set_desc(index, 0, 1, N, (index + 1) % MAX_INDIRECT_ENTRIES, table=table)
-    ring.set_desc(0, table, DESC_SIZE * MAX_INDIRECT_ENTRIES, IND)
+    ring.set_desc(0, 0x2000, DESC_SIZE * 3, IND)
+    ring.make_available(0)
+    device = DeviceQueue(memory, layout, indirect=True)
+    assert pop_or_error(device) == REFUSED
+
+
+def test_looping_an_indirect_table_as_long_as_the_queue_is_refused_in_bounded_time() -> None:
+    memory, buf = make_memory(BIG_TABLE + DESC_SIZE * BIG_QUEUE)
+    layout = RingLayout.packed_at(0, BIG_QUEUE)
+    ring = RawRing(memory, buf, layout)
+    for index in range(BIG_QUEUE):
+        ring.set_desc(index, 0, 1, N, (index + 1) % BIG_QUEUE, table=BIG_TABLE)
+    ring.set_desc(0, BIG_TABLE, DESC_SIZE * BIG_QUEUE, IND)
     ring.make_available(0)
     device = DeviceQueue(memory, layout, indirect=True)
     with time_limit(5):
@@ -368,7 +380,7 @@ def test_chains_added_by_the_driver_pop_back_identically_and_come_back_used(
         added: list[tuple[int, tuple[Descriptor, ...], bool]] = []
         for _ in range(data.draw(st.integers(0, size + 2), label="chains")):
             indirect = data.draw(st.booleans(), label="indirect")
-            chain = data.draw(buffers(16 if indirect else size), label="buffers")
+            chain = data.draw(buffers(size), label="buffers")  # no chain longer than the queue
             if indirect:
                 if not free_tables or driver.free_descriptors < 1:
                     continue  # the driver would wait for used buffers

@@ -1,0 +1,237 @@
+#!/bin/bash
+# run-guest.sh: run the project's test guest (Debian kernel + the initramfs
+# from build-initramfs.sh, /init = guest-init.sh) under the provisioned QEMU,
+# with its virtio-balloon served by a vhost-user backend, or by QEMU's own
+# device for a baseline. The guest console goes to stdout; the guest powers
+# itself off when its workload is done and QEMU exits.
+#
+# Usage:
+#   run-guest.sh [options] SOCKET [extra QEMU args...]   vhost-user balloon at SOCKET
+#   run-guest.sh [options] --builtin [extra QEMU args...] QEMU's virtio-balloon-pci,free-page-reporting=on
+#
+# Start the backend first, with its socket in a directory QEMU shares
+# (CACHE/run, /tmp, or one listed in VHOST_BALLOON_SHARED_DIRS):
+#   vhost-balloon serve --socket-path /var/cache/vhost-balloon/run/b.sock --trace /tmp/t.jsonl &
+#   qemu-configs/run-guest.sh --rounds 2 --size 300 /var/cache/vhost-balloon/run/b.sock
+#
+# Options (environment variable in brackets):
+#   --rounds N        fill/free rounds in the guest (2) [VB_ROUNDS]
+#   --size MIB        MiB filled and freed per round (300) [VB_SIZE]
+#   --pause S         seconds the guest waits after each free (5) [VB_PAUSE]
+#   --settle S        extra seconds before the final checks (0) [VB_SETTLE]
+#   --mem SIZE        guest RAM, a shared memfd (512M) [VB_MEM]
+#   --accel A         auto | tcg | kvm (auto) [VB_ACCEL]; auto probes KVM once
+#                     (boots the kernel under KVM for a few seconds, result
+#                     cached) and falls back to TCG saying why
+#   --append STR      more kernel command line [VB_APPEND]
+#   --timeout S       kill QEMU after S seconds (900) [VB_TIMEOUT]
+#   --mem-log FILE    sample QEMU's RssShmem and the memfd's allocated KiB
+#                     every second into FILE [VB_MEM_LOG]
+#   --timestamps      prefix each console line with the host's uptime
+#   --no-build        use CACHE/initramfs.cpio.gz as it is
+# Exit status: QEMU's (0 after the guest's poweroff), 124 on timeout.
+# Host-side notes go to stderr, prefixed "run-guest:".
+# shellcheck disable=SC2054  # QEMU options are comma-separated by design
+set -u -o pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+CACHE=${VHOST_BALLOON_CACHE:-/var/cache/vhost-balloon}
+ROUNDS=${VB_ROUNDS:-2} SIZE=${VB_SIZE:-300} PAUSE=${VB_PAUSE:-5} SETTLE=${VB_SETTLE:-0}
+MEM=${VB_MEM:-512M} ACCEL=${VB_ACCEL:-auto} APPEND=${VB_APPEND:-} TIMEOUT=${VB_TIMEOUT:-900}
+MEM_LOG=${VB_MEM_LOG:-} TIMESTAMPS=0 BUILD=1
+SOCK='' BUILTIN=0
+
+note() { echo "run-guest: $*" >&2; }
+fail() { echo "run-guest: FAILED: $*" >&2; exit 1; }
+usage() { sed -n '2,/^set -u/p' "$0" | sed '/shellcheck/d; $d; s/^# \{0,1\}//'; }
+
+while [ $# -gt 0 ]; do
+    case $1 in
+        --rounds) ROUNDS=$2; shift 2 ;;
+        --size) SIZE=$2; shift 2 ;;
+        --pause) PAUSE=$2; shift 2 ;;
+        --settle) SETTLE=$2; shift 2 ;;
+        --mem) MEM=$2; shift 2 ;;
+        --accel) ACCEL=$2; shift 2 ;;
+        --append) APPEND=$2; shift 2 ;;
+        --timeout) TIMEOUT=$2; shift 2 ;;
+        --mem-log) MEM_LOG=$2; shift 2 ;;
+        --timestamps) TIMESTAMPS=1; shift ;;
+        --no-build) BUILD=0; shift ;;
+        --builtin) BUILTIN=1; shift; break ;;
+        -h|--help) usage; exit 0 ;;
+        -*) fail "unknown option '$1' (see --help)" ;;
+        *) SOCK=$1; shift; break ;;
+    esac
+done
+[ "$BUILTIN" = 1 ] || [ -n "$SOCK" ] || { usage >&2; exit 2; }
+for v in "$ROUNDS" "$SIZE" "$PAUSE" "$SETTLE" "$TIMEOUT"; do
+    case $v in ''|*[!0-9]*) fail "--rounds, --size, --pause, --settle and --timeout take whole numbers, not '$v'" ;; esac
+done
+case $ACCEL in auto|tcg|kvm) ;; *) fail "--accel must be auto, tcg or kvm, not '$ACCEL'" ;; esac
+
+[ -r "$CACHE/env.sh" ] || fail "$CACHE/env.sh not found: run qemu-configs/provision.sh first"
+. "$CACHE/env.sh"
+[ -x "$QEMU" ] || fail "$QEMU not found: run qemu-configs/provision.sh"
+[ -f "$KERNEL" ] || fail "guest kernel $KERNEL not found: run qemu-configs/provision.sh --refresh"
+
+# under_shared PATH: is PATH (resolved) visible to QEMU at the same path?
+under_shared() {
+    local p=$1 d
+    [ "$QEMU_MODE" = chroot ] || return 0
+    local IFS=:
+    for d in $QEMU_SHARED_DIRS ${VHOST_BALLOON_SHARED_DIRS:-}; do
+        [ -d "$d" ] || continue
+        d=$(cd "$d" && pwd -P)
+        case $p/ in "$d"/*) return 0 ;; esac
+    done
+    return 1
+}
+
+if [ "$BUILTIN" = 0 ]; then
+    [ -e "$SOCK" ] || fail "socket $SOCK does not exist: start the backend first (vhost-balloon serve --socket-path $SOCK)"
+    [ -S "$SOCK" ] || fail "$SOCK is not a unix socket"
+    SOCK=$(cd "$(dirname "$SOCK")" && pwd -P)/$(basename "$SOCK")
+    under_shared "$SOCK" || fail "socket $SOCK is outside the directories QEMU shares with the host ($QEMU_SHARED_DIRS): put it in $VB_RUN_DIR or /tmp, or set VHOST_BALLOON_SHARED_DIRS=$(dirname "$SOCK")"
+fi
+
+if [ "$BUILD" = 1 ]; then
+    INITRD=$("$HERE/build-initramfs.sh" | tail -n 1) || fail "build-initramfs.sh failed"
+else
+    INITRD=$(readlink -f "$CACHE/initramfs.cpio.gz")
+fi
+[ -s "$INITRD" ] || fail "initramfs $INITRD not found"
+
+# ----------------------------------------------------------------- accel
+# probe_kvm: boot the guest kernel under KVM without an initrd; reaching the
+# "Unable to mount root fs" panic means KVM ran the kernel through its whole
+# boot. Cached per host kernel, QEMU and guest kernel.
+probe_kvm() {
+    PROBE_WHY=
+    if [ ! -e /dev/kvm ]; then PROBE_WHY="no /dev/kvm"; return 1; fi
+    if [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then PROBE_WHY="/dev/kvm is not read/writable"; return 1; fi
+    local key cachef out pid i verdict=
+    key=$(echo "$(uname -r) $(cut -d' ' -f1 /proc/modules 2>/dev/null | grep '^kvm' | sort | tr '\n' ' ') $QEMU_VERSION_FULL $KERNEL" | sha256sum | cut -c1-16)
+    cachef=$CACHE/kvm-probe-$key
+    if [ -s "$cachef" ]; then
+        read -r verdict PROBE_WHY < "$cachef"
+        PROBE_WHY="$PROBE_WHY (cached probe result, $cachef)"
+        [ "$verdict" = ok ]; return
+    fi
+    note "probing KVM: booting the guest kernel under -accel kvm for at most 20 s"
+    out=$VB_RUN_DIR/kvm-probe.$$.log
+    "$QEMU" -accel kvm -cpu max -m 256M -machine q35 -nographic -no-reboot -nic none -vga none \
+        -kernel "$KERNEL" -append "console=ttyS0 panic=-1" </dev/null >"$out" 2>&1 &
+    pid=$!
+    for ((i = 0; i < 100; i++)); do
+        sleep 0.2
+        if grep -q "Unable to mount root fs" "$out"; then verdict=ok; PROBE_WHY="the guest kernel booted under KVM"; break; fi
+        if grep -qE "KVM internal error|emulation failure|failed to initialize kvm|Could not access KVM" "$out"; then
+            verdict=no; PROBE_WHY="KVM cannot run the guest kernel: $(tr -d '\r' < "$out" | grep -m1 -oE "(KVM internal error|emulation failure|failed to initialize kvm|Could not access KVM).*")"
+            break
+        fi
+        if ! kill -0 "$pid" 2>/dev/null; then
+            verdict=no; PROBE_WHY="QEMU under KVM exited before the kernel booted: $(tail -n 1 "$out" | tr -d '\r')"; break
+        fi
+    done
+    if [ -z "$verdict" ]; then
+        verdict=no; PROBE_WHY="the guest kernel did not finish booting under KVM within 20 s"
+    fi
+    kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+    rm -f "$out"
+    echo "$verdict $PROBE_WHY" > "$cachef"
+    [ "$verdict" = ok ]
+}
+
+case $ACCEL in
+    tcg) CPU=max; note "accelerator: tcg (asked for)" ;;
+    kvm) CPU=max; note "accelerator: kvm (asked for, not probed)" ;;
+    auto)
+        if probe_kvm; then ACCEL=kvm; note "accelerator: kvm ($PROBE_WHY)"
+        else ACCEL=tcg; note "accelerator: tcg, because $PROBE_WHY"; fi
+        CPU=max ;;
+esac
+
+# ----------------------------------------------------------- command line
+KAPPEND="console=ttyS0 panic=-1 vb.rounds=$ROUNDS vb.size=$SIZE vb.pause=$PAUSE vb.settle=$SETTLE${APPEND:+ $APPEND}"
+ARGS=(
+    -name vhost-balloon-guest
+    -machine q35,memory-backend=mem
+    -accel "$ACCEL" -cpu "$CPU"
+    -m "$MEM"
+    -object "memory-backend-memfd,id=mem,size=$MEM,share=on"
+)
+if [ "$BUILTIN" = 1 ]; then
+    ARGS+=(-device virtio-balloon-pci,free-page-reporting=on)
+    WHAT="QEMU's built-in virtio-balloon-pci,free-page-reporting=on"
+else
+    ARGS+=(
+        -chardev "socket,id=vub,path=$SOCK"
+        -device vhost-user-test-device-pci,chardev=vub,virtio-id=5,num_vqs=3,config_size=16,vq_size=64
+    )
+    WHAT="vhost-user balloon at $SOCK"
+fi
+ARGS+=(
+    -nic none -vga none -nographic -no-reboot
+    -kernel "$KERNEL" -initrd "$INITRD" -append "$KAPPEND"
+    "$@"
+)
+note "QEMU $QEMU_VERSION ($QEMU_MODE), guest kernel $GUEST_KERNEL_VERSION, $WHAT"
+note "initramfs $INITRD"
+note "$QEMU ${ARGS[*]}"
+
+# ------------------------------------------------------------------- run
+uptime_s() { read -r u _ < /proc/uptime; echo "$u"; }
+T_START=$(uptime_s)
+if [ "$TIMESTAMPS" = 1 ]; then
+    "$QEMU" "${ARGS[@]}" < /dev/null > >(while IFS= read -r line; do read -r u _ < /proc/uptime; printf '[%s] %s\n' "$u" "$line"; done) &
+else
+    "$QEMU" "${ARGS[@]}" < /dev/null &
+fi
+QPID=$!
+note "qemu pid $QPID started at host uptime $T_START s"
+trap 'note "interrupted: stopping QEMU (pid $QPID)"; kill "$QPID" 2>/dev/null' INT TERM
+
+SAMPLER=
+if [ -n "$MEM_LOG" ]; then
+    (
+        echo "# t_uptime_s rss_shmem_kib memfd_alloc_kib (QEMU pid $QPID)"
+        while kill -0 "$QPID" 2>/dev/null; do
+            rss=$(awk '/^RssShmem:/ { print $2 }' "/proc/$QPID/status" 2>/dev/null)
+            alloc=
+            for fd in /proc/$QPID/fd/*; do
+                case $(readlink "$fd" 2>/dev/null) in
+                    /memfd:mem*) alloc=$(( $(stat -L -c '%b * %B' "$fd" 2>/dev/null || echo 0) / 1024 )); break ;;
+                esac
+            done
+            [ -n "$rss" ] && echo "$(uptime_s) $rss ${alloc:-?}"
+            sleep 1
+        done
+    ) > "$MEM_LOG" &
+    SAMPLER=$!
+fi
+
+TIMED_OUT=$(mktemp)
+(
+    i=0
+    while kill -0 "$QPID" 2>/dev/null; do
+        sleep 1; i=$((i + 1))
+        if [ "$i" -ge "$TIMEOUT" ]; then
+            echo yes > "$TIMED_OUT"
+            note "timeout after $TIMEOUT s: killing QEMU (pid $QPID)"
+            kill "$QPID" 2>/dev/null
+            for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$QPID" 2>/dev/null || break; sleep 0.5; done
+            kill -9 "$QPID" 2>/dev/null
+            break
+        fi
+    done
+) &
+WATCHDOG=$!
+wait "$QPID"; RC=$?
+while kill -0 "$QPID" 2>/dev/null; do wait "$QPID"; RC=$?; done   # wait returns early on a trapped signal
+wait "$WATCHDOG" 2>/dev/null
+[ -n "$SAMPLER" ] && wait "$SAMPLER" 2>/dev/null
+[ -s "$TIMED_OUT" ] && RC=124
+rm -f "$TIMED_OUT"
+note "QEMU exited with status $RC after $(awk -v a="$T_START" -v b="$(uptime_s)" 'BEGIN { printf "%.1f", b - a }') s"
+exit "$RC"
