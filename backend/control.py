@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from backend.streams import linger
+
 LOG = logging.getLogger("vhost_balloon.control")
 
 MAX_LINE = 64 * 1024  # a request line, without its newline
 MAX_REPLY = 16 * 1024 * 1024  # what the client accepts
-LINGER = 1.0  # seconds to drain a client's input after refusing its line
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -110,7 +111,7 @@ async def _serve_connection(
                 return
         except asyncio.LimitOverrunError:
             await _send(writer, _error(f"request line over {MAX_LINE} bytes; closing"))
-            await _linger(reader, writer)
+            await linger(reader, writer)
             return
         await _send(writer, await _answer(line, handler))
         if last:
@@ -145,17 +146,6 @@ async def _send(writer: asyncio.StreamWriter, reply: dict[str, Any]) -> None:
         text = json.dumps(_error(f"internal error: reply not JSON-serialisable: {error}"))
     writer.write(text.encode() + b"\n")
     await writer.drain()
-
-
-async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Half-close, then discard what the client is still sending: closing with
-    unread input resets the connection, which can lose the reply in flight."""
-    if writer.can_write_eof():
-        writer.write_eof()
-    with contextlib.suppress(TimeoutError, OSError):
-        async with asyncio.timeout(LINGER):
-            while await reader.read(65536):
-                pass
 
 
 def _error(message: str) -> dict[str, Any]:

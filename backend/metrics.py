@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from hdrh.histogram import HdrHistogram
 
+from backend.streams import linger
 from backend.trace import ReportRecord
 
 LOG = logging.getLogger("vhost_balloon.metrics")
@@ -266,7 +267,6 @@ def _number(value: float) -> str:
 
 MAX_REQUEST = 8192  # request line + headers
 READ_TIMEOUT = 10.0  # a client that never finishes its request is dropped
-LINGER = 1.0  # after an error reply, drain the client's unread input this long
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _REQUEST_LINE = re.compile(rb"([A-Z]+) (\S+) HTTP/1\.[01]")
 _HEADER = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:.*")
@@ -314,7 +314,7 @@ async def _handle(
         method, path = _parse(head)
     except _BadRequest as error:
         await _respond(writer, 400, f"{error}\n")
-        await _linger(reader, writer)
+        await linger(reader, writer)
         return
     if path != "/metrics":
         status, body = 404, "not found; try /metrics\n"
@@ -370,17 +370,6 @@ async def _respond(
         head += "Allow: GET, HEAD\r\n"
     writer.write(head.encode() + b"\r\n" + (data if include_body else b""))
     await writer.drain()
-
-
-async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Half-close, then read what the client is still sending: closing with
-    unread input would send a reset that can destroy the 400 in flight."""
-    if writer.can_write_eof():
-        writer.write_eof()
-    with contextlib.suppress(TimeoutError, OSError):
-        async with asyncio.timeout(LINGER):
-            while await reader.read(65536):
-                pass
 
 
 def parse_listen_address(text: str) -> tuple[str, int]:

@@ -20,11 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+import harness
 
 POINTS = ("kick", "report", "entry", "publish", "notify")
 DELAYS_US = (100, 1_000, 10_000, 100_000)
@@ -35,48 +35,19 @@ def holds_us(delay: str | None, reports: int, workdir: Path) -> list[float]:
     """Guest-measured hold windows (us) of one backend+guest run."""
     sock = workdir / "b.sock"
     log = workdir / "guest.jsonl"
-    command = [
-        sys.executable,
-        "-m",
-        "backend.cli",
-        "serve",
-        "--socket-path",
-        str(sock),
-        "--discard",
-        "none",
-    ]
-    if delay is not None:
-        command += ["--delay", delay]
-    server = subprocess.Popen(command, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while not sock.exists():
-            if time.monotonic() > deadline:
-                raise RuntimeError("the backend did not start")
-            time.sleep(0.02)
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "guest",
-                "--socket-path",
-                str(sock),
-                "--memory",
-                "256M",
-                "--reports",
-                str(reports),
-                "--json",
-                "--report-log",
-                str(log),
-                "--report-timeout",
-                "60",
-            ],
-            capture_output=True,
-            check=True,
+    options = ["--discard", "none"] + (["--delay", delay] if delay is not None else [])
+    with harness.backend(sock, *options):
+        harness.run_guest(
+            sock,
+            "--memory",
+            "256M",
+            "--reports",
+            str(reports),
+            "--report-log",
+            str(log),
+            "--report-timeout",
+            "60",
         )
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     return [json.loads(line)["hold_ns"] / 1000 for line in log.read_text().splitlines()]
 
 

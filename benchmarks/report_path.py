@@ -27,11 +27,11 @@ import json
 import mmap
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+import harness
 
 from backend.syscalls import punch_hole
 
@@ -91,48 +91,8 @@ def backend_run(discard: str, reports: int, workdir: Path) -> dict[str, float]:
     sock = workdir / f"{discard}.sock"
     trace = workdir / f"{discard}.jsonl"
     trace.unlink(missing_ok=True)
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "backend.cli",
-            "serve",
-            "--socket-path",
-            str(sock),
-            "--discard",
-            discard,
-            "--trace",
-            str(trace),
-        ],
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while not sock.exists():
-            if time.monotonic() > deadline:
-                raise RuntimeError("the backend did not start")
-            time.sleep(0.02)
-        guest = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "guest",
-                "--socket-path",
-                str(sock),
-                "--memory",
-                "512M",
-                "--reports",
-                str(reports),
-                "--json",
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        summary = json.loads(guest.stdout)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    with harness.backend(sock, "--discard", discard, "--trace", str(trace)):
+        summary = harness.run_guest(sock, "--memory", "512M", "--reports", str(reports))
     records = [json.loads(line) for line in trace.read_text().splitlines()]
     kick_to_notify = [(r["t_notified_ns"] - r["t_kick_ns"]) / 1000 for r in records]
     syscall = [r["discard_syscall_ns"] / 1000 for r in records]

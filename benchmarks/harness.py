@@ -1,0 +1,43 @@
+"""Run `vhost-balloon serve` and the mocked guest as separate processes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def backend(sock: Path, *options: str) -> Iterator[subprocess.Popen[bytes]]:
+    """`vhost-balloon serve --socket-path SOCK OPTIONS...`, stopped on exit."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "backend.cli", "serve", "--socket-path", str(sock), *options],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the backend did not start")
+            time.sleep(0.02)
+        yield server
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def run_guest(sock: Path, *options: str) -> dict[str, Any]:
+    """`python -m guest --socket-path SOCK --json OPTIONS...`; its summary."""
+    guest = subprocess.run(
+        [sys.executable, "-m", "guest", "--socket-path", str(sock), "--json", *options],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    summary: dict[str, Any] = json.loads(guest.stdout)
+    return summary
