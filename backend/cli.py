@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from backend import launch, provisioning
 from backend.balloon import BalloonSettings, NotifyPolicy
 from backend.contention import parse_bql, parse_mmap_contention
 from backend.control import ControlError, control_request
@@ -32,6 +33,7 @@ from backend.injection import (
     parse_delay_option,
 )
 from backend.metrics import parse_listen_address
+from backend.provisioning import LaunchError
 from backend.server import Server, ServerSettings, listen_unix, socket_from_fd
 from protocol import units, virtio
 from protocol.units import argument_type
@@ -206,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_service_options(demo)
     _add_guest_options(demo)
 
+    _add_launch_parser(commands)
+    setup = commands.add_parser(
+        "setup-qemu", help="provision QEMU >= 10.2, the guest kernel and busybox (cached; root)"
+    )
+    setup.add_argument("--refresh", action="store_true", help="redo every step")
+
     ctl = commands.add_parser("ctl", help="read statistics or change latency settings live")
     ctl.add_argument("--control-socket", type=Path, required=True, metavar="PATH")
     ctl_commands = ctl.add_subparsers(dest="ctl_command", required=True)
@@ -225,6 +233,52 @@ def build_parser() -> argparse.ArgumentParser:
     change.add_argument("--mmap-contention", metavar="SPEC|none")
     change.add_argument("--seed", type=int)
     return parser
+
+
+def _add_launch_parser(commands: Any) -> None:
+    launch = commands.add_parser(
+        "launch",
+        help="the backend beside a real QEMU and Linux guest (qemu-configs/)",
+        description="Start the backend and QEMU (through qemu-configs/run-guest.sh) with the "
+        "project's test guest or your own kernel/initrd, stream the console with host "
+        "timestamps, stop both when the guest powers off or on Ctrl-C, print a summary. "
+        "Arguments after -- go to QEMU.",
+    )
+    launch.add_argument(
+        "--json", action="store_true", help="print one JSON summary (console goes to stderr)"
+    )
+    _add_backend_options(launch)
+    _add_latency_options(launch)
+    _add_service_options(launch)
+    guest = launch.add_argument_group("guest and QEMU")
+    whole = argument_type(units.parse_positive_int)
+    guest.add_argument("--rounds", type=whole, default=2, help="fill/free rounds (2)")
+    guest.add_argument("--size", type=whole, default=300, metavar="MIB", help="MiB/round (300)")
+    guest.add_argument("--pause", type=int, default=5, metavar="S", help="wait after a free (5)")
+    guest.add_argument("--settle", type=int, default=0, metavar="S", help="wait before the end")
+    guest.add_argument("--mem", default="512M", metavar="SIZE", help="guest RAM (512M)")
+    guest.add_argument("--kernel", type=Path, metavar="FILE", help="your own guest kernel")
+    guest.add_argument("--initrd", type=Path, metavar="FILE", help="your own initrd")
+    guest.add_argument("--append", default="", metavar="STR", help="more kernel command line")
+    guest.add_argument(
+        "--baseline",
+        action="store_true",
+        help="QEMU's built-in virtio-balloon-pci,free-page-reporting=on instead of the backend",
+    )
+    guest.add_argument("--console-log", type=Path, metavar="FILE", help="also write it here")
+    guest.add_argument("--timeout", type=whole, default=900, metavar="S", help="kill QEMU after")
+    guest.add_argument("--accel", choices=("auto", "tcg", "kvm"), default="auto")
+    guest.add_argument(
+        "--mem-path", type=Path, metavar="DIR", help="guest RAM in a file in DIR (hugetlbfs)"
+    )
+    guest.add_argument(
+        "--share", choices=("on", "off"), default="on", help="off: see QEMU's error only"
+    )
+    guest.add_argument("--qemu", metavar="BIN", help="another QEMU than the provisioned one")
+    guest.add_argument(
+        "--socket-path", type=Path, help="the backend's socket (default VB_RUN_DIR/launch-PID.sock)"
+    )
+    launch.add_argument("qemu_args", nargs="*", metavar="-- QEMU_ARG", help=argparse.SUPPRESS)
 
 
 def _server_settings(args: argparse.Namespace) -> ServerSettings:
@@ -360,13 +414,7 @@ async def _demo(args: argparse.Namespace) -> int:
     summary["discard"] = args.discard
     summary["injected"] = server.runtime.settings.describe()
     summary["backend"] = {
-        "reports": totals.reports,
-        "entries": totals.entries,
-        "reported_bytes": totals.reported_bytes,
-        "freed_bytes": totals.freed_bytes,
-        "skipped_entries": totals.skipped_outside + totals.skipped_unaligned,
-        "discard_errors": totals.discard_errors,
-        "queue_errors": totals.queue_errors,
+        **totals.counters(),
         "discard_syscall_us_mean": (
             totals.discard_syscall_ns / totals.reports / 1000 if totals.reports else 0.0
         ),
@@ -410,6 +458,57 @@ def _describe_injected(injected: dict[str, Any]) -> str:
     if injected.get("mmap_contention"):
         parts.append(f"mmap contention {injected['mmap_contention']}")
     return " ".join(parts) or "nothing"
+
+
+def _setup_qemu(args: argparse.Namespace) -> int:
+    script = provisioning.configs_dir() / "provision.sh"
+    failure = provisioning.run_provision(script, *(["--refresh"] if args.refresh else []))
+    if failure is not None:
+        raise UsageError(failure)
+    print(provisioning.cache_dir() / "env.sh")
+    return 0
+
+
+async def _launch(args: argparse.Namespace) -> int:
+    if args.mem_path is not None and not args.mem_path.is_dir():
+        raise UsageError(f"--mem-path {args.mem_path} is not a directory")
+    options = launch.LaunchOptions(
+        rounds=args.rounds,
+        size_mib=args.size,
+        pause_s=args.pause,
+        settle_s=args.settle,
+        mem=args.mem,
+        kernel=args.kernel,
+        initrd=args.initrd,
+        append=args.append,
+        baseline=args.baseline,
+        console_log=args.console_log,
+        timeout_s=args.timeout,
+        accel=args.accel,
+        mem_path=args.mem_path,
+        share=args.share,
+        qemu=args.qemu,
+        socket_path=args.socket_path,
+        qemu_args=tuple(a for a in args.qemu_args if a != "--"),
+        console_to_stderr=args.json,
+    )
+    settings = None if args.baseline else _server_settings(args)
+
+    def note(text: str) -> None:
+        print(f"launch: {text}", file=sys.stderr, flush=True)
+
+    run = launch.Launch(options, settings, note, sys.stderr if args.json else sys.stdout)
+    try:
+        summary = await run.run()
+    except LaunchError as error:
+        raise UsageError(str(error)) from None
+    failure = run.failure()
+    if failure is not None:
+        summary["error"] = failure
+    print(json.dumps(summary, indent=2) if args.json else launch.format_summary(summary))
+    if failure is not None:
+        raise UsageError(failure)
+    return 130 if run.interrupted else 0
 
 
 def _ctl(args: argparse.Namespace) -> int:
@@ -468,6 +567,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_guest(args)
         if args.command == "ctl":
             return _ctl(args)
+        if args.command == "launch":
+            return asyncio.run(_launch(args))
+        if args.command == "setup-qemu":
+            return _setup_qemu(args)
         return asyncio.run(_demo(args))
     except (UsageError, OSError) as error:
         print(f"vhost-balloon {args.command}: {error}", file=sys.stderr)

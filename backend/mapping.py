@@ -106,8 +106,15 @@ class MappedRegion:
 
 
 def _seals(fd: int) -> int | None:
-    """The file's seals, or None when it cannot be sealed (not a memfd)."""
+    """A memfd's seals, or None for any other file.
+
+    Only memfds can be sealed; hugetlbfs and tmpfs files answer F_GET_SEALS
+    too (with F_SEAL_SEAL), but nothing could ever seal them, so they are not
+    held to it.
+    """
     try:
+        if not os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:"):
+            return None
         return fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError:
         return None

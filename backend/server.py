@@ -78,17 +78,7 @@ class Server:
             self._services.append(await serve_metrics(host, port, self.render_metrics))
 
     def render_metrics(self) -> str:
-        totals = self.totals()
-        counters = {
-            "reports": totals.reports,
-            "entries": totals.entries,
-            "reported_bytes": totals.reported_bytes,
-            "freed_bytes": totals.freed_bytes,
-            "skipped_entries": totals.skipped_outside + totals.skipped_unaligned,
-            "discard_errors": totals.discard_errors,
-            "queue_errors": totals.queue_errors,
-        }
-        return self.metrics.render(counters, len(self.sessions))
+        return self.metrics.render(self.totals().counters(), len(self.sessions))
 
     async def handle_control(self, request: dict[str, Any]) -> dict[str, Any]:
         """The control socket's commands: stats, get, set."""

@@ -28,3 +28,15 @@ class DeviceStats:
 
     def as_dict(self) -> dict[str, int]:
         return {item.name: getattr(self, item.name) for item in fields(self)}
+
+    def counters(self) -> dict[str, int]:
+        """The figures a user reads first (demo summary, Prometheus counters)."""
+        return {
+            "reports": self.reports,
+            "entries": self.entries,
+            "reported_bytes": self.reported_bytes,
+            "freed_bytes": self.freed_bytes,
+            "skipped_entries": self.skipped_outside + self.skipped_unaligned,
+            "discard_errors": self.discard_errors,
+            "queue_errors": self.queue_errors,
+        }

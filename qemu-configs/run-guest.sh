@@ -29,6 +29,13 @@
 #                     every second into FILE [VB_MEM_LOG]
 #   --timestamps      prefix each console line with the host's uptime
 #   --no-build        use CACHE/initramfs.cpio.gz as it is
+#   --kernel FILE     boot this kernel instead of the provisioned one [VB_KERNEL]
+#   --initrd FILE     use this initrd instead of building the project's [VB_INITRD]
+#   --mem-path DIR    guest RAM is a file in DIR (memory-backend-file, e.g. a
+#                     hugetlbfs mount) instead of a memfd [VB_MEM_PATH]
+#   --share on|off    share= of the RAM backend (on); off only to see QEMU's
+#                     error when vhost-user cannot map guest RAM [VB_SHARE]
+#   --qemu BIN        run this QEMU instead of the provisioned one [VB_QEMU]
 # Exit status: QEMU's (0 after the guest's poweroff), 124 on timeout.
 # Host-side notes go to stderr, prefixed "run-guest:".
 # shellcheck disable=SC2054  # QEMU options are comma-separated by design
@@ -39,6 +46,8 @@ CACHE=${VHOST_BALLOON_CACHE:-/var/cache/vhost-balloon}
 ROUNDS=${VB_ROUNDS:-2} SIZE=${VB_SIZE:-300} PAUSE=${VB_PAUSE:-5} SETTLE=${VB_SETTLE:-0}
 MEM=${VB_MEM:-512M} ACCEL=${VB_ACCEL:-auto} APPEND=${VB_APPEND:-} TIMEOUT=${VB_TIMEOUT:-900}
 MEM_LOG=${VB_MEM_LOG:-} TIMESTAMPS=0 BUILD=1
+USER_KERNEL=${VB_KERNEL:-} USER_INITRD=${VB_INITRD:-} MEM_PATH=${VB_MEM_PATH:-}
+SHARE=${VB_SHARE:-on} USER_QEMU=${VB_QEMU:-}
 SOCK='' BUILTIN=0
 
 note() { echo "run-guest: $*" >&2; }
@@ -58,6 +67,11 @@ while [ $# -gt 0 ]; do
         --mem-log) MEM_LOG=$2; shift 2 ;;
         --timestamps) TIMESTAMPS=1; shift ;;
         --no-build) BUILD=0; shift ;;
+        --kernel) USER_KERNEL=$2; shift 2 ;;
+        --initrd) USER_INITRD=$2; shift 2 ;;
+        --mem-path) MEM_PATH=$2; shift 2 ;;
+        --share) SHARE=$2; shift 2 ;;
+        --qemu) USER_QEMU=$2; shift 2 ;;
         --builtin) BUILTIN=1; shift; break ;;
         -h|--help) usage; exit 0 ;;
         -*) fail "unknown option '$1' (see --help)" ;;
@@ -69,10 +83,22 @@ for v in "$ROUNDS" "$SIZE" "$PAUSE" "$SETTLE" "$TIMEOUT"; do
     case $v in ''|*[!0-9]*) fail "--rounds, --size, --pause, --settle and --timeout take whole numbers, not '$v'" ;; esac
 done
 case $ACCEL in auto|tcg|kvm) ;; *) fail "--accel must be auto, tcg or kvm, not '$ACCEL'" ;; esac
+case $SHARE in on|off) ;; *) fail "--share must be on or off, not '$SHARE'" ;; esac
 
 [ -r "$CACHE/env.sh" ] || fail "$CACHE/env.sh not found: run qemu-configs/provision.sh first"
 . "$CACHE/env.sh"
+if [ -n "$USER_QEMU" ]; then
+    QEMU=$(command -v "$USER_QEMU") || fail "QEMU $USER_QEMU not found"
+    QEMU_VERSION=$("$QEMU" --version 2>/dev/null | sed -n '1s/^QEMU emulator version \([0-9][0-9.]*\).*/\1/p')
+    QEMU_VERSION_FULL=$("$QEMU" --version 2>/dev/null | head -n 1)
+    QEMU_MODE=user
+fi
 [ -x "$QEMU" ] || fail "$QEMU not found: run qemu-configs/provision.sh"
+if [ -n "$USER_KERNEL" ]; then
+    [ -f "$USER_KERNEL" ] || fail "kernel $USER_KERNEL not found"
+    KERNEL=$(cd "$(dirname "$USER_KERNEL")" && pwd -P)/$(basename "$USER_KERNEL")
+    GUEST_KERNEL_VERSION="$(basename "$KERNEL") (user's)"
+fi
 [ -f "$KERNEL" ] || fail "guest kernel $KERNEL not found: run qemu-configs/provision.sh --refresh"
 
 # under_shared PATH: is PATH (resolved) visible to QEMU at the same path?
@@ -95,12 +121,23 @@ if [ "$BUILTIN" = 0 ]; then
     under_shared "$SOCK" || fail "socket $SOCK is outside the directories QEMU shares with the host ($QEMU_SHARED_DIRS): put it in $VB_RUN_DIR or /tmp, or set VHOST_BALLOON_SHARED_DIRS=$(dirname "$SOCK")"
 fi
 
-if [ "$BUILD" = 1 ]; then
+if [ -n "$USER_INITRD" ]; then
+    [ -f "$USER_INITRD" ] || fail "initrd $USER_INITRD not found"
+    INITRD=$(cd "$(dirname "$USER_INITRD")" && pwd -P)/$(basename "$USER_INITRD")
+elif [ "$BUILD" = 1 ]; then
     INITRD=$("$HERE/build-initramfs.sh" | tail -n 1) || fail "build-initramfs.sh failed"
 else
     INITRD=$(readlink -f "$CACHE/initramfs.cpio.gz")
 fi
 [ -s "$INITRD" ] || fail "initramfs $INITRD not found"
+for f in "$KERNEL" "$INITRD" ${MEM_PATH:+"$MEM_PATH"}; do
+    under_shared "$(cd "$(dirname "$f")" && pwd -P)/$(basename "$f")" ||
+        fail "$f is outside the directories QEMU shares with the host ($QEMU_SHARED_DIRS): move it or set VHOST_BALLOON_SHARED_DIRS=$(dirname "$f")"
+done
+if [ -n "$MEM_PATH" ]; then
+    [ -d "$MEM_PATH" ] || fail "--mem-path $MEM_PATH is not a directory"
+    MEM_PATH=$(cd "$MEM_PATH" && pwd -P)
+fi
 
 # ----------------------------------------------------------------- accel
 # probe_kvm: boot the guest kernel under KVM without an initrd; reaching the
@@ -159,8 +196,13 @@ ARGS=(
     -machine q35,memory-backend=mem
     -accel "$ACCEL" -cpu "$CPU"
     -m "$MEM"
-    -object "memory-backend-memfd,id=mem,size=$MEM,share=on"
 )
+if [ -n "$MEM_PATH" ]; then
+    # A file in MEM_PATH (hugetlbfs: huge pages), unlinked by QEMU once open.
+    ARGS+=(-object "memory-backend-file,id=mem,size=$MEM,mem-path=$MEM_PATH,share=$SHARE")
+else
+    ARGS+=(-object "memory-backend-memfd,id=mem,size=$MEM,share=$SHARE")
+fi
 if [ "$BUILTIN" = 1 ]; then
     ARGS+=(-device virtio-balloon-pci,free-page-reporting=on)
     WHAT="QEMU's built-in virtio-balloon-pci,free-page-reporting=on"
@@ -201,7 +243,7 @@ if [ -n "$MEM_LOG" ]; then
             alloc=
             for fd in /proc/$QPID/fd/*; do
                 case $(readlink "$fd" 2>/dev/null) in
-                    /memfd:mem*) alloc=$(( $(stat -L -c '%b * %B' "$fd" 2>/dev/null || echo 0) / 1024 )); break ;;
+                    /memfd:mem*|"$MEM_PATH"/qemu_back_mem.*) alloc=$(( $(stat -L -c '%b * %B' "$fd" 2>/dev/null || echo 0) / 1024 )); break ;;
                 esac
             done
             [ -n "$rss" ] && echo "$(uptime_s) $rss ${alloc:-?}"
