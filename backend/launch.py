@@ -37,7 +37,7 @@ from backend.provisioning import (
 )
 from backend.server import Server, ServerSettings, listen_unix
 from backend.trace import ReportRecord
-from protocol.virtio import FEATURE_NAMES
+from protocol.virtio import FEATURE_NAMES, balloon_queues
 
 STOP_GRACE_S = 10.0
 SAMPLE_INTERVAL_S = 0.2
@@ -239,6 +239,9 @@ class Launch:
             str(o.timeout_s),
             "--share",
             o.share,
+            # The guest driver creates one queue per offered feature that has one.
+            "--num-vqs",
+            str(balloon_queues((self.settings or ServerSettings()).balloon.features).count),
         ]
         if o.append:
             command += ["--append", o.append]

@@ -20,6 +20,10 @@
 #   --pause S         seconds the guest waits after each free (5) [VB_PAUSE]
 #   --settle S        extra seconds before the final checks (0) [VB_SETTLE]
 #   --mem SIZE        guest RAM, a shared memfd (512M) [VB_MEM]
+#   --num-vqs N       queues of the vhost-user device (3) [VB_NUM_VQS]: must be
+#                     what the guest driver creates for the features the
+#                     backend offers (inflate, deflate, + stats / free-page /
+#                     reporting when offered); `vhost-balloon launch` derives it
 #   --accel A         auto | tcg | kvm (auto) [VB_ACCEL]; auto probes KVM once
 #                     (boots the kernel under KVM for a few seconds, result
 #                     cached) and falls back to TCG saying why
@@ -44,6 +48,7 @@ set -u -o pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 CACHE=${VHOST_BALLOON_CACHE:-/var/cache/vhost-balloon}
 ROUNDS=${VB_ROUNDS:-2} SIZE=${VB_SIZE:-300} PAUSE=${VB_PAUSE:-5} SETTLE=${VB_SETTLE:-0}
+NUM_VQS=${VB_NUM_VQS:-3}
 MEM=${VB_MEM:-512M} ACCEL=${VB_ACCEL:-auto} APPEND=${VB_APPEND:-} TIMEOUT=${VB_TIMEOUT:-900}
 MEM_LOG=${VB_MEM_LOG:-} TIMESTAMPS=0 BUILD=1
 USER_KERNEL=${VB_KERNEL:-} USER_INITRD=${VB_INITRD:-} MEM_PATH=${VB_MEM_PATH:-}
@@ -61,6 +66,7 @@ while [ $# -gt 0 ]; do
         --pause) PAUSE=$2; shift 2 ;;
         --settle) SETTLE=$2; shift 2 ;;
         --mem) MEM=$2; shift 2 ;;
+        --num-vqs) NUM_VQS=$2; shift 2 ;;
         --accel) ACCEL=$2; shift 2 ;;
         --append) APPEND=$2; shift 2 ;;
         --timeout) TIMEOUT=$2; shift 2 ;;
@@ -209,7 +215,7 @@ if [ "$BUILTIN" = 1 ]; then
 else
     ARGS+=(
         -chardev "socket,id=vub,path=$SOCK"
-        -device vhost-user-test-device-pci,chardev=vub,virtio-id=5,num_vqs=3,config_size=16,vq_size=64
+        -device "vhost-user-test-device-pci,chardev=vub,virtio-id=5,num_vqs=$NUM_VQS,config_size=16,vq_size=64"
     )
     WHAT="vhost-user balloon at $SOCK"
 fi
