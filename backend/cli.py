@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -201,8 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
     guest.add_argument("--json", action="store_true", help="print one JSON summary object")
     _add_guest_options(guest)
 
-    demo = commands.add_parser("demo", help="backend + mocked guest over a real socket")
+    demo = commands.add_parser(
+        "demo", help="the study at once: a real QEMU guest if one is at hand, else the mocked guest"
+    )
     demo.add_argument("--json", action="store_true", help="print one JSON summary object")
+    demo.add_argument(
+        "--guest",
+        choices=("auto", "qemu", "mock"),
+        default="auto",
+        help="auto (default): the real QEMU guest of `vhost-balloon launch` when QEMU is "
+        "provisioned (`vhost-balloon setup-qemu`) and we are root, else the mocked guest",
+    )
     _add_backend_options(demo)
     _add_latency_options(demo)
     _add_service_options(demo)
@@ -389,7 +399,49 @@ async def _stop_when(event: asyncio.Event, stop: asyncio.Event) -> None:
     stop.set()
 
 
+def _qemu_at_hand() -> str | None:
+    """Why the real guest cannot run here, or None when it can."""
+    if os.geteuid() != 0:
+        return "not root"
+    if not (provisioning.cache_dir() / "env.sh").is_file():
+        return "QEMU is not provisioned (vhost-balloon setup-qemu)"
+    return None
+
+
+async def _demo_with_qemu(args: argparse.Namespace) -> int:
+    """`launch` with its defaults and the demo's backend and latency options."""
+    launch_args = build_parser().parse_args(["launch"])
+    shared = (
+        "json",
+        "discard",
+        "notify",
+        "trace",
+        "allow_unsealed_memory",
+        "delay",
+        "seed",
+        "bql",
+        "bql_phases",
+        "mmap_contention",
+        "control_socket",
+        "metrics",
+    )
+    for name in shared:
+        setattr(launch_args, name, getattr(args, name))
+    return await _launch(launch_args)
+
+
 async def _demo(args: argparse.Namespace) -> int:
+    why_not = _qemu_at_hand() if args.guest != "mock" else "--guest mock"
+    if why_not is None:
+        return await _demo_with_qemu(args)
+    if args.guest == "qemu":
+        raise UsageError(f"no real guest: {why_not}")
+    if args.guest == "auto":
+        print(
+            f"demo: no QEMU at hand ({why_not}): using the mocked guest",
+            file=sys.stderr,
+            flush=True,
+        )
     with tempfile.TemporaryDirectory(prefix="vhost-balloon-") as run_dir:
         socket_path = Path(run_dir) / "balloon.sock"
         listener = listen_unix(socket_path)

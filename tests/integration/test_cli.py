@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -24,7 +25,7 @@ def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 
 
 def test_demo_json_has_the_promised_keys() -> None:
-    result = _run("demo", "--json", "--reports", "20", "--memory", "256M")
+    result = _run("demo", "--guest", "mock", "--json", "--reports", "20", "--memory", "256M")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     for key in ("reports", "entries", "reported_bytes", "freed_bytes", "hold_us", "discard"):
@@ -38,7 +39,17 @@ def test_demo_json_has_the_promised_keys() -> None:
 
 
 def test_demo_table_is_readable() -> None:
-    result = _run("demo", "--reports", "5", "--memory", "128M", "--discard", "madv-dontneed")
+    result = _run(
+        "demo",
+        "--guest",
+        "mock",
+        "--reports",
+        "5",
+        "--memory",
+        "128M",
+        "--discard",
+        "madv-dontneed",
+    )
     assert result.returncode == 0, result.stderr
     assert "hold window p50" in result.stdout
     assert "madv-dontneed" in result.stdout
@@ -164,7 +175,16 @@ def test_serve_on_an_inherited_listening_fd(tmp_path: Path) -> None:
 
 def test_demo_shows_an_injected_delay_at_once() -> None:
     result = _run(
-        "demo", "--json", "--reports", "10", "--memory", "128M", "--delay", "publish=const:5ms"
+        "demo",
+        "--guest",
+        "mock",
+        "--json",
+        "--reports",
+        "10",
+        "--memory",
+        "128M",
+        "--delay",
+        "publish=const:5ms",
     )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
@@ -325,3 +345,27 @@ def test_running_out_of_fds_does_not_stop_accepting(tmp_path: Path) -> None:
         _, stderr = server.communicate(timeout=30)
     assert server.returncode == 0, stderr
     assert "accepting a front-end failed" in stderr
+
+
+def test_demo_falls_back_to_the_mocked_guest_without_qemu(tmp_path: Path) -> None:
+    env = {**os.environ, "VHOST_BALLOON_CACHE": str(tmp_path / "no-cache")}
+    result = subprocess.run(
+        [*CLI, "demo", "--json", "--reports", "3", "--memory", "128M"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "no QEMU at hand" in result.stderr and "using the mocked guest" in result.stderr
+    assert json.loads(result.stdout)["reports"] == 3
+    forced = subprocess.run(
+        [*CLI, "demo", "--guest", "qemu"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=env,
+    )
+    assert forced.returncode == 2 and "no real guest" in forced.stderr
