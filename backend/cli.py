@@ -629,6 +629,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as error:  # a bug: still one line, with where to look
+        LOG.debug("unexpected error", exc_info=True)
+        print(
+            f"vhost-balloon {args.command}: internal error: {error!r} "
+            "(run with -vv for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

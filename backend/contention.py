@@ -275,6 +275,9 @@ _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 _MMAP_FORMAT = "THREADS[,size=BYTES[K|M|G]], e.g. 2 or 4,size=128M"
 
 
+MAX_MMAP_CONTENTION_SIZE = 1 << 30
+
+
 def parse_mmap_contention(spec: str) -> MmapSpec:
     """Parse `THREADS[,size=64M]`: threads 1..64, size at least one page."""
     threads_text, *options = spec.split(",")
@@ -292,6 +295,11 @@ def parse_mmap_contention(spec: str) -> MmapSpec:
     if size < mmap.PAGESIZE:
         raise ContentionSpecError(
             f"{what}: bad size {size_text!r}: must be at least one page ({mmap.PAGESIZE} bytes)"
+        )
+    if size > MAX_MMAP_CONTENTION_SIZE:
+        # Populating more stalls even the event loop on the mmap_lock for seconds.
+        raise ContentionSpecError(
+            f"{what}: bad size {size_text!r}: at most {MAX_MMAP_CONTENTION_SIZE >> 20}M per thread"
         )
     size = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
     return MmapSpec(threads=threads, size=size, spec=spec)

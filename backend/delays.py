@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import random
 import re
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -323,10 +325,19 @@ def _normal(rest: str) -> DelayModel:
     )
 
 
+MAX_REPLAY_BYTES = 16 << 20
+
+
 def _replay(rest: str) -> DelayModel:
     if not rest:
         raise _Bad("replay needs a file path")
     try:
+        info = os.stat(rest)
+        # A FIFO or device would block or never end; a huge file is a mistake.
+        if not stat.S_ISREG(info.st_mode):
+            raise _Bad(f"replay file '{rest}' is not a regular file")
+        if info.st_size > MAX_REPLAY_BYTES:
+            raise _Bad(f"replay file '{rest}' is over {MAX_REPLAY_BYTES >> 20} MiB")
         lines = Path(rest).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:
         reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"

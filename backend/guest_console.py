@@ -66,6 +66,14 @@ class GuestConsole:
     vb_lines: int = 0
 
     def feed(self, line: str, t_host: float) -> None:
+        """Take one console line; a garbled `VB` line (a printk can land in the
+        middle of one on the serial console) is recorded, never raised."""
+        try:
+            self._feed(line, t_host)
+        except (ValueError, KeyError) as error:
+            self.errors.append(f"unparseable VB line {line[:120]!r}: {error}")
+
+    def _feed(self, line: str, t_host: float) -> None:
         pairs = parse_vb_line(line)
         if pairs is None:
             return

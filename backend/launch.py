@@ -182,12 +182,12 @@ class Launch:
         )
         socket_path = self._socket_path(env)
         listener = None
-        if self.settings is not None and socket_path is not None:
-            listener = listen_unix(socket_path)
-            self.server = RecordingServer(self.settings)
-        if self.options.console_log is not None:
-            self._console_log = self.options.console_log.open("w", encoding="utf-8")
         try:
+            if self.options.console_log is not None:
+                self._console_log = self.options.console_log.open("w", encoding="utf-8")
+            if self.settings is not None and socket_path is not None:
+                self.server = RecordingServer(self.settings)
+                listener = listen_unix(socket_path)
             if self.server is not None and listener is not None:
                 await self.server.start_services()
                 self.server.start(listener)
@@ -196,11 +196,10 @@ class Launch:
         finally:
             if self.server is not None:
                 await self.server.close()
-            if listener is not None:
+            if listener is not None and socket_path is not None:
                 listener.close()
-            if socket_path is not None:
                 with contextlib.suppress(OSError):
-                    socket_path.unlink()
+                    socket_path.unlink()  # only a socket this run created
             if self._console_log is not None:
                 self._console_log.close()
         return self.summary()
@@ -309,7 +308,7 @@ class Launch:
         _kill_group(process.pid, signal.SIGKILL)
 
     async def _read_console(self, stream: asyncio.StreamReader) -> None:
-        while line_bytes := await stream.readline():
+        while line_bytes := await _readline(stream):
             line = line_bytes.decode(errors="replace").rstrip("\r\n").replace("\r", "")
             now = self.clock()
             stamped = f"[{now:9.3f}] {line}\n"
@@ -321,7 +320,7 @@ class Launch:
             self.guest.feed(line, now)
 
     async def _read_notes(self, stream: asyncio.StreamReader) -> None:
-        while line_bytes := await stream.readline():
+        while line_bytes := await _readline(stream):
             line = line_bytes.decode(errors="replace").rstrip("\r\n")
             if not line.strip():
                 continue
@@ -509,3 +508,14 @@ def format_summary(summary: dict[str, Any]) -> str:
     ]
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
+async def _readline(stream: asyncio.StreamReader) -> bytes:
+    """The next line; an over-long one (no newline within the stream's limit)
+    comes back in pieces instead of ending the reader."""
+    try:
+        return await stream.readline()
+    except asyncio.LimitOverrunError as overrun:
+        return await stream.read(overrun.consumed) + b"\n"
+    except ValueError:  # readline's wrapper of LimitOverrunError
+        return await stream.read(65536) + b"\n"

@@ -10,6 +10,7 @@ while QEMU and the guest keep running.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,6 +33,9 @@ class Runtime:
         self.big_lock = BigLock()
         self._bql: BqlContention | None = None
         self._mmap: MmapContention | None = None
+        # Changes are serialised: two concurrent `set`s must not both restart
+        # the same contention threads, nor both build on the same snapshot.
+        self._changing = asyncio.Lock()
 
     def current(self) -> LatencySettings:
         return self.settings
@@ -41,8 +45,30 @@ class Runtime:
 
     async def apply(self, new: LatencySettings) -> LatencySettings:
         """Make `new` the settings in force (from the next report on)."""
+        async with self._changing:
+            return await self._apply(new)
+
+    async def update(self, request: Mapping[str, Any]) -> LatencySettings:
+        """Apply a control-socket `set` request (ValueError if it is bad).
+
+        Parsing runs in a thread: a `replay:` file is read from disk there.
+        """
+        async with self._changing:
+            new = await asyncio.to_thread(self.updated, request)
+            return await self._apply(new)
+
+    async def _apply(self, new: LatencySettings) -> LatencySettings:
         old = self.settings
-        await self._restart_contention(old, new)
+        try:
+            await self._restart_contention(old, new)
+        except Exception as error:
+            # Never leave settings that do not describe what runs: stop all
+            # contention and say so.
+            await self._stop_all()
+            self.settings = old.changed(bql=None, mmap=None)
+            raise ValueError(
+                f"contention could not be changed ({error}); all contention threads were stopped"
+            ) from None
         self.settings = new
         return new
 
@@ -61,8 +87,16 @@ class Runtime:
             self._mmap = MmapContention(new.mmap)
             self._mmap.start()
 
+    async def _stop_all(self) -> None:
+        bql, mmap_threads, self._bql, self._mmap = self._bql, self._mmap, None, None
+        for contention in (bql, mmap_threads):
+            if contention is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(contention.stop)
+
     async def close(self) -> None:
-        await self._restart_contention(self.settings, LatencySettings())
+        async with self._changing:
+            await self._stop_all()
 
     def describe(self) -> dict[str, Any]:
         described = self.settings.describe()

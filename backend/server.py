@@ -86,7 +86,7 @@ class Server:
         if command == "get":
             return {"ok": True, "settings": self.runtime.describe()}
         if command == "set":
-            await self.runtime.apply(self.runtime.updated(request))
+            await self.runtime.update(request)
             return {"ok": True, "settings": self.runtime.describe()}
         if command == "stats":
             sessions = {}

@@ -538,6 +538,11 @@ class Session:
             # A mapping released under a running queue: memory changes wait
             # for workers, so this is a bug; stop rather than guess a position.
             self._break(vring, f"ring memory unavailable: {error}")
+        except Exception as error:  # e.g. EMFILE from a timerfd mid-report
+            # A popped chain may now never be published: say so loudly (err
+            # eventfd, broken queue) rather than leave the guest waiting silently.
+            self.log.exception("queue %d: report processing failed", vring.index)
+            self._break(vring, f"report processing failed: {error!r}")
 
     def _break(self, vring: Vring, reason: str) -> None:
         vring.broken = True

@@ -18,6 +18,7 @@ from backend.contention import (
     BqlContention,
     ContentionSpecError,
     MmapContention,
+    MmapSpec,
     parse_bql,
     parse_mmap_contention,
 )
@@ -297,7 +298,8 @@ def test_mmap_contention_touches_pages_where_populate_is_missing() -> None:
 
 def test_mmap_contention_backs_off_when_mmap_fails() -> None:
     # A mapping larger than the address space: every mmap returns MAP_FAILED.
-    contention = MmapContention(parse_mmap_contention("1,size=1048576G"))
+    # Beyond what parse_mmap_contention accepts: built directly so mmap fails.
+    contention = MmapContention(MmapSpec(threads=1, size=1 << 50, spec="1,size=1048576G"))
     contention.start()
     try:
         assert wait_for(lambda: contention.failures > 0)
@@ -305,3 +307,8 @@ def test_mmap_contention_backs_off_when_mmap_fails() -> None:
     finally:
         contention.stop()
     assert contention.iterations == 0
+
+
+def test_mmap_contention_size_is_capped() -> None:
+    with pytest.raises(ContentionSpecError, match="at most 1024M"):
+        parse_mmap_contention("1,size=2G")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import statistics
 from pathlib import Path
 
@@ -340,3 +341,10 @@ def test_replay_of_a_non_text_file_is_refused(tmp_path: Path) -> None:
     path.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(DelaySpecError, match="not UTF-8 text"):
         parse_delay(f"replay:{path}")
+
+
+def test_replay_refuses_a_fifo_which_would_block(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(DelaySpecError, match="not a regular file"):
+        parse_delay(f"replay:{fifo}")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
 import pytest
 
+from backend.contention import MmapContention
 from backend.delays import DelaySpecError, parse_delay
 from backend.injection import (
     ALL_BQL_PHASES,
@@ -110,3 +114,47 @@ def test_runtime_updates_merge_replace_and_remove() -> None:
 def test_runtime_refuses_bad_updates(request_: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         Runtime().updated(request_)
+
+
+async def test_concurrent_updates_never_orphan_contention_threads() -> None:
+    def bql_threads() -> int:
+        return sum(t.name.startswith("bql-") for t in threading.enumerate())
+
+    runtime = Runtime()
+    await runtime.start()
+    try:
+        await asyncio.gather(
+            runtime.update({"bql": "const:100us@100,threads=2"}),
+            runtime.update({"bql": "const:100us@100,threads=3"}),
+        )
+        assert runtime.settings.version == 2  # both applied, one after the other
+        assert runtime.settings.bql is not None
+        assert bql_threads() == runtime.settings.bql.threads
+        await runtime.update({"bql": "none"})
+        assert bql_threads() == 0
+    finally:
+        await runtime.close()
+    assert bql_threads() == 0
+
+
+async def test_a_failed_contention_change_leaves_honest_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def refuse(self: object) -> None:
+        raise TimeoutError("thread did not stop")
+
+    runtime = Runtime()
+    await runtime.start()
+    stuck = None
+    try:
+        await runtime.update({"mmap_contention": "1,size=4M"})
+        stuck = runtime._mmap
+        monkeypatch.setattr(MmapContention, "stop", refuse)
+        with pytest.raises(ValueError, match="all contention threads were stopped"):
+            await runtime.update({"mmap_contention": "2,size=4M"})
+        assert runtime.settings.mmap is None and runtime.settings.bql is None
+    finally:
+        monkeypatch.undo()
+        await runtime.close()
+        if stuck is not None:  # the threads whose stop was made to fail
+            stuck.stop()

@@ -82,11 +82,19 @@ def test_guest_and_backend_see_the_same_reports(reporting_run: LaunchRun) -> Non
         # Durations on the guest's clock, converted to host time: under TCG the
         # guest's clocksource is calibrated at boot and may run a little off.
         on_host_clock = guest * rate
+        # The two clocks agree only so far: the guest reads its emulated TSC
+        # at translation-block boundaries and its rate wanders around the
+        # fitted one (seen: 45 us short on a 20.6 ms report, 0.2 %).
+        tolerance = CLOCK_TOLERANCE * backend + CLOCK_SLACK_US
         print(
             f"  report {i}: guest {on_host_clock:9.1f} us >= backend kick-to-notify "
-            f"{backend:9.1f} us"
+            f"{backend:9.1f} us (- {tolerance:.0f} us clock tolerance)"
         )
-        assert on_host_clock >= backend, (i, guest, rate, backend)
+        assert on_host_clock >= backend - tolerance, (i, guest, rate, backend)
+
+
+CLOCK_TOLERANCE = 0.005
+CLOCK_SLACK_US = 100.0
 
 
 def _align(guest_starts: list[float], backend_kicks: list[float], count: int) -> tuple[int, float]:

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+import backend.injection
 from backend.contention import parse_bql, parse_mmap_contention
 from backend.control import control_request
 from backend.delays import parse_delay
@@ -177,3 +178,29 @@ async def test_control_socket_refuses_bad_settings_and_keeps_the_old_ones(
     reply = await asyncio.to_thread(control_request, control, {"cmd": "get"})
     assert reply["settings"]["delay"] == {"notify": "const:1ms"}
     assert reply["settings"]["version"] == 0
+
+
+async def test_a_report_that_fails_midway_breaks_its_queue_loudly(
+    start_backend: StartBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+
+    async def exhausted(duration_ns: int) -> int:
+        raise OSError(24, "timerfd_create failed: Too many open files")
+
+    monkeypatch.setattr(backend.injection, "sleep_ns", exhausted)
+    backend_ = await start_backend(latency=_delays(publish="const:1ms"))
+    async with MockGuest(backend_.guest_options()) as guest:
+        index = guest.driver.reporting_queue
+        vq = guest.driver.queue(index)
+        size = guest.driver.layout.block_size
+        vq.add([Buffer(guest.driver.layout.blocks[0].gpa, size, True)])
+        if vq.kick_needed():
+            guest.frontend.kick(index)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while guest.frontend.err_count(index) == 0:
+            assert loop.time() < deadline, "the err eventfd was never signalled"
+            await asyncio.sleep(0.01)
+        (session,) = backend_.server.sessions.values()
+        assert session.vrings[index].broken
+        assert await guest.frontend.get_config(0, 16)  # the session still answers
