@@ -57,6 +57,7 @@ class _Turn:
 
 
 _T = TypeVar("_T")
+_NO_LATENCY = LatencySettings()  # inflate/deflate chains: nothing injected
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,15 +113,6 @@ class BalloonDevice(VirtioDevice):
     def write_config(self, offset: int, data: bytes) -> None:
         self.config = self.config.write(offset, data)
 
-    def set_target(self, num_pages: int) -> None:
-        """A new balloon target; the session tells the driver (CONFIG_CHANGE_MSG)."""
-        self.config = virtio.BalloonConfig(
-            num_pages,
-            self.config.actual,
-            self.config.free_page_hint_cmd_id,
-            self.config.poison_val,
-        )
-
     def reset(self) -> None:
         self.acked_features = 0
         self.config = virtio.BalloonConfig(num_pages=self.config.num_pages)
@@ -144,7 +136,7 @@ class BalloonDevice(VirtioDevice):
                 elif is_reporting:
                     latency = self.injector.begin_report()
                 else:
-                    latency = LatencySettings()
+                    latency = _NO_LATENCY
                 chain, pop_wait = await self._under_bql(latency, BqlPhase.POP, queue.pop)
                 if chain is None:
                     break
@@ -176,8 +168,8 @@ class BalloonDevice(VirtioDevice):
     def _notify(self, context: QueueContext) -> int:
         """Signal the driver if the policy says so; the signal's timestamp or 0."""
         queue: DeviceQueue = context.queue
-        wanted = queue.needs_notify()
-        if (self.settings.notify is NotifyPolicy.ALWAYS or wanted) and context.notify():
+        always = self.settings.notify is NotifyPolicy.ALWAYS
+        if (always or queue.needs_notify()) and context.notify():
             self.stats.notifications += 1
             return time.monotonic_ns()
         return 0

@@ -17,9 +17,9 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from backend import launch, provisioning
 from backend.balloon import BalloonSettings, NotifyPolicy
@@ -115,7 +115,7 @@ def _add_latency_options(parser: argparse.ArgumentParser) -> None:
     points = ", ".join(p.value for p in Point)
     parser.add_argument(
         "--delay",
-        type=_typed(parse_delay_option),
+        type=argument_type(parse_delay_option),
         action="append",
         default=[],
         metavar="POINT=MODEL",
@@ -126,20 +126,20 @@ def _add_latency_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of every delay sequence")
     parser.add_argument(
         "--bql",
-        type=_typed(parse_bql),
+        type=argument_type(parse_bql),
         metavar="HOLD_MODEL@RATE[,threads=N]",
         help="a big lock taken RATE times/s by N threads, held for HOLD_MODEL",
     )
     parser.add_argument(
         "--bql-phases",
-        type=_typed(parse_bql_phases),
+        type=argument_type(parse_bql_phases),
         default=ALL_BQL_PHASES,
         metavar="pop,publish,notify",
         help="report phases that take the big lock (default: all three)",
     )
     parser.add_argument(
         "--mmap-contention",
-        type=_typed(parse_mmap_contention),
+        type=argument_type(parse_mmap_contention),
         metavar="THREADS[,size=64M]",
         help="threads that map, protect and unmap memory in the backend",
     )
@@ -154,26 +154,10 @@ def _add_service_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--metrics",
-        type=_typed(parse_listen_address),
+        type=argument_type(parse_listen_address),
         metavar="ADDR:PORT",
         help="serve Prometheus metrics at http://ADDR:PORT/metrics",
     )
-
-
-_ParsedT = TypeVar("_ParsedT")
-
-
-def _typed(parse: Callable[[str], _ParsedT]) -> Callable[[str], _ParsedT]:
-    """An argparse type whose own error message reaches the user."""
-
-    def convert(text: str) -> _ParsedT:
-        try:
-            return parse(text)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-
-    convert.__name__ = getattr(parse, "__name__", "value")
-    return convert
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -261,9 +245,8 @@ def _add_launch_parser(commands: Any) -> None:
     _add_latency_options(launch)
     _add_service_options(launch)
     guest = launch.add_argument_group("guest and QEMU")
-    whole = argument_type(units.parse_positive_int)
-    guest.add_argument("--rounds", type=whole, default=2, help="fill/free rounds (2)")
-    guest.add_argument("--size", type=whole, default=300, metavar="MIB", help="MiB/round (300)")
+    guest.add_argument("--rounds", type=_count, default=2, help="fill/free rounds (2)")
+    guest.add_argument("--size", type=_count, default=300, metavar="MIB", help="MiB/round (300)")
     guest.add_argument("--pause", type=int, default=5, metavar="S", help="wait after a free (5)")
     guest.add_argument("--settle", type=int, default=0, metavar="S", help="wait before the end")
     guest.add_argument("--mem", default="512M", metavar="SIZE", help="guest RAM (512M)")
@@ -276,7 +259,7 @@ def _add_launch_parser(commands: Any) -> None:
         help="QEMU's built-in virtio-balloon-pci,free-page-reporting=on instead of the backend",
     )
     guest.add_argument("--console-log", type=Path, metavar="FILE", help="also write it here")
-    guest.add_argument("--timeout", type=whole, default=900, metavar="S", help="kill QEMU after")
+    guest.add_argument("--timeout", type=_count, default=900, metavar="S", help="kill QEMU after")
     guest.add_argument("--accel", choices=("auto", "tcg", "kvm"), default="auto")
     guest.add_argument(
         "--mem-path", type=Path, metavar="DIR", help="guest RAM in a file in DIR (hugetlbfs)"

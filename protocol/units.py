@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Callable
+from typing import TypeVar
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+ParsedT = TypeVar("ParsedT")
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -28,14 +30,14 @@ def parse_positive_int(text: str) -> int:
     return value
 
 
-def argument_type(parse: Callable[[str], int]) -> Callable[[str], int]:
+def argument_type(parse: Callable[[str], ParsedT]) -> Callable[[str], ParsedT]:
     """Wrap a parser for argparse so its own message reaches the user."""
 
-    def convert(text: str) -> int:
+    def convert(text: str) -> ParsedT:
         try:
             return parse(text)
         except ValueError as error:
             raise argparse.ArgumentTypeError(str(error)) from None
 
-    convert.__name__ = parse.__name__
+    convert.__name__ = getattr(parse, "__name__", "value")
     return convert
