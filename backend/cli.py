@@ -26,6 +26,7 @@ from backend.balloon import BalloonSettings, NotifyPolicy
 from backend.contention import parse_bql, parse_mmap_contention
 from backend.control import ControlError, control_request
 from backend.discard import DiscardStrategy
+from backend.experiment import cli as experiment_cli
 from backend.injection import (
     ALL_BQL_PHASES,
     LatencySettings,
@@ -203,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_guest_options(demo)
 
     _add_launch_parser(commands)
+    experiment_cli.add_parser(commands)
     setup = commands.add_parser(
         "setup-qemu", help="provision QEMU >= 10.2, the guest kernel and busybox (cached; root)"
     )
@@ -245,18 +247,41 @@ def _add_launch_parser(commands: Any) -> None:
     _add_latency_options(launch)
     _add_service_options(launch)
     guest = launch.add_argument_group("guest and QEMU")
+    guest.add_argument(
+        "--workload",
+        choices=("fill", "gigantic"),
+        default="fill",
+        help="fill: fill/free rounds; gigantic: allocate and free a 1 GiB page in a loop (fill)",
+    )
     guest.add_argument("--rounds", type=_count, default=2, help="fill/free rounds (2)")
     guest.add_argument("--size", type=_count, default=300, metavar="MIB", help="MiB/round (300)")
     guest.add_argument("--pause", type=int, default=5, metavar="S", help="wait after a free (5)")
-    guest.add_argument("--settle", type=int, default=0, metavar="S", help="wait before the end")
-    guest.add_argument("--mem", default="512M", metavar="SIZE", help="guest RAM (512M)")
+    guest.add_argument(
+        "--settle",
+        type=int,
+        metavar="S",
+        help="fill: wait before the end (0); gigantic: wait before the loop (20)",
+    )
+    guest.add_argument(
+        "--duration", type=_count, default=30, metavar="S", help="gigantic: loop length (30)"
+    )
+    guest.add_argument("--mem", metavar="SIZE", help="guest RAM (fill 512M, gigantic 2560M)")
     guest.add_argument("--kernel", type=Path, metavar="FILE", help="your own guest kernel")
     guest.add_argument("--initrd", type=Path, metavar="FILE", help="your own initrd")
-    guest.add_argument("--append", default="", metavar="STR", help="more kernel command line")
+    guest.add_argument(
+        "--append",
+        metavar="STR",
+        help="more kernel command line (gigantic: 'nokaslr init_on_alloc=0' unless given)",
+    )
     guest.add_argument(
         "--baseline",
         action="store_true",
         help="QEMU's built-in virtio-balloon-pci,free-page-reporting=on instead of the backend",
+    )
+    guest.add_argument(
+        "--no-balloon",
+        action="store_true",
+        help="no balloon device at all (gigantic workload's control; no backend)",
     )
     guest.add_argument("--console-log", type=Path, metavar="FILE", help="also write it here")
     guest.add_argument("--timeout", type=_count, default=900, metavar="S", help="kill QEMU after")
@@ -507,16 +532,25 @@ def _setup_qemu(args: argparse.Namespace) -> int:
 async def _launch(args: argparse.Namespace) -> int:
     if args.mem_path is not None and not args.mem_path.is_dir():
         raise UsageError(f"--mem-path {args.mem_path} is not a directory")
+    if args.baseline and args.no_balloon:
+        raise UsageError("--baseline and --no-balloon exclude each other")
+    if args.no_balloon and args.workload != "gigantic":
+        raise UsageError("--no-balloon is a control for --workload gigantic")
+    if args.settle is not None and args.settle < 0:
+        raise UsageError(f"--settle takes seconds >= 0, not {args.settle}")
     options = launch.LaunchOptions(
+        workload=args.workload,
         rounds=args.rounds,
         size_mib=args.size,
         pause_s=args.pause,
         settle_s=args.settle,
+        duration_s=args.duration,
         mem=args.mem,
         kernel=args.kernel,
         initrd=args.initrd,
         append=args.append,
         baseline=args.baseline,
+        no_balloon=args.no_balloon,
         console_log=args.console_log,
         timeout_s=args.timeout,
         accel=args.accel,
@@ -527,7 +561,7 @@ async def _launch(args: argparse.Namespace) -> int:
         qemu_args=tuple(a for a in args.qemu_args if a != "--"),
         console_to_stderr=args.json,
     )
-    settings = None if args.baseline else _server_settings(args)
+    settings = None if args.baseline or args.no_balloon else _server_settings(args)
 
     def note(text: str) -> None:
         print(f"launch: {text}", file=sys.stderr, flush=True)
@@ -606,6 +640,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_launch(args))
         if args.command == "setup-qemu":
             return _setup_qemu(args)
+        if args.command == "experiment":
+            return experiment_cli.run(args)
         return asyncio.run(_demo(args))
     except (UsageError, OSError) as error:
         print(f"vhost-balloon {args.command}: {error}", file=sys.stderr)

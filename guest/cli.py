@@ -18,8 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from guest.contig import ContigConfig
 from guest.driver import DriverConfig
-from guest.errors import GuestError
+from guest.errors import ConfigError, GuestError
+from guest.model_guest import ChurnConfig, ModelConfig, format_model, run_model
+from guest.page_reporting import ReportingConfig
 from guest.runner import GuestOptions, run_guest
 from guest.summary import format_table
 from protocol import units
@@ -120,7 +123,74 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds to wait for one report to come back",
     )
+    _add_model_options(parser)
     return parser
+
+
+def _churn(text: str) -> ChurnConfig:
+    """`SIZE,EVERY_S,HOLD_S`, e.g. `64M,0.5,1`."""
+    parts = text.split(",")
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"'{text}' is not SIZE,EVERY_S,HOLD_S (e.g. 64M,0.5,1)")
+    size = parse_size(parts[0])
+    every, hold = _positive_float(parts[1]), _non_negative_float(parts[2])
+    churn = ChurnConfig(size, every, hold)
+    try:
+        churn.validate()
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return churn
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_argument_group(
+        "free-list model (--model)",
+        "Model the guest's free lists, reporting passes and contiguous allocations "
+        "instead of sending --reports fixed reports.",
+    )
+    model.add_argument("--model", action="store_true", help="run the free-list model")
+    model.add_argument("--duration", type=_positive_float, default=20.0, help="seconds (20)")
+    model.add_argument(
+        "--pass-delay", type=_non_negative_float, default=2.0, help="PAGE_REPORTING_DELAY (2 s)"
+    )
+    model.add_argument(
+        "--attempt-rate", type=_positive_float, default=2.0, help="contiguous attempts/s (2)"
+    )
+    model.add_argument("--contig-size", type=parse_size, default=1 << 30, help="1G")
+    model.add_argument("--contig-align", type=parse_size, default=1 << 30, help="1G")
+    model.add_argument("--retries", type=int, default=0, help="retries after a failure (0)")
+    model.add_argument(
+        "--backoff", type=_non_negative_float, default=0.01, help="first retry delay, s"
+    )
+    model.add_argument(
+        "--contig-hold", type=_non_negative_float, default=0.05, help="keep a success, s"
+    )
+    model.add_argument("--touch", action="store_true", help="write an allocated range")
+    model.add_argument("--churn", type=_churn, metavar="SIZE,EVERY_S,HOLD_S")
+    model.add_argument("--reserved", type=parse_size, default=64 << 20, help="unmovable at 0")
+    model.add_argument("--seed", type=int, default=0, help="seed of the attempt arrivals")
+    model.add_argument("--out-dir", type=Path, help="write reports/attempts/held JSONL here")
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    return ModelConfig(
+        duration_s=args.duration,
+        reporting=ReportingConfig(
+            capacity=args.capacity, order=args.order, delay_s=args.pass_delay
+        ),
+        contig=ContigConfig(
+            size=args.contig_size,
+            align=args.contig_align,
+            rate=args.attempt_rate,
+            retries=args.retries,
+            backoff_s=args.backoff,
+            hold_s=args.contig_hold,
+            touch=args.touch,
+        ),
+        churn=args.churn,
+        reserved_bytes=args.reserved,
+        seed=args.seed,
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> GuestOptions:
@@ -195,15 +265,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = options_from_args(args)
         options.driver.validate()
-        summary = asyncio.run(
-            run_guest(
-                options,
-                args.reports,
-                pause_s=args.pause_ms / 1000,
-                progress=_progress_printer(),
-                report_log=args.report_log,
+        if args.model:
+            config = model_config(args)
+            config.validate()
+            summary = asyncio.run(run_model(options, config, out_dir=args.out_dir))
+        else:
+            summary = asyncio.run(
+                run_guest(
+                    options,
+                    args.reports,
+                    pause_s=args.pause_ms / 1000,
+                    progress=_progress_printer(),
+                    report_log=args.report_log,
+                )
             )
-        )
     except (GuestError, ProtocolError) as error:
         return _fail(str(error), EXIT_FAILURE)
     except OSError as error:
@@ -215,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
             summary["injected"] = backend_settings(args.control_socket)
         except OSError as error:
             return _fail(f"cannot read the backend's settings: {error}", EXIT_FAILURE)
+    if args.model:
+        print(json.dumps(summary, indent=2) if args.json else format_model(summary))
+        return 0
     print(json.dumps(summary, indent=2) if args.json else format_table(summary))
     if not summary["integrity_ok"]:
         return _fail(

@@ -161,6 +161,17 @@ class ReportResult:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    """One chain's trip through the device, on the guest's monotonic clock."""
+
+    available_ns: int
+    used_ns: int
+    used_len: int
+    calls: int
+    kicked: bool
+
+
 @dataclass(slots=True)
 class RunResult:
     """Every report of a run plus what the driver negotiated and checked."""
@@ -314,7 +325,6 @@ class ReportingDriver:
 
     async def report(self) -> ReportResult:
         """Populate, report one chain, wait for it, then measure and verify."""
-        vq = self._vqs[self.reporting_queue]
         seq = self._seq
         self._seq += 1
         size = self.layout.block_size
@@ -328,20 +338,11 @@ class ReportingDriver:
             mapping[offset : offset + PAGE_SIZE] = stamp
         buffers = [Buffer(block.gpa, size, True) for block in blocks]
         indirect = self.use_indirect and len(buffers) > 1
-        table = self.layout.indirect_tables[self.reporting_queue] if indirect else None
         before = self.ram.allocated_bytes()
-
-        head = vq.add(buffers, indirect_table=table)
-        # add() writes the descriptors and publishes avail.idx as its last
-        # store: this is within a function return of the chain becoming
-        # visible, and excludes the ~10 us of Python descriptor writes.
-        available_ns = time.monotonic_ns()
-        kicked = vq.kick_needed()
-        if kicked:
-            self.frontend.kick(self.reporting_queue)
-            self.kicks += 1
-        used_len, calls, used_ns = await self._wait_used(vq, head)
+        submitted = await self.submit(buffers)
+        available_ns, used_ns = submitted.available_ns, submitted.used_ns
         hold_ns = used_ns - available_ns
+        used_len, calls, kicked = submitted.used_len, submitted.calls, submitted.kicked
 
         after = self.ram.allocated_bytes()
         zeroed = self._zeroed_bytes(blocks) if self.config.sample_zeros else 0
@@ -361,6 +362,23 @@ class ReportingDriver:
             zeroed_bytes=zeroed,
             integrity_errors=new_errors,
         )
+
+    async def submit(self, buffers: list[Buffer]) -> Submitted:
+        """Make one chain of `buffers` available, kick if needed, wait for it."""
+        vq = self._vqs[self.reporting_queue]
+        indirect = self.use_indirect and len(buffers) > 1
+        table = self.layout.indirect_tables[self.reporting_queue] if indirect else None
+        head = vq.add(buffers, indirect_table=table)
+        # add() writes the descriptors and publishes avail.idx as its last
+        # store: this is within a function return of the chain becoming
+        # visible, and excludes the ~10 us of Python descriptor writes.
+        available_ns = time.monotonic_ns()
+        kicked = vq.kick_needed()
+        if kicked:
+            self.frontend.kick(self.reporting_queue)
+            self.kicks += 1
+        used_len, calls, used_ns = await self._wait_used(vq, head)
+        return Submitted(available_ns, used_ns, used_len, calls, kicked)
 
     async def _wait_used(self, vq: DriverQueue, head: int) -> tuple[int, int, int]:
         """Wait on the call eventfd until `head` is used: (used len, wake-ups, time)."""

@@ -1,0 +1,82 @@
+"""`vhost-balloon experiment SPEC.toml`: the parser and the checks made
+before anything starts."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from backend.experiment.runner import describe_points, load_rows, run_experiment, write_results
+from backend.experiment.spec import ExperimentSpec, SpecError, load_spec
+from backend.provisioning import LaunchError, check_device, ensure_provisioned, qemu_version
+
+
+def add_parser(commands: Any) -> None:
+    parser = commands.add_parser(
+        "experiment",
+        help="run a sweep from a TOML spec: results, figures, report (docs/experiments.md)",
+        description="Run every point of SPEC (mocked guest or real QEMU guest), skipping "
+        "points already finished in the output directory, then write results.csv, "
+        "summary.csv, figures/*.png and report.md.",
+    )
+    parser.add_argument("spec", type=Path, metavar="SPEC.toml")
+    parser.add_argument(
+        "--out", type=Path, metavar="DIR", help="output directory (default results/NAME)"
+    )
+    parser.add_argument("--rerun", action="store_true", help="run finished points again")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="check the spec, list the points, run nothing"
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="redraw tables, figures and report.md from results.jsonl without running",
+    )
+
+
+def check_runnable(spec: ExperimentSpec) -> None:
+    """Everything a real-guest sweep needs, before the first point starts."""
+    if spec.guest != "qemu":
+        return
+    if os.geteuid() != 0:
+        raise SpecError("a real-guest sweep needs root (QEMU's shared memory, provisioning)")
+    if shutil.which("bash") is None:
+        raise SpecError("a real-guest sweep needs bash (qemu-configs/run-guest.sh)")
+    try:
+        env = ensure_provisioned(lambda text: print(f"experiment: {text}", file=sys.stderr))
+        qemu = env.get("QEMU", "")
+        check_device(qemu, qemu_version(qemu))
+    except LaunchError as error:
+        raise SpecError(f"QEMU is not usable for a real-guest sweep: {error}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        spec = load_spec(args.spec)
+    except SpecError as error:
+        print(f"vhost-balloon experiment: {args.spec}: {error}", file=sys.stderr)
+        return 2
+    out = args.out if args.out is not None else Path("results") / spec.name
+    if args.dry_run:
+        print(describe_points(spec))
+        return 0
+    try:
+        if args.report_only:
+            write_results(spec, out, load_rows(out))
+            print(f"experiment: report in {out / 'report.md'}", file=sys.stderr)
+            return 0
+        check_runnable(spec)
+        rows = run_experiment(spec, out, rerun=args.rerun)
+    except SpecError as error:
+        print(f"vhost-balloon experiment: {error}", file=sys.stderr)
+        return 2
+    failed = sum(1 for row in rows if row.get("status") != "ok")
+    print(
+        f"experiment: {len(rows) - failed}/{len(rows)} points ok; report in {out / 'report.md'}",
+        file=sys.stderr,
+    )
+    return 1 if failed else 0

@@ -1,0 +1,222 @@
+"""The study's figures (matplotlib, Agg: no display needed).
+
+- hold_cdf.png: CDF of the time each report held its pages, per setting
+  (the guest's view: chain available .. used entry seen; for a real guest,
+  its ftrace duration of virtballoon_free_page_report);
+- held_over_time.png: bytes held by the report in flight over time, first
+  repeat of each setting;
+- failure_vs_delay.png: contiguous-allocation failure rate against the
+  delay the backend really injected per report (mean of its trace), mean
+  and standard error over repeats; controls as horizontal bands, the
+  model beside a real guest as its own series;
+- measured_vs_model.png: each run's failure rate against the time-held
+  model's prediction: the fraction of the time attempts could arrive (not
+  while a success is kept) during which a report overlapping the target
+  range was in flight. Attempts arriving at random (Poisson) times see
+  time averages, so the points lie on y = x exactly when attempts and
+  reporting are independent; where they are not (a success frees the
+  range, which reporting then pulls), the points leave the line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from backend.experiment.spec import ExperimentSpec
+
+MiB = 1 << 20
+KIND_STYLE = {
+    "mock": ("model guest", "o"),
+    "model": ("free-list model", "s"),
+    "qemu": ("real guest", "o"),
+}
+CONTROL_LABEL = {"no_balloon": "no balloon device", "builtin": "QEMU built-in balloon"}
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def _holds_ms(out: Path, row: dict[str, Any]) -> list[float]:
+    directory = out / "points" / str(row.get("dir", ""))
+    if row["kind"] in ("mock", "model"):
+        return [r["hold_ns"] / 1e6 for r in _jsonl(directory / "guest" / "reports.jsonl")]
+    try:
+        launch = json.loads((directory / "launch.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [us / 1e3 for us in launch.get("guest_hold_us", {}).get("samples", [])]
+
+
+def _held_series(out: Path, row: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """(seconds since the first sample, MiB held) as a step series."""
+    directory = out / "points" / str(row.get("dir", ""))
+    if row["kind"] in ("mock", "model"):
+        samples = [(s["t_ns"], s["bytes"]) for s in _jsonl(directory / "guest" / "held.jsonl")]
+    else:
+        events: list[tuple[int, int]] = []
+        for record in _jsonl(directory / "backend-trace.jsonl"):
+            events += [
+                (record["t_kick_ns"], record["bytes"]),
+                (record["t_published_ns"], -record["bytes"]),
+            ]
+        events.sort()
+        held, samples = 0, []
+        for t, delta in events:
+            held += delta
+            samples.append((t, held))
+    if not samples:
+        return [], []
+    t0 = samples[0][0]
+    return [(t - t0) / 1e9 for t, _ in samples], [b / MiB for _, b in samples]
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def hold_cdf(out: Path, rows: list[dict[str, Any]]) -> Path | None:
+    by_setting: dict[str, list[float]] = {}
+    labels: dict[str, str] = {}
+    for row in rows:
+        if row.get("status") != "ok" or row["kind"] not in KIND_STYLE:
+            continue
+        by_setting.setdefault(row["setting_key"], []).extend(_holds_ms(out, row))
+        labels[row["setting_key"]] = f"{KIND_STYLE[row['kind']][0]}: {row['label']}"
+    if not any(by_setting.values()):
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for key, holds in by_setting.items():
+        if not holds:
+            continue
+        ordered = sorted(holds)
+        ys = [(i + 1) / len(ordered) for i in range(len(ordered))]
+        ax.step(ordered, ys, where="post", label=f"{labels[key]} (n={len(ordered)})")
+    ax.set_xscale("log")
+    ax.set_xlabel("hold window per report (ms, log scale)")
+    ax.set_ylabel("fraction of reports")
+    ax.set_title("How long reported pages are out of the guest's allocator")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, out / "figures" / "hold_cdf.png")
+
+
+def held_over_time(out: Path, rows: list[dict[str, Any]]) -> Path | None:
+    firsts: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row.get("status") == "ok" and row["kind"] in KIND_STYLE:
+            firsts.setdefault(row["setting_key"], row)
+    series = [(row, *_held_series(out, row)) for row in firsts.values()]
+    series = [item for item in series if item[1]]
+    if not series:
+        return None
+    fig, axes = plt.subplots(
+        len(series), 1, figsize=(8, 1.6 * len(series) + 1), sharex=True, squeeze=False
+    )
+    for ax, (row, ts, mib) in zip(axes[:, 0], series, strict=True):
+        ax.step(ts, mib, where="post", linewidth=0.8)
+        ax.set_ylabel("MiB held", fontsize=7)
+        ax.set_title(
+            f"{KIND_STYLE[row['kind']][0]}: {row['label']} (seed {row['seed']})", fontsize=8
+        )
+        ax.grid(True, alpha=0.3)
+    axes[-1, 0].set_xlabel("seconds")
+    return _save(fig, out / "figures" / "held_over_time.png")
+
+
+def _series_key(entry: dict[str, Any], spec: ExperimentSpec) -> str:
+    others = [k for k in spec.sweep if k != "delay"]
+    parts = [f"{k}={entry.get('set_' + k)}" for k in others]
+    name: str = KIND_STYLE.get(entry["kind"], (entry["kind"], "o"))[0]
+    return name + (f" {' '.join(parts)}" if parts else "")
+
+
+def failure_vs_delay(out: Path, spec: ExperimentSpec, summary: list[dict[str, Any]]) -> Path | None:
+    points = [e for e in summary if e["kind"] in KIND_STYLE and not math.isnan(e["failure_rate"])]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5))
+    series: dict[str, list[dict[str, Any]]] = {}
+    for entry in points:
+        series.setdefault(_series_key(entry, spec), []).append(entry)
+    for name, entries in series.items():
+        entries.sort(key=lambda e: e["injected_ms"])
+        marker = KIND_STYLE.get(entries[0]["kind"], ("", "o"))[1]
+        ax.errorbar(
+            [e["injected_ms"] for e in entries],
+            [100 * e["failure_rate"] for e in entries],
+            xerr=[e["injected_ms_se"] for e in entries],
+            yerr=[100 * e["failure_rate_se"] for e in entries],
+            marker=marker,
+            capsize=3,
+            label=name,
+        )
+    for entry in summary:
+        if entry["kind"] in CONTROL_LABEL and not math.isnan(entry["failure_rate"]):
+            rate, error = 100 * entry["failure_rate"], 100 * entry["failure_rate_se"]
+            line = ax.axhline(rate, linestyle="--", linewidth=1, label=CONTROL_LABEL[entry["kind"]])
+            ax.axhspan(rate - error, rate + error, alpha=0.15, color=line.get_color())
+    ax.set_xlabel("delay injected per report (ms, measured by the backend)")
+    ax.set_ylabel("contiguous-allocation attempts failed (%)")
+    ax.set_title("Failure rate against hypervisor delay (mean ± s.e. over repeats)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, out / "figures" / "failure_vs_delay.png")
+
+
+def measured_vs_model(out: Path, rows: list[dict[str, Any]]) -> Path | None:
+    runs = [
+        r for r in rows if r.get("status") == "ok" and r["kind"] in KIND_STYLE and r.get("attempts")
+    ]
+    if not runs:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 6))
+    for kind, (name, marker) in KIND_STYLE.items():
+        chosen = [r for r in runs if r["kind"] == kind]
+        if chosen:
+            ax.scatter(
+                [100 * r.get("model_p_fail", r["held_fraction"]) for r in chosen],
+                [100 * r["failure_rate"] for r in chosen],
+                marker=marker,
+                label=name,
+                alpha=0.7,
+            )
+    top = max(100 * max(max(r.get("model_p_fail", 0.0), r["failure_rate"]) for r in runs), 1.0)
+    top *= 1.1
+    ax.plot([0, top], [0, top], color="grey", linewidth=1, label="model: P(fail) = time held")
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, top)
+    ax.set_xlabel("predicted: time a report over the target range was in flight (%)")
+    ax.set_ylabel("attempts failed (%)")
+    ax.set_title("Measured failure rate vs the time-held model, per run")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, out / "figures" / "measured_vs_model.png")
+
+
+def draw_all(
+    spec: ExperimentSpec, out: Path, rows: list[dict[str, Any]], summary: list[dict[str, Any]]
+) -> list[Path]:
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    drawn = [
+        hold_cdf(out, rows),
+        held_over_time(out, rows),
+        failure_vs_delay(out, spec, summary),
+        measured_vs_model(out, rows),
+    ]
+    return [path for path in drawn if path is not None]

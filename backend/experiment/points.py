@@ -1,0 +1,343 @@
+"""Running one point: the processes it needs, where its raw output goes,
+and the one result row it yields.
+
+Each point gets its own directory holding everything it produced (the
+backend's trace and log, the guest's or QEMU's output) and, last,
+`result.json`; a directory with a `result.json` for the same settings is a
+finished point and is not run again.
+
+Mock points run `vhost-balloon serve` and `python -m guest --model` as two
+processes, as QEMU and the backend would be; real-guest points run
+`vhost-balloon launch` (which holds the backend) per point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from backend.delays import parse_duration
+from backend.experiment.spec import Point, Value
+from backend.trace import read_trace
+from protocol.units import parse_size
+
+SOCKET_WAIT_S = 10.0
+STOP_WAIT_S = 60.0
+RESULT = "result.json"
+
+
+class PointError(Exception):
+    """A point that ran and failed: the reason, with where to look."""
+
+
+def point_dir(out: Path, index: int, point: Point) -> Path:
+    return out / "points" / f"{index:03d}-{point.kind}-r{point.repeat}"
+
+
+def finished(directory: Path, point: Point) -> dict[str, Any] | None:
+    """The stored result of this point, if it finished with the same settings."""
+    try:
+        stored: dict[str, Any] = json.loads((directory / RESULT).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if stored.get("setting_key") != point.setting_key or stored.get("seed") != point.seed:
+        return None
+    return stored if stored.get("status") == "ok" else None
+
+
+def _seconds(value: Value) -> float:
+    return parse_duration(str(value)) / 1e9
+
+
+def _latency_args(settings: dict[str, Value]) -> list[str]:
+    args = ["--discard", str(settings["discard"]), "--bql-phases", str(settings["bql_phases"])]
+    if settings["delay"] != "none":
+        for part in str(settings["delay"]).split():
+            args += ["--delay", part]
+    for key, flag in (("bql", "--bql"), ("mmap_contention", "--mmap-contention")):
+        if settings[key] != "none":
+            args += [flag, str(settings[key])]
+    return args
+
+
+def _guest_args(settings: dict[str, Value], seed: int, out: Path) -> list[str]:
+    args = [
+        "--model",
+        "--json",
+        "--memory",
+        str(settings["memory"]),
+        "--capacity",
+        str(settings["capacity"]),
+        "--order",
+        str(settings["order"]),
+        "--duration",
+        f"{_seconds(settings['duration']):g}",
+        "--pass-delay",
+        f"{_seconds(settings['pass_delay']):g}",
+        "--attempt-rate",
+        f"{settings['attempt_rate']:g}",
+        "--contig-size",
+        str(settings["contig_size"]),
+        "--contig-align",
+        str(settings["contig_align"]),
+        "--retries",
+        str(settings["retries"]),
+        "--backoff",
+        f"{_seconds(settings['backoff']):g}",
+        "--contig-hold",
+        f"{_seconds(settings['contig_hold']):g}",
+        "--reserved",
+        str(settings["reserved"]),
+        "--seed",
+        str(seed),
+        "--out-dir",
+        str(out),
+        "--report-timeout",
+        "120",
+    ]
+    if settings["touch"]:
+        args.append("--touch")
+    workload = str(settings["workload"])
+    if workload.startswith("churn:"):
+        size, every, hold = workload.removeprefix("churn:").split(",")
+        args += ["--churn", f"{size},{_seconds(every):g},{_seconds(hold):g}"]
+    return args
+
+
+def run_mock(point: Point, directory: Path) -> dict[str, Any]:
+    """The backend and the modelled guest as two processes; the result row."""
+    with tempfile.TemporaryDirectory(prefix="vbx-") as tmp:
+        socket_path = Path(tmp) / "s.sock"
+        trace = directory / "backend-trace.jsonl"
+        trace.unlink(missing_ok=True)
+        backend_log = (directory / "backend.log").open("w", encoding="utf-8")
+        backend = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "backend", "serve", "--socket-path", str(socket_path)),
+                *("--trace", str(trace), "--seed", str(point.seed)),
+                *_latency_args(point.settings),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=backend_log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            _wait_for_socket(socket_path, backend, directory / "backend.log")
+            guest = subprocess.run(
+                [
+                    *(sys.executable, "-m", "guest", "--socket-path", str(socket_path)),
+                    *_guest_args(point.settings, point.seed, directory / "guest"),
+                ],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=_seconds(point.settings["duration"]) + 300,
+                check=False,
+            )
+        finally:
+            _stop(backend)
+            backend_log.close()
+    (directory / "guest.json").write_text(guest.stdout, encoding="utf-8")
+    (directory / "guest.log").write_text(guest.stderr, encoding="utf-8")
+    if guest.returncode != 0:
+        reason = guest.stderr.strip().splitlines()[-1:] or [f"status {guest.returncode}"]
+        raise PointError(f"the modelled guest failed: {reason[0]} (see {directory}/guest.log)")
+    summary: dict[str, Any] = json.loads(guest.stdout)
+    return mock_row(summary, backend_figures(trace))
+
+
+def mock_row(summary: dict[str, Any], backend: dict[str, Any]) -> dict[str, Any]:
+    holds = summary["hold_ns"]
+    return {
+        "attempts": summary["attempts"],
+        "failures": summary["failures"],
+        "failure_rate": summary["failure_rate"],
+        "requests": summary["requests"],
+        "requests_failed": summary["requests_failed"],
+        "attributed": summary["attributed_failures"],
+        "held_fraction": summary["target_held_fraction"],
+        "model_p_fail": summary["target_held_fraction_open"],
+        "reports": summary["reports"],
+        "target_reports": summary["target_reports"],
+        "passes": summary["passes"],
+        "hold_p50_ms": _median(holds) / 1e6,
+        **backend,
+    }
+
+
+def backend_figures(trace: Path) -> dict[str, Any]:
+    """What the backend's trace says: its reports, kick-to-notify and the
+    delay it really injected (measured, not configured), per report."""
+    records: list[Any] = []
+    with contextlib.suppress(OSError, ValueError):
+        records = list(read_trace(trace))
+    injected = [sum(r["injected_ns"].values()) for r in records]
+    k2n = [(r["t_notified_ns"] or r["t_published_ns"]) - r["t_kick_ns"] for r in records]
+    return {
+        "backend_reports": len(records),
+        "injected_ms": (sum(injected) / len(injected) / 1e6) if injected else 0.0,
+        "kick_to_notify_p50_ms": _median(k2n) / 1e6,
+        "freed_bytes": sum(r["freed_bytes"] for r in records),
+    }
+
+
+def _median(values: list[int] | list[float]) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return 0.0
+    middle = len(ordered) // 2
+    if len(ordered) % 2:
+        return float(ordered[middle])
+    return (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def _wait_for_socket(path: Path, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + SOCKET_WAIT_S
+    while not path.exists():
+        if process.poll() is not None:
+            tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:]
+            raise PointError(f"the backend exited: {tail[0] if tail else process.returncode}")
+        if time.monotonic() > deadline:
+            raise PointError(f"the backend did not listen within {SOCKET_WAIT_S:g} s")
+        time.sleep(0.02)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+    try:
+        process.wait(STOP_WAIT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def qemu_command(point: Point, directory: Path) -> list[str]:
+    settings = point.settings
+    duration = _seconds(settings["duration"])
+    settle = _seconds(settings["settle"])
+    command = [
+        sys.executable,
+        "-m",
+        "backend",
+        "launch",
+        "--json",
+        "--workload",
+        "gigantic",
+        "--duration",
+        f"{round(duration)}",
+        "--settle",
+        f"{round(settle)}",
+        "--mem",
+        f"{parse_size(str(settings['memory'])) >> 20}M",
+        "--timeout",
+        f"{round(_seconds(settings['timeout']))}",
+        "--console-log",
+        str(directory / "console.log"),
+    ]
+    if settings["order"] != 9:
+        command += ["--append", f"page_reporting.page_reporting_order={settings['order']}"]
+    if point.kind == "no_balloon":
+        return [*command, "--no-balloon"]
+    if point.kind == "builtin":
+        return [*command, "--baseline"]
+    trace = directory / "backend-trace.jsonl"
+    trace.unlink(missing_ok=True)
+    return [
+        *command,
+        "--trace",
+        str(trace),
+        "--seed",
+        str(point.seed),
+        *_latency_args(settings),
+    ]
+
+
+def run_qemu(point: Point, directory: Path) -> dict[str, Any]:
+    """`vhost-balloon launch` with the gigantic-page workload; the result row."""
+    settings = point.settings
+    limit = _seconds(settings["timeout"]) + 120
+    launched = subprocess.run(
+        qemu_command(point, directory),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=limit,
+        check=False,
+        env=os.environ | {"PYTHONUNBUFFERED": "1"},
+    )
+    (directory / "launch.json").write_text(launched.stdout, encoding="utf-8")
+    (directory / "launch.log").write_text(launched.stderr, encoding="utf-8")
+    if launched.returncode != 0:
+        lines = [line for line in launched.stderr.splitlines() if line.strip()]
+        raise PointError(
+            f"launch failed ({lines[-1] if lines else launched.returncode}); "
+            f"see {directory}/launch.log"
+        )
+    summary: dict[str, Any] = json.loads(launched.stdout)
+    return qemu_row(summary, backend_figures(directory / "backend-trace.jsonl"))
+
+
+def qemu_row(summary: dict[str, Any], backend: dict[str, Any]) -> dict[str, Any]:
+    gigantic = summary.get("gigantic") or {}
+    if not gigantic.get("attempts"):
+        raise PointError("the guest made no gigantic-page attempt (see console.log)")
+    guest_holds = summary.get("guest_hold_us", {}).get("samples", [])
+    return {
+        "attempts": gigantic["attempts"],
+        "failures": gigantic["failures"],
+        "failure_rate": gigantic["failure_rate"],
+        "requests": gigantic["attempts"],
+        "requests_failed": gigantic["failures"],
+        "attributed": gigantic.get("attributed", 0),
+        "held_fraction": gigantic.get("held_fraction", 0.0),
+        "model_p_fail": gigantic.get("held_fraction", 0.0),
+        "reports": summary.get("guest_reports", 0),
+        "target_reports": gigantic.get("target_reports", 0),
+        "passes": gigantic.get("passes", 0),
+        "passes_with_failures": gigantic.get("passes_with_failures", 0),
+        "not_tried": gigantic.get("not_tried", 0),
+        "hold_p50_ms": _median(guest_holds) / 1e3,
+        "qemu_version": summary.get("qemu_version"),
+        "guest_kernel": summary.get("guest_kernel"),
+        "accel": summary.get("accel"),
+        **backend,
+    }
+
+
+def run_point(point: Point, directory: Path) -> dict[str, Any]:
+    """Run one point into `directory`; the row (status "ok" or "failed")."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / RESULT).unlink(missing_ok=True)
+    (directory / "point.json").write_text(
+        json.dumps({"kind": point.kind, "settings": point.settings, "seed": point.seed}, indent=1),
+        encoding="utf-8",
+    )
+    started = time.monotonic()
+    row: dict[str, Any] = {
+        "kind": point.kind,
+        "label": point.label,
+        "repeat": point.repeat,
+        "seed": point.seed,
+        "setting_key": point.setting_key,
+        "dir": directory.name,
+        **{f"set_{key}": value for key, value in point.settings.items()},
+    }
+    try:
+        real = point.kind in ("qemu", "no_balloon", "builtin")
+        measured = run_qemu(point, directory) if real else run_mock(point, directory)
+        row |= {"status": "ok", **measured}
+    except (PointError, subprocess.TimeoutExpired, OSError, ValueError, KeyError) as error:
+        row |= {"status": "failed", "error": str(error)}
+    row["seconds"] = round(time.monotonic() - started, 2)
+    with contextlib.suppress(OSError):
+        (directory / RESULT).write_text(json.dumps(row, indent=1), encoding="utf-8")
+    return row

@@ -1,0 +1,117 @@
+"""report.md: the experiment's tables and figures with how they were made."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from backend.experiment.spec import ExperimentSpec
+
+
+def machine() -> dict[str, str]:
+    """What ran the experiment: host kernel, CPU, cores, memory, Python."""
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        mem_kib = next(
+            int(line.split()[1])
+            for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines()
+            if line.startswith("MemTotal:")
+        )
+        memory = f"{mem_kib / (1 << 20):.1f} GiB"
+    except (OSError, StopIteration, ValueError):
+        memory = "unknown"
+    return {
+        "host kernel": platform.release(),
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "memory": memory,
+        "python": platform.python_version(),
+    }
+
+
+def _pct(value: float, error: float) -> str:
+    if math.isnan(value):
+        return "-"
+    return f"{100 * value:.1f} ± {100 * error:.1f}"
+
+
+def _ms(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2f}"
+
+
+def summary_table(summary: list[dict[str, Any]]) -> str:
+    lines = [
+        "| run | setting | repeats | attempts | failed (%) | time held (%) | injected/report (ms) "
+        "| hold p50 (ms) | passes | seeds |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for e in summary:
+        lines.append(
+            f"| {e['kind']} | {e['label']} | {e['repeats']} | {e['total_attempts']} "
+            f"| {_pct(e['failure_rate'], e['failure_rate_se'])} "
+            f"| {_pct(e['held_fraction'], e['held_fraction_se'])} "
+            f"| {_ms(e['injected_ms'])} | {_ms(e['hold_p50_ms'])} | {_ms(e['passes'])} "
+            f"| {e['seeds']} |"
+        )
+    return "\n".join(lines)
+
+
+def write_report(
+    spec: ExperimentSpec,
+    out: Path,
+    rows: list[dict[str, Any]],
+    summary: list[dict[str, Any]],
+    figures: list[Path],
+    *,
+    command: str,
+) -> Path:
+    failed = [row for row in rows if row.get("status") != "ok"]
+    versions = sorted(
+        {
+            f"QEMU {row.get('qemu_version')}, guest kernel {row.get('guest_kernel')}, "
+            f"accelerator {row.get('accel')}"
+            for row in rows
+            if row.get("qemu_version")
+        }
+    )
+    parts = [
+        f"# Experiment `{spec.name}`",
+        "",
+        f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')} by `{command}`.",
+        f"Guest: **{spec.guest}**; {spec.repeats} repeats per setting, seeds "
+        f"{spec.seed}..{spec.seed + spec.repeats - 1}.",
+        "",
+        "## Machine",
+        "",
+        *[f"- {key}: {value}" for key, value in machine().items()],
+        *[f"- {line}" for line in versions],
+        "",
+        "## Results (mean ± standard error over repeats)",
+        "",
+        summary_table(summary),
+        "",
+        "`failed` counts attempts that did not get the range; `time held` is the "
+        "fraction of the run during which a report holding part of the target range "
+        "was in flight. Raw rows: `results.csv`; per-run traces under `points/`.",
+        "",
+    ]
+    if failed:
+        parts += ["## Runs that failed", ""]
+        parts += [
+            f"- `{row.get('dir')}` ({row.get('label')}): {row.get('error')}" for row in failed
+        ]
+        parts.append("")
+    parts += ["## Figures", ""]
+    parts += [f"![{path.stem}](figures/{path.name})" for path in figures]
+    parts += ["", "## Spec", "", "```toml", spec.source.strip(), "```", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path

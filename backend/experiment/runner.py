@@ -1,0 +1,153 @@
+"""`vhost-balloon experiment SPEC.toml`: run every point (skipping finished
+ones), then write the tables, the figures and the report.
+
+Layout of the output directory:
+    spec.toml             the spec as given
+    points/NNN-KIND-rR/   one directory per run: raw traces, logs, result.json
+    results.csv/.jsonl    one row per run
+    summary.csv           one row per setting: mean and standard error over repeats
+    figures/*.png         see backend/experiment/figures.py
+    report.md             tables, figures, command, machine, versions, seeds
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from backend.experiment.figures import draw_all
+from backend.experiment.points import finished, point_dir, run_point
+from backend.experiment.report import write_report
+from backend.experiment.spec import ExperimentSpec, Point, SpecError
+from backend.experiment.tables import summarise, write_csv, write_jsonl
+
+
+@dataclass(slots=True)
+class Progress:
+    """A progress bar with ETA on a terminal; one line per point otherwise."""
+
+    total: int
+    stream: TextIO
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    started: float = 0.0
+    run_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.started = time.monotonic()
+
+    def eta(self) -> str:
+        ran = self.done - self.skipped
+        if ran == 0:
+            return "?"
+        remaining = (self.total - self.done) * self.run_seconds / ran
+        return _clock(remaining)
+
+    def show(self, current: str) -> None:
+        width = 24
+        filled = width * self.done // max(self.total, 1)
+        bar = "#" * filled + "-" * (width - filled)
+        elapsed = _clock(time.monotonic() - self.started)
+        text = (
+            f"[{bar}] {self.done}/{self.total} points"
+            f"{f', {self.skipped} already done' if self.skipped else ''}"
+            f"{f', {self.failed} failed' if self.failed else ''}"
+            f"  elapsed {elapsed}  ETA {self.eta()}  {current}"
+        )
+        if self.stream.isatty():
+            self.stream.write("\r\033[K" + text[:160])
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def finish(self) -> None:
+        if self.stream.isatty():
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes}m{secs:02d}s"
+
+
+def prepare_output(spec: ExperimentSpec, out: Path) -> None:
+    """Create `out` and keep the spec; refuse a directory that is not an experiment's."""
+    if out.exists() and not out.is_dir():
+        raise SpecError(f"the output {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "spec.toml").exists():
+        raise SpecError(f"the output {out} holds files but no spec.toml: not an experiment's")
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    (out / "spec.toml").write_text(spec.source, encoding="utf-8")
+
+
+def run_experiment(
+    spec: ExperimentSpec,
+    out: Path,
+    *,
+    rerun: bool = False,
+    stream: TextIO = sys.stderr,
+    run: Callable[[Point, Path], dict[str, Any]] = run_point,
+) -> list[dict[str, Any]]:
+    """Run (or resume) every point; returns the rows in point order."""
+    prepare_output(spec, out)
+    points = spec.points()
+    progress = Progress(len(points), stream)
+    rows = []
+    for index, point in enumerate(points):
+        directory = point_dir(out, index, point)
+        stored = None if rerun else finished(directory, point)
+        if stored is not None:
+            progress.skipped += 1
+            row = stored
+        else:
+            progress.show(f"running {point.kind} {point.label} r{point.repeat}")
+            started = time.monotonic()
+            row = run(point, directory)
+            progress.run_seconds += time.monotonic() - started
+            if row.get("status") != "ok":
+                progress.failed += 1
+                stream.write(f"\nexperiment: point {index} failed: {row.get('error')}\n")
+        progress.done += 1
+        rows.append(row)
+        progress.show("")
+    progress.finish()
+    write_results(spec, out, rows)
+    return rows
+
+
+def write_results(spec: ExperimentSpec, out: Path, rows: list[dict[str, Any]]) -> None:
+    """Tables, figures and the report from the rows (all derived, all rewritten)."""
+    write_jsonl(out / "results.jsonl", rows)
+    write_csv(out / "results.csv", rows)
+    summary = summarise([row for row in rows if row.get("status") == "ok"])
+    write_csv(out / "summary.csv", summary)
+    figures = draw_all(spec, out, rows, summary)
+    write_report(spec, out, rows, summary, figures, command=_command_line())
+
+
+def _command_line() -> str:
+    argv = [os.path.basename(sys.argv[0]) if sys.argv else "vhost-balloon", *sys.argv[1:]]
+    if argv[0] in ("__main__.py", "-c"):
+        argv[0] = "vhost-balloon"
+    return " ".join(argv)
+
+
+def describe_points(spec: ExperimentSpec) -> str:
+    points = spec.points()
+    lines = [f"{len(points)} points ({spec.repeats} repeats):"]
+    lines += [f"  {p.kind:<10} r{p.repeat} seed {p.seed}  {p.label}" for p in points]
+    return "\n".join(lines)
+
+
+def load_rows(out: Path) -> list[dict[str, Any]]:
+    path = out / "results.jsonl"
+    with path.open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]

@@ -1,0 +1,335 @@
+"""Experiment specs (TOML): what to sweep, checked completely before anything runs.
+
+    [experiment]
+    name = "delay-sweep"
+    guest = "mock"            # "mock": the free-list model; "qemu": a real Linux guest
+    repeats = 3               # each point R times, seeds seed, seed+1, ...
+    seed = 1
+
+    [settings]                # every point
+    duration = "20s"
+    memory = "2G"
+
+    [sweep]                   # the cartesian product of these lists
+    delay = ["none", "report=const:10ms", "report=const:50ms"]
+
+    [controls]                # qemu only: the same runs without our backend
+    no_balloon = true
+    builtin = true
+
+    [model]                   # qemu only: also run the model, per latency setting
+    duration = "30s"
+
+Every value goes through the parser the command line uses, so a spec that
+cannot run fails here with the key and the reason.
+"""
+
+from __future__ import annotations
+
+import itertools
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from backend.contention import parse_bql, parse_mmap_contention
+from backend.delays import parse_duration
+from backend.discard import DiscardStrategy
+from backend.injection import parse_bql_phases, parse_delay_option
+from protocol.units import parse_size
+
+
+class SpecError(Exception):
+    """A spec that cannot run: the message names the key and the reason."""
+
+
+Value = str | int | float | bool
+Normaliser = Callable[[Any], Value]
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def _optional(parse: Callable[[str], object]) -> Normaliser:
+    """A string checked by `parse`, or "none"."""
+
+    def normalise(value: Any) -> Value:
+        text = _text(value).strip()
+        if text != "none":
+            parse(text)
+        return text
+
+    return normalise
+
+
+def _delays(value: Any) -> Value:
+    """ "none", "POINT=MODEL" or several joined by spaces (one per point)."""
+    text = _text(value).strip()
+    if text == "none":
+        return text
+    points = set()
+    for part in text.split():
+        point, _model = parse_delay_option(part)
+        if point in points:
+            raise ValueError(f"point '{point.value}' is given twice in {text!r}")
+        points.add(point)
+    return text
+
+
+def _size(value: Any) -> Value:
+    parse_size(_text(value))
+    return _text(value)
+
+
+def _duration(value: Any) -> Value:
+    parse_duration(_text(value))
+    return _text(value)
+
+
+def _choice(*accepted: int | str) -> Normaliser:
+    def normalise(value: Any) -> Value:
+        if isinstance(value, bool) or value not in accepted:
+            raise ValueError(f"{value!r} is not one of {', '.join(map(str, accepted))}")
+        result: Value = value
+        return result
+
+    return normalise
+
+
+def _number(minimum: float, *, integer: bool = False) -> Normaliser:
+    def normalise(value: Any) -> Value:
+        kinds = (int,) if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) or value < minimum:
+            kind = "an integer" if integer else "a number"
+            raise ValueError(f"expected {kind} >= {minimum:g}, got {value!r}")
+        result: Value = value
+        return result
+
+    return normalise
+
+
+def _flag(value: Any) -> Value:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _workload(value: Any) -> Value:
+    text = _text(value).strip()
+    if text == "idle":
+        return text
+    kind, _, rest = text.partition(":")
+    parts = rest.split(",")
+    if kind != "churn" or len(parts) != 3:
+        raise ValueError(f"{text!r} is not 'idle' or 'churn:SIZE,EVERY,HOLD' (churn:64M,500ms,1s)")
+    parse_size(parts[0])
+    if parse_duration(parts[1]) <= 0:
+        raise ValueError(f"churn interval in {text!r} must be positive")
+    parse_duration(parts[2])
+    return text
+
+
+# Keys, their parser and default, per guest kind. Latency keys are shared.
+LATENCY_KEYS: dict[str, tuple[Normaliser, Value]] = {
+    "delay": (_delays, "none"),
+    "bql": (_optional(parse_bql), "none"),
+    "bql_phases": (_optional(parse_bql_phases), "pop,publish,notify"),
+    "mmap_contention": (_optional(parse_mmap_contention), "none"),
+    "discard": (_choice(*DiscardStrategy.names()), "punch-hole"),
+}
+MOCK_KEYS: dict[str, tuple[Normaliser, Value]] = {
+    **LATENCY_KEYS,
+    "duration": (_duration, "20s"),
+    "memory": (_size, "2G"),
+    "capacity": (_choice(16, 32), 32),
+    "order": (_choice(9, 10), 9),
+    "workload": (_workload, "idle"),
+    "pass_delay": (_duration, "2s"),
+    "attempt_rate": (_number(0.001), 2.0),
+    "contig_size": (_size, "1G"),
+    "contig_align": (_size, "1G"),
+    "retries": (_number(0, integer=True), 0),
+    "backoff": (_duration, "10ms"),
+    "contig_hold": (_duration, "50ms"),
+    "touch": (_flag, False),
+    "reserved": (_size, "64M"),
+}
+QEMU_KEYS: dict[str, tuple[Normaliser, Value]] = {
+    **LATENCY_KEYS,
+    "duration": (_duration, "30s"),
+    "settle": (_duration, "20s"),
+    "memory": (_size, "2560M"),
+    "order": (_choice(9, 10), 9),
+    "timeout": (_duration, "600s"),
+}
+GUESTS = {"mock": MOCK_KEYS, "qemu": QEMU_KEYS}
+EXPERIMENT_KEYS = {"name", "guest", "repeats", "seed"}
+TABLES = {"experiment", "settings", "sweep", "controls", "model"}
+CONTROLS = ("no_balloon", "builtin")
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    """One run: every setting resolved, which kind of run, which repeat."""
+
+    kind: str  # "mock", "qemu", "model" (mock run beside a qemu sweep), "no_balloon", "builtin"
+    settings: dict[str, Value]
+    swept: tuple[str, ...]  # the keys that vary, for labels
+    repeat: int
+    seed: int
+
+    @property
+    def label(self) -> str:
+        parts = [f"{key}={self.settings[key]}" for key in self.swept]
+        return " ".join(parts) or "base"
+
+    @property
+    def setting_key(self) -> str:
+        """Identifies the setting (all repeats share it)."""
+        return self.kind + " " + " ".join(f"{k}={self.settings[k]}" for k in sorted(self.settings))
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentSpec:
+    name: str
+    guest: str
+    repeats: int
+    seed: int
+    settings: dict[str, Value]
+    sweep: dict[str, list[Value]]
+    controls: tuple[str, ...] = ()
+    model: dict[str, Value] | None = None
+    source: str = ""
+    path: Path | None = field(default=None, compare=False)
+
+    def points(self) -> list[Point]:
+        keys = list(self.sweep)
+        combos = list(itertools.product(*(self.sweep[k] for k in keys))) or [()]
+        points = []
+        for repeat in range(self.repeats):
+            seed = self.seed + repeat
+            for combo in combos:
+                settings = self.settings | dict(zip(keys, combo, strict=True))
+                points.append(Point(self.guest, settings, tuple(keys), repeat, seed))
+                if self.model is not None:
+                    model = self.model | {k: settings[k] for k in LATENCY_KEYS}
+                    points.append(Point("model", model, tuple(keys), repeat, seed))
+            for control in self.controls:
+                settings = self.settings | {"delay": "none"}
+                points.append(Point(control, settings, (), repeat, seed))
+        return _unique(points)
+
+
+def _unique(points: list[Point]) -> list[Point]:
+    seen: set[tuple[str, int]] = set()
+    result = []
+    for point in points:
+        key = (point.setting_key, point.repeat)
+        if key not in seen:
+            seen.add(key)
+            result.append(point)
+    return result
+
+
+def _table(data: dict[str, Any], name: str) -> dict[str, Any]:
+    value = data.get(name, {})
+    if not isinstance(value, dict):
+        raise SpecError(f"[{name}] must be a table")
+    return value
+
+
+def _normalise(
+    table: str, values: dict[str, Any], keys: dict[str, tuple[Normaliser, Value]], guest: str
+) -> dict[str, Value]:
+    result = {}
+    for key, value in values.items():
+        if key not in keys:
+            other = [g for g, known in GUESTS.items() if key in known and g != guest]
+            why = f' (it applies to guest = "{other[0]}" only)' if other else ""
+            raise SpecError(
+                f'[{table}] {key}: unknown key for guest = "{guest}"{why}; '
+                f"known keys: {', '.join(sorted(keys))}"
+            )
+        try:
+            result[key] = keys[key][0](value)
+        except ValueError as error:
+            raise SpecError(f"[{table}] {key}: {error}") from None
+    return result
+
+
+def parse_spec(text: str, path: Path | None = None) -> ExperimentSpec:
+    """Parse and check a spec; SpecError says what is wrong and where."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise SpecError(f"not valid TOML: {error}") from None
+    unknown = set(data) - TABLES
+    if unknown:
+        raise SpecError(
+            f"unknown table(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(TABLES))}"
+        )
+    head = _table(data, "experiment")
+    extra = set(head) - EXPERIMENT_KEYS
+    if extra:
+        raise SpecError(
+            f"[experiment] unknown key(s) {', '.join(sorted(extra))}; "
+            f"known: {', '.join(sorted(EXPERIMENT_KEYS))}"
+        )
+    name = head.get("name", path.stem if path else "experiment")
+    guest = head.get("guest", "mock")
+    if guest not in GUESTS:
+        raise SpecError(f'[experiment] guest: {guest!r} is not "mock" or "qemu"')
+    repeats, seed = head.get("repeats", 3), head.get("seed", 1)
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise SpecError(f"[experiment] repeats: expected an integer >= 1, got {repeats!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise SpecError(f"[experiment] seed: expected an integer, got {seed!r}")
+    if not isinstance(name, str) or not name or "/" in name:
+        raise SpecError(f"[experiment] name: {name!r} is not a plain name")
+    keys = GUESTS[guest]
+    settings = {key: default for key, (_parse, default) in keys.items()}
+    settings |= _normalise("settings", _table(data, "settings"), keys, guest)
+    sweep: dict[str, list[Value]] = {}
+    for key, values in _table(data, "sweep").items():
+        if not isinstance(values, list) or not values:
+            raise SpecError(f"[sweep] {key}: expected a non-empty list of values")
+        normalised = [_normalise("sweep", {key: v}, keys, guest)[key] for v in values]
+        if len(set(map(str, normalised))) != len(normalised):
+            raise SpecError(f"[sweep] {key}: a value is listed twice")
+        sweep[key] = normalised
+    controls = _controls(_table(data, "controls"), guest)
+    model = None
+    if "model" in data:
+        if guest != "qemu":
+            raise SpecError('[model] runs the model beside a real guest: it needs guest = "qemu"')
+        model = {key: default for key, (_parse, default) in MOCK_KEYS.items()}
+        model |= _normalise("model", _table(data, "model"), MOCK_KEYS, "mock")
+    return ExperimentSpec(name, guest, repeats, seed, settings, sweep, controls, model, text, path)
+
+
+def _controls(table: dict[str, Any], guest: str) -> tuple[str, ...]:
+    chosen = []
+    for key, value in table.items():
+        if key not in CONTROLS:
+            raise SpecError(f"[controls] {key}: unknown; known: {', '.join(CONTROLS)}")
+        if not isinstance(value, bool):
+            raise SpecError(f"[controls] {key}: expected true or false")
+        if value:
+            chosen.append(key)
+    if chosen and guest != "qemu":
+        raise SpecError('[controls] compare against QEMU without our backend: needs guest = "qemu"')
+    return tuple(chosen)
+
+
+def load_spec(path: Path) -> ExperimentSpec:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise SpecError(f"cannot read {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{path} is not UTF-8 text") from None
+    return parse_spec(text, path)

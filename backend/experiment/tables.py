@@ -1,0 +1,93 @@
+"""Result rows to CSV/JSONL, and the per-setting summary over repeats."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+# Mean and standard error over repeats for these columns.
+AVERAGED = (
+    "failure_rate",
+    "held_fraction",
+    "model_p_fail",
+    "injected_ms",
+    "hold_p50_ms",
+    "kick_to_notify_p50_ms",
+    "attempts",
+    "failures",
+    "reports",
+    "passes",
+)
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, separators=(",", ":")) + "\n")
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    columns: list[str] = []
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _cell(v) for k, v in row.items()})
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, dict | list):
+        return json.dumps(value, separators=(",", ":"))
+    return value
+
+
+def mean_and_error(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (0 with one value)."""
+    if not values:
+        return math.nan, math.nan
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, statistics.stdev(values) / math.sqrt(len(values))
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per setting (kind + settings), in first-seen order."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row["setting_key"], []).append(row)
+    summary = []
+    for group in groups.values():
+        first = group[0]
+        entry: dict[str, Any] = {
+            "kind": first["kind"],
+            "label": first["label"],
+            "setting_key": first["setting_key"],
+            "repeats": len(group),
+            "seeds": " ".join(str(row["seed"]) for row in group),
+        }
+        entry |= {k: v for k, v in first.items() if k.startswith("set_")}
+        for column in AVERAGED:
+            values = [float(row[column]) for row in group if row.get(column) is not None]
+            mean, error = mean_and_error(values)
+            entry[column] = mean
+            entry[f"{column}_se"] = error
+        attempts = sum(int(row.get("attempts", 0)) for row in group)
+        failures = sum(int(row.get("failures", 0)) for row in group)
+        entry["pooled_failure_rate"] = failures / attempts if attempts else math.nan
+        entry["total_attempts"] = attempts
+        entry["total_failures"] = failures
+        entry["total_attributed"] = sum(int(row.get("attributed", 0)) for row in group)
+        entry["total_passes_with_failures"] = sum(
+            int(row.get("passes_with_failures", 0)) for row in group
+        )
+        summary.append(entry)
+    return summary
