@@ -32,6 +32,7 @@ from protocol.units import parse_size
 SOCKET_WAIT_S = 10.0
 STOP_WAIT_S = 60.0
 RESULT = "result.json"
+GIGANTIC_APPEND = "nokaslr init_on_alloc=0"  # see FACTS.md and docs/qemu.md
 
 
 class PointError(Exception):
@@ -244,7 +245,9 @@ def qemu_command(point: Point, directory: Path) -> list[str]:
         str(directory / "console.log"),
     ]
     if settings["order"] != 9:
-        command += ["--append", f"page_reporting.page_reporting_order={settings['order']}"]
+        # --append replaces launch's gigantic defaults, so repeat them.
+        order = f"page_reporting.page_reporting_order={settings['order']}"
+        command += ["--append", f"{GIGANTIC_APPEND} {order}"]
     if point.kind == "no_balloon":
         return [*command, "--no-balloon"]
     if point.kind == "builtin":
