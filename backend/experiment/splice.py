@@ -1,0 +1,57 @@
+"""Copy each experiment's summary table into a document, between markers:
+
+    <!-- results:mock-delay -->
+    ...replaced by the table of docs/results/mock-delay/results.jsonl...
+    <!-- /results:mock-delay -->
+
+    python -m backend.experiment.splice docs/results.md
+
+so the tables in docs/results.md are regenerated with the figures
+(scripts/results.sh runs the experiments, then this).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from backend.experiment.report import summary_table
+from backend.experiment.runner import load_rows
+from backend.experiment.tables import summarise
+
+_BLOCK = re.compile(r"(<!-- results:([\w.-]+) -->\n).*?(<!-- /results:\2 -->)", re.DOTALL)
+
+
+def splice(document: Path, results: Path) -> int:
+    """Replace every marked block; returns how many were replaced."""
+    text = document.read_text(encoding="utf-8")
+    count = 0
+
+    def table(match: re.Match[str]) -> str:
+        nonlocal count
+        rows = [row for row in load_rows(results / match[2]) if row.get("status") == "ok"]
+        count += 1
+        return f"{match[1]}{summary_table(summarise(rows))}\n{match[3]}"
+
+    document.write_text(_BLOCK.sub(table, text), encoding="utf-8")
+    return count
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m backend.experiment.splice DOCUMENT.md", file=sys.stderr)
+        return 2
+    document = Path(args[0])
+    try:
+        count = splice(document, document.parent / document.stem)
+    except OSError as error:
+        print(f"splice: {error}", file=sys.stderr)
+        return 1
+    print(f"splice: {count} table(s) updated in {document}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
