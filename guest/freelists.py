@@ -135,8 +135,12 @@ class FreeArea:
         """`__free_one_page`: merge with free buddies, then link; returns the result."""
         self._check_block(start, order)
         for index in range(start, start + pageblocks(order)):
-            if self.state[index] is BlockState.FREE:
+            if self.state[index] in (BlockState.FREE, BlockState.HELD):
+                # A HELD block is still the report's: only putback frees it.
                 raise FreeListError(f"pageblock {index} is freed twice")
+        return self._merge_and_link(start, order, tail=tail)
+
+    def _merge_and_link(self, start: int, order: int, *, tail: bool) -> FreeBlock:
         self._set_state(start, order, BlockState.FREE)
         while order < MAX_ORDER:
             buddy = start ^ pageblocks(order)
@@ -162,7 +166,7 @@ class FreeArea:
         for index in range(start, start + pageblocks(order)):
             if self.state[index] is not BlockState.HELD:
                 raise FreeListError(f"pageblock {index} was not held by a report")
-        result = self.free(start, order, tail=True)
+        result = self._merge_and_link(start, order, tail=True)
         if reported and result == FreeBlock(start, order):
             self.reported.add(start)
         return result

@@ -258,14 +258,23 @@ class ModelGuest:
         tasks = [loop.create_task(self.allocations())]
         if self.config.churn is not None:
             tasks.append(loop.create_task(self.churn(self.config.churn)))
+        watched = [*tasks, loop.create_task(self.reporting.failed.wait())]
         try:
-            await asyncio.sleep(self.config.duration_s)
+            # Ends early when reporting fails or a workload task crashes.
+            await asyncio.wait(
+                watched, timeout=self.config.duration_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            if self.reporting.error is not None:
+                raise self.reporting.error
         finally:
-            for task in tasks:
+            for task in watched:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
             self.t_end_ns = time.monotonic_ns()
             await asyncio.wait_for(self.reporting.stop(), STOP_TIMEOUT_S)
+        for outcome in outcomes:  # a workload that crashed is not a measurement
+            if isinstance(outcome, Exception):
+                raise outcome
 
     # ---------------------------------------------------------------- results
     def summary(self) -> dict[str, Any]:
@@ -344,6 +353,10 @@ async def run_model(
 ) -> dict[str, Any]:
     """Connect, run the model for its duration, stop the device; the JSON summary."""
     config.validate()
+    if options.regions != 1:
+        # The free area is one zone over [0, memory): a second region would
+        # put guest-RAM holes inside it.
+        raise ConfigError("the free-list model runs over one memory region (--regions 1)")
     async with MockGuest(options) as guest:
         model = ModelGuest(guest, config)
         if not model.targets:

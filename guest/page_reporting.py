@@ -75,6 +75,8 @@ class PageReporting:
     state: ReportingState = ReportingState.IDLE
     passes: list[Pass] = field(default_factory=list)
     errors: int = 0
+    error: Exception | None = None
+    failed: asyncio.Event = field(default_factory=asyncio.Event)
     _timer: asyncio.TimerHandle | None = None
     _task: asyncio.Task[None] | None = None
     _stopping: bool = False
@@ -107,6 +109,12 @@ class PageReporting:
         self.passes.append(current)
         try:
             await self._process_zone(current)
+        except Exception as error:
+            # Reporting is dead from here on (as a driver whose device broke):
+            # whoever runs the model must stop, not measure a guest without it.
+            self.error = error
+            self.failed.set()
+            return
         finally:
             current.t_end_ns = time.monotonic_ns()
         if self.state is ReportingState.REQUESTED:
