@@ -14,7 +14,7 @@ code).
 - A pass that saw a new request (or ran out of budget) schedules the next
   one `delay_s` after it ends; otherwise reporting goes idle.
 - The pass does nothing when the zone has fewer free pageblocks than
-  `low_watermark` plus one full report (Linux's watermark check).
+  `low_watermark` plus one full report, or exactly that (Linux's watermark check).
 
 The walk between two reports runs without awaiting, so it is atomic with
 respect to the other tasks of the guest, as the zone lock makes it in Linux.
@@ -135,7 +135,7 @@ class PageReporting:
     async def _process_zone(self, current: Pass) -> None:
         config = self.config
         needed = config.low_watermark + config.capacity * pageblocks(config.order)
-        if self.area.free_pageblocks() < needed:
+        if self.area.free_pageblocks() <= needed:  # zone_watermark_ok wants more than the mark
             return
         scatterlist: list[FreeBlock] = []
         for order in range(config.order, MAX_ORDER + 1):
