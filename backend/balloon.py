@@ -127,10 +127,16 @@ class BalloonDevice(VirtioDevice):
         if is_reporting and queue.has_available():
             kick_latency = self.injector.begin_report()
             kick_delay = await self.injector.delay(Point.KICK)
+        first_kick_ns: int | None = kick_ns
         while True:
             queue.disable_notifications()
             while context.running():
                 start_ns = time.monotonic_ns()
+                # Only the first chain of a batch came with this kick. The
+                # driver posts the next one only after seeing the previous
+                # one used, so a chain found while draining was made
+                # available after that: its window opens when we look for it.
+                report_kick_ns = start_ns if first_kick_ns is None else first_kick_ns
                 if kick_latency is not None:  # the first report runs under the kick's settings
                     latency, kick_latency = kick_latency, None
                 elif is_reporting:
@@ -141,10 +147,10 @@ class BalloonDevice(VirtioDevice):
                 if chain is None:
                     break
                 if is_reporting:
-                    await self._report(
-                        context, chain, _Turn(kick_ns, start_ns, kick_delay, pop_wait, latency)
-                    )
+                    turn = _Turn(report_kick_ns, start_ns, kick_delay, pop_wait, latency)
+                    await self._report(context, chain, turn)
                     kick_delay = 0  # attributed to the first report of the batch
+                    first_kick_ns = None
                 else:
                     self._ack_balloon_chain(context, chain)
                 # A guest that keeps the ring full must not keep the loop:

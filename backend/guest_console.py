@@ -46,10 +46,55 @@ class GuestReport:
     t_start_mono: float  # the guest's CLOCK_MONOTONIC, seconds
 
 
+@dataclass(frozen=True, slots=True)
+class GiganticAttempt:
+    """One try at a 1 GiB hugetlb page (`VB gigantic_attempt`): guest
+    CLOCK_MONOTONIC seconds from the trace markers written around it."""
+
+    index: int  # from 1
+    t_mono: float
+    t_end_mono: float | None
+    ok: bool  # nr_hugepages read back as 1
+    test: str  # the isolation test's verdict: "success", "fail" or "none" (not reached)
+
+
+@dataclass(frozen=True, slots=True)
+class IsolationEvent:
+    """One `page_isolation:test_pages_isolated` event (`VB gigantic_event`)."""
+
+    t_mono: float
+    start_pfn: int
+    end_pfn: int
+    fin_pfn: int  # the first busy pfn when the test failed (end_pfn on success)
+    ok: bool  # ret=success
+    attempt: int  # the attempt it belongs to (0: before the loop)
+
+
+@dataclass(slots=True)
+class GiganticRun:
+    """What the gigantic workload said (qemu-configs/guest-init.sh)."""
+
+    trace: str | None = None  # "on" or "unavailable"
+    settle_s: int | None = None
+    duration_s: int | None = None
+    t_loop_start: float | None = None  # host seconds
+    t_loop_end: float | None = None
+    attempts: int | None = None  # counted by the loop itself
+    failures: int | None = None
+    isolation_failures: int | None = None
+    events_count: int | None = None
+    t_start_mono: float | None = None  # the loop, on the guest's clock
+    t_end_mono: float | None = None
+    attempt_list: list[GiganticAttempt] = field(default_factory=list)
+    events: list[IsolationEvent] = field(default_factory=list)
+
+
 @dataclass(slots=True)
 class GuestConsole:
     """What the test guest said, in order."""
 
+    workload: str | None = None
+    balloon_absent: bool = False  # the guest found no balloon device (and went on)
     features: int | None = None
     feature_bits: list[int] = field(default_factory=list)
     page_reporting_order: int | None = None
@@ -64,6 +109,7 @@ class GuestConsole:
     t_end_of_rounds: float | None = None  # host time of the integrity line
     errors: list[str] = field(default_factory=list)
     vb_lines: int = 0
+    gigantic: GiganticRun | None = None
 
     def feed(self, line: str, t_host: float) -> None:
         """Take one console line; a garbled `VB` line (a printk can land in the
@@ -78,7 +124,14 @@ class GuestConsole:
         if pairs is None:
             return
         self.vb_lines += 1
-        if "features" in pairs:
+        first = next(iter(pairs), "")
+        if first.startswith("gigantic"):
+            self._feed_gigantic(first, pairs, t_host)
+        elif first == "params":
+            self.workload = pairs.get("workload") or None
+        elif first == "balloon":
+            self.balloon_absent = pairs["balloon"] == "none"
+        elif "features" in pairs:
             self.features = int(pairs["features"], 16)
             bits = pairs.get("bits", "")
             self.feature_bits = [int(b) for b in bits.split(",") if b.isdigit()]
@@ -118,3 +171,52 @@ class GuestConsole:
             state.t_freed = t_host
         elif "paused" in pairs:
             state.t_paused = t_host
+
+    def _run(self) -> GiganticRun:
+        if self.gigantic is None:
+            self.gigantic = GiganticRun()
+        return self.gigantic
+
+    def _feed_gigantic(self, first: str, pairs: dict[str, str], t_host: float) -> None:
+        run = self._run()
+        if first == "gigantic_attempt":
+            end = pairs.get("t_end_mono", "none")
+            run.attempt_list.append(
+                GiganticAttempt(
+                    index=int(pairs["i"]),
+                    t_mono=float(pairs["t_mono"]),
+                    t_end_mono=None if end == "none" else float(end),
+                    ok=pairs["ok"] == "1",
+                    test=pairs.get("test", "none"),
+                )
+            )
+        elif first == "gigantic_event":
+            run.events.append(
+                IsolationEvent(
+                    t_mono=float(pairs["t_mono"]),
+                    start_pfn=int(pairs["start_pfn"], 16),
+                    end_pfn=int(pairs["end_pfn"], 16),
+                    fin_pfn=int(pairs["fin_pfn"], 16),
+                    ok=pairs["ret"] == "success",
+                    attempt=int(pairs.get("attempt", "0")),
+                )
+            )
+        elif first == "gigantic_trace":
+            run.trace = pairs["gigantic_trace"]
+        elif first == "gigantic_loop":
+            if pairs["gigantic_loop"] == "start":
+                run.t_loop_start = t_host
+                run.settle_s = int(pairs["settle_s"])
+                run.duration_s = int(pairs["duration_s"])
+            else:
+                run.t_loop_end = t_host
+                run.attempts = int(pairs["attempts"])
+                run.failures = int(pairs["failures"])
+        elif first == "gigantic":
+            run.attempts = int(pairs["attempts"])
+            run.failures = int(pairs["failures"])
+            if "isolation_failures" in pairs:
+                run.isolation_failures = int(pairs["isolation_failures"])
+                run.events_count = int(pairs["events"])
+                run.t_start_mono = float(pairs["t_start_mono"])
+                run.t_end_mono = float(pairs["t_end_mono"])

@@ -9,6 +9,12 @@ guest RAM (RssShmem + HugetlbPages of the QEMU process) is sampled so each
 round's memory given back can be measured. The backend stops when QEMU
 exits; Ctrl-C or SIGTERM stops QEMU first (SIGTERM, then SIGKILL of its
 process group after STOP_GRACE_S).
+
+Workloads: `fill` (fill/free rounds) and `gigantic` (a 1 GiB hugetlb page
+allocated and freed in a loop; its failures are attributed to the reports
+that held the pages, backend/attribution.py). Balloon devices: the backend
+(default), QEMU's built-in device (`baseline`), or none (`no_balloon`, a
+control for the gigantic workload).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from backend.attribution import BackendReport, summarize_gigantic
 from backend.balloon import BalloonDevice
 from backend.guest_console import GuestConsole
 from backend.provisioning import (
@@ -45,19 +52,35 @@ GIVE_BACK_WINDOW_S = 10.0
 MiB = 1 << 20
 PERCENTILES = (50, 90, 99)
 _PID_NOTE = re.compile(r"^run-guest: qemu pid (\d+)")
+WORKLOADS = ("fill", "gigantic")
+# Per workload: guest RAM and kernel command line when the user gives none.
+# The gigantic workload needs a 1 GiB-aligned range that is all RAM (2560M
+# leaves GPA 1-2 GiB), the kernel image out of it (nokaslr), and no zeroing
+# of the whole 1 GiB on every allocation (init_on_alloc=0: 2.5-4 s per
+# attempt under TCG otherwise). See docs/qemu.md.
+DEFAULT_MEM = {"fill": "512M", "gigantic": "2560M"}
+DEFAULT_APPEND = {"fill": "", "gigantic": "nokaslr init_on_alloc=0"}
+GIGANTIC_ROWS = 5  # failures shown by format_summary
 
 
 @dataclass(frozen=True, slots=True)
 class LaunchOptions:
+    """None for settle_s, mem and append means the workload's default
+    (settle: the guest's, 0 for fill and 20 for gigantic; DEFAULT_MEM,
+    DEFAULT_APPEND); an append given replaces the workload's default."""
+
+    workload: str = "fill"
     rounds: int = 2
     size_mib: int = 300
     pause_s: int = 5
-    settle_s: int = 0
-    mem: str = "512M"
+    settle_s: int | None = None
+    duration_s: int = 30
+    mem: str | None = None
     kernel: Path | None = None
     initrd: Path | None = None
-    append: str = ""
+    append: str | None = None
     baseline: bool = False
+    no_balloon: bool = False
     console_log: Path | None = None
     timeout_s: int = 900
     accel: str = "auto"
@@ -67,6 +90,20 @@ class LaunchOptions:
     socket_path: Path | None = None
     qemu_args: tuple[str, ...] = ()
     console_to_stderr: bool = False
+
+    @property
+    def guest_mem(self) -> str:
+        return self.mem if self.mem is not None else DEFAULT_MEM[self.workload]
+
+    @property
+    def kernel_append(self) -> str:
+        return self.append if self.append is not None else DEFAULT_APPEND[self.workload]
+
+    @property
+    def mode(self) -> str:
+        if self.no_balloon:
+            return "none"
+        return "builtin" if self.baseline else "vhost-user"
 
 
 def percentiles(samples: Sequence[float]) -> dict[str, float]:
@@ -175,7 +212,7 @@ class Launch:
         env = ensure_provisioned(self.note)
         qemu = self.options.qemu or env.get("QEMU", "")
         self.qemu_version = qemu_version(qemu)
-        if not self.options.baseline:
+        if self.options.mode == "vhost-user":
             check_device(qemu, self.qemu_version)
         self.guest_kernel = (
             self.options.kernel.name if self.options.kernel else env.get("GUEST_KERNEL_VERSION")
@@ -205,7 +242,7 @@ class Launch:
         return self.summary()
 
     def _socket_path(self, env: dict[str, str]) -> Path | None:
-        if self.options.baseline:
+        if self.options.mode != "vhost-user":
             return None
         if self.options.socket_path is not None:
             path = self.options.socket_path
@@ -222,16 +259,18 @@ class Launch:
         command = [
             "bash",
             str(configs_dir() / "run-guest.sh"),
+            "--workload",
+            o.workload,
             "--rounds",
             str(o.rounds),
             "--size",
             str(o.size_mib),
             "--pause",
             str(o.pause_s),
-            "--settle",
-            str(o.settle_s),
+            "--duration",
+            str(o.duration_s),
             "--mem",
-            o.mem,
+            o.guest_mem,
             "--accel",
             o.accel,
             "--timeout",
@@ -242,8 +281,10 @@ class Launch:
             "--num-vqs",
             str(balloon_queues((self.settings or ServerSettings()).balloon.features).count),
         ]
-        if o.append:
-            command += ["--append", o.append]
+        if o.settle_s is not None:
+            command += ["--settle", str(o.settle_s)]
+        if o.kernel_append:
+            command += ["--append", o.kernel_append]
         for flag, value in (
             ("--kernel", o.kernel),
             ("--initrd", o.initrd),
@@ -252,7 +293,12 @@ class Launch:
         ):
             if value is not None:
                 command += [flag, str(value)]
-        command += ["--builtin"] if socket_path is None else [str(socket_path)]
+        if o.no_balloon:
+            command.append("--no-balloon")
+        elif socket_path is None:
+            command.append("--builtin")
+        else:
+            command.append(str(socket_path))
         return command + list(o.qemu_args)
 
     async def _run_qemu(self, command: list[str]) -> None:
@@ -388,7 +434,8 @@ class Launch:
         ordered = sorted(guest.reports, key=lambda r: r.t_start_mono)
         guest_us = [r.duration_us for r in ordered]
         summary: dict[str, Any] = {
-            "mode": "builtin" if self.options.baseline else "vhost-user",
+            "mode": self.options.mode,
+            "workload": self.options.workload,
         }
         if self.server is not None:
             records = self.server.records
@@ -424,6 +471,10 @@ class Launch:
             "page_reporting_order": guest.page_reporting_order,
             "integrity_ok": guest.integrity_ok,
             "memfd_freed": self.memfd_freed(),
+        }
+        if self.options.workload == "gigantic":
+            summary["gigantic"] = self.gigantic_summary()
+        summary |= {
             "qemu_version": self.qemu_version,
             "guest_kernel": self.guest_kernel,
             "accel": self.accel,
@@ -435,6 +486,25 @@ class Launch:
             "duration_s": round(self.clock(), 3),
         }
         return summary
+
+    def gigantic_summary(self) -> dict[str, Any] | None:
+        """The gigantic workload's counts and attributions (None when the
+        guest printed nothing about it, e.g. your own initrd)."""
+        run = self.guest.gigantic
+        if run is None:
+            return None
+        backend = None
+        if self.server is not None:
+            backend = [
+                BackendReport(r.t_popped_ns / 1e9, tuple((gpa, length) for gpa, length in r.ranges))
+                for r in self.server.records
+            ]
+        return summarize_gigantic(
+            run,
+            [r.t_start_mono for r in self.guest.reports],
+            [r.duration_us for r in self.guest.reports],
+            backend,
+        )
 
     def failure(self) -> str | None:
         """The one-sentence reason this run failed, or None."""
@@ -458,6 +528,15 @@ class Launch:
             return f"no report reached the backend; QEMU said: {first_error}"
         if self.guest.errors:
             return f"the guest workload failed: {self.guest.errors[0]}"
+        if self.guest.balloon_absent and self.options.mode != "none":
+            return "the guest found no balloon device"
+        if (
+            self.options.workload == "gigantic"
+            and self.options.initrd is None
+            and self.guest.done
+            and (self.guest.gigantic is None or self.guest.gigantic.attempts is None)
+        ):
+            return "the guest finished without reporting any gigantic-page attempt"
         return None
 
 
@@ -475,6 +554,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         return " ".join(f"{k} {values[k]:.0f}" for k in ("p50", "p90", "p99", "max"))
 
     rows: list[tuple[str, str]] = [("mode", summary["mode"])]
+    if "workload" in summary:
+        rows.append(("workload", summary["workload"]))
     if "reports" in summary:
         rows += [
             ("discard strategy", str(summary["discard"])),
@@ -496,6 +577,8 @@ def format_summary(summary: dict[str, Any]) -> str:
                     f"(lowest after {item['seconds_to_low']:.1f} s)",
                 )
             )
+    if summary.get("gigantic"):
+        rows += _gigantic_rows(summary["gigantic"])
     features = summary["features"]
     rows += [
         ("features", "-" if features is None else ",".join(features["names"])),
@@ -508,6 +591,46 @@ def format_summary(summary: dict[str, Any]) -> str:
     ]
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
+def _gigantic_rows(g: dict[str, Any]) -> list[tuple[str, str]]:
+    def fraction(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.1f} %"
+
+    rate = "-" if g["failure_rate"] is None else f"{100 * g['failure_rate']:.1f} %"
+    rows = [
+        (
+            "1 GiB attempts",
+            f"{g['attempts']} in {g['duration_s'] or 0:.1f} s (after a {g['settle_s']} s settle)",
+        ),
+        ("1 GiB failures", f"{g['failures']} ({rate})"),
+    ]
+    if g["isolation_failures"] is not None:
+        rows += [
+            (
+                "  isolation test failed",
+                f"{g['isolation_failures']} ({g['attributed']} attributed to a report, "
+                f"{g['in_window']} while a report was in flight)",
+            ),
+            ("  never reached the test", str(g["not_tried"])),
+            ("reporting passes", f"{g['passes']} ({g['passes_with_failures']} with failures)"),
+            ("target range held", fraction(g["held_fraction"])),
+            ("a report in flight", fraction(g["in_flight_fraction"])),
+        ]
+    for item in g["failures_detail"][:GIGANTIC_ROWS]:
+        pfn = "-" if item["fin_pfn"] is None else f"{item['fin_pfn']:#x}"
+        report = "-" if item["report"] is None else str(item["report"])
+        rows.append(
+            (
+                f"  failure at {item['t_mono']:.3f}",
+                f"test {item['test']}, first busy pfn {pfn}, report {report}, "
+                f"pass {'-' if item['pass'] is None else item['pass']}",
+            )
+        )
+    more = len(g["failures_detail"]) - GIGANTIC_ROWS
+    if more > 0:
+        rows.append(("  ...", f"{more} more failures (--json for all)"))
+    return rows
 
 
 async def _readline(stream: asyncio.StreamReader) -> bytes:

@@ -3,34 +3,71 @@
 #
 # Loads virtio_balloon, prints the features the guest accepted, traces every
 # free page report with ftrace function_graph, keeps an integrity region it
-# never frees, fills and frees memory in rounds so that reports happen,
-# verifies the integrity region, prints the report durations and powers off.
+# never frees, runs its workload, verifies the integrity region, prints the
+# report durations and powers off. Workloads:
+#   fill      fill and free memory in rounds so that reports happen
+#   gigantic  after boot-time reporting settles, allocate and free one 1 GiB
+#             hugetlb page in a loop for a fixed time, counting attempts and
+#             failures, with the tracepoint page_isolation:test_pages_isolated
+#             (the first busy pfn of a failed isolation test) traced beside
+#             the reports, so that a failure can be matched with the report
+#             that held that page. Needs 1 GiB pages (pdpe1gb: -cpu max) and a
+#             1 GiB-aligned range that is all RAM (-m 2560M), and is meant for
+#             `nokaslr init_on_alloc=0` (docs/qemu.md says why). Runs without
+#             a balloon device too (the no-balloon control).
 #
 # Parameters, from the kernel command line (/proc/cmdline):
-#   vb.rounds=N     fill/free rounds (default 2)
-#   vb.size=MIB     MiB written into a tmpfs file per round (default 300)
-#   vb.pause=S      seconds to wait after each free, so reporting (2 s delay)
-#                   runs (default 5)
-#   vb.settle=S     extra seconds before the final checks (default 0)
+#   vb.workload=W   fill (default) or gigantic
+#   vb.rounds=N     fill: fill/free rounds (default 2)
+#   vb.size=MIB     fill: MiB written into a tmpfs file per round (default 300)
+#   vb.pause=S      fill: seconds to wait after each free, so reporting (2 s
+#                   delay) runs (default 5)
+#   vb.settle=S     fill: extra seconds before the final checks (default 0);
+#                   gigantic: seconds to wait before the loop, so that the
+#                   driver's boot-time reports of all free memory are over
+#                   (default 20: a 2560 MiB guest's are done ~12 s after the
+#                   driver loads under TCG, see docs/qemu.md)
+#   vb.duration=S   gigantic: length of the attempt loop (default 30)
 #   vb.keep=MIB     size of the integrity region (default 16)
-#   vb.trace=0      do not set up ftrace
+#   vb.trace=0      do not set up ftrace (no report lines, no events)
 #   vb.shell=1      start a shell on the console at the end instead of
 #                   powering off
 #
 # Output: console lines starting with "VB " are machine-readable, one event a
 # line, space-separated key=value pairs; t= is seconds since boot
-# (/proc/uptime), t_mono= is CLOCK_MONOTONIC seconds (ftrace's "mono").
+# (/proc/uptime), t_mono= is CLOCK_MONOTONIC seconds (ftrace's "mono"), pfns
+# are hexadecimal (0x...) guest page frame numbers of 4 KiB.
 #   VB init t=...                              /init started
+#   VB params workload=W rounds=... settle_s=... duration_s=...
 #   VB modules loaded=virtio_balloon t=...
 #   VB features=0x... bits=5,32 reporting=1 poison=0 device=virtio1 driver=virtio_balloon page_reporting_order=9
+#   VB balloon=none t=...                      gigantic: no balloon device, carrying on
 #   VB ftrace=on function=virtballoon_free_page_report clock=mono
 #   VB keep mib=16 md5=...
-#   VB round=1 filled_mib=300 t=... memfree_kib=...
-#   VB round=1 freed t=... memfree_kib=...
-#   VB round=1 paused t=... memfree_kib=...
+#   VB round=1 filled_mib=300 t=... memfree_kib=...                 (fill)
+#   VB round=1 freed t=... memfree_kib=...                          (fill)
+#   VB round=1 paused t=... memfree_kib=...                         (fill)
+#   VB gigantic_trace=on event=page_isolation:test_pages_isolated  (gigantic; or
+#                                              =unavailable reason=...)
+#   VB gigantic_loop=start t=... settle_s=20 duration_s=30 memfree_kib=...
+#   VB gigantic_loop=end t=... attempts=N failures=F
 #   VB integrity=ok|bad
 #   VB report_us=D t_start_mono=S cpu=C        one per traced report
 #   VB reports=N report_us_total=... report_us_max=...
+#   VB gigantic_attempt i=N t_mono=S t_end_mono=S ok=0|1 test=success|fail|none
+#                                              one per attempt (gigantic; from
+#                                              trace markers written around
+#                                              it): test= is the isolation
+#                                              test's verdict, none when the
+#                                              attempt never reached it
+#   VB gigantic_event t_mono=S start_pfn=0x... end_pfn=0x... fin_pfn=0x... ret=fail|success attempt=N
+#                                              one per test_pages_isolated
+#                                              event; fin_pfn is the first
+#                                              busy pfn when ret=fail
+#   VB gigantic attempts=N failures=F isolation_failures=I events=E t_start_mono=S t_end_mono=S
+#                                              totals (attempts and failures
+#                                              counted by the loop itself)
+#   VB ftrace_overrun=N                        events lost (0 expected)
 #   VB done t=...
 #   VB error=WHAT ...                          something failed (then poweroff)
 
@@ -56,19 +93,29 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 echo "VB init t=$(vbt) kernel=$(uname -r)"
 
 # ------------------------------------------------------------ parameters
-ROUNDS=2 SIZE=300 PAUSE=5 SETTLE=0 KEEP=16 TRACE=1 SHELL_AT_END=0
+WORKLOAD=fill ROUNDS=2 SIZE=300 PAUSE=5 SETTLE='' DURATION=30 KEEP=16 TRACE=1 SHELL_AT_END=0
 for arg in $(cat /proc/cmdline); do
     case $arg in
+        vb.workload=*) WORKLOAD=${arg#*=} ;;
         vb.rounds=*) ROUNDS=${arg#*=} ;;
         vb.size=*) SIZE=${arg#*=} ;;
         vb.pause=*) PAUSE=${arg#*=} ;;
         vb.settle=*) SETTLE=${arg#*=} ;;
+        vb.duration=*) DURATION=${arg#*=} ;;
         vb.keep=*) KEEP=${arg#*=} ;;
         vb.trace=*) TRACE=${arg#*=} ;;
         vb.shell=*) SHELL_AT_END=${arg#*=} ;;
     esac
 done
-echo "VB params rounds=$ROUNDS size_mib=$SIZE pause_s=$PAUSE settle_s=$SETTLE keep_mib=$KEEP trace=$TRACE"
+case $WORKLOAD in
+    fill) SETTLE=${SETTLE:-0} ;;
+    gigantic) SETTLE=${SETTLE:-20} ;;
+    *) die bad-workload "vb.workload=$WORKLOAD: expected fill or gigantic" ;;
+esac
+for v in "$ROUNDS" "$SIZE" "$PAUSE" "$SETTLE" "$DURATION" "$KEEP"; do
+    case $v in ''|*[!0-9]*) die bad-parameter "vb.rounds, vb.size, vb.pause, vb.settle, vb.duration and vb.keep take whole numbers, not '$v'" ;; esac
+done
+echo "VB params workload=$WORKLOAD rounds=$ROUNDS size_mib=$SIZE pause_s=$PAUSE settle_s=$SETTLE duration_s=$DURATION keep_mib=$KEEP trace=$TRACE"
 
 # --------------------------------------------------------------- modules
 # /etc/vb-modules lists the .ko files in load order (dependencies first);
@@ -86,34 +133,45 @@ done < /etc/vb-modules
 echo "VB modules loaded=${loaded:-none} t=$(vbt)"
 
 # ------------------------------------------------- the balloon's features
+# print_features DEV: one VB features= line for the virtio device DEV.
+print_features() {
+    driver=none
+    [ -e "$1/driver" ] && driver=$(basename "$(readlink "$1/driver")")
+    order=absent
+    [ -r /sys/module/page_reporting/parameters/page_reporting_order ] &&
+        order=$(cat /sys/module/page_reporting/parameters/page_reporting_order)
+    # features: one '0'/'1' character per bit, bit 0 first.
+    awk -v dev="${1##*/}" -v driver="$driver" -v order="$order" '
+    {
+        bits = ""; hex = ""
+        for (i = 1; i <= length($0); i++)
+            if (substr($0, i, 1) == "1") bits = bits (bits == "" ? "" : ",") (i - 1)
+        for (n = 15; n >= 0; n--) {
+            v = 0
+            for (b = 3; b >= 0; b--) v = v * 2 + (substr($0, n * 4 + b + 1, 1) == "1")
+            hex = hex substr("0123456789abcdef", v + 1, 1)
+        }
+        printf "VB features=0x%s bits=%s reporting=%d poison=%d device=%s driver=%s page_reporting_order=%s\n",
+            hex, bits, substr($0, 6, 1) == "1", substr($0, 5, 1) == "1", dev, driver, order
+    }' "$1/features"
+}
 dev=
 for d in /sys/bus/virtio/devices/*; do
     [ "$(cat "$d/device" 2>/dev/null)" = 0x0005 ] && { dev=$d; break; }
 done
-[ -n "$dev" ] || die no-balloon-device "no virtio device with id 0x0005 under /sys/bus/virtio/devices"
-driver=none
-[ -e "$dev/driver" ] && driver=$(basename "$(readlink "$dev/driver")")
-order=absent
-[ -r /sys/module/page_reporting/parameters/page_reporting_order ] &&
-    order=$(cat /sys/module/page_reporting/parameters/page_reporting_order)
-# features: one '0'/'1' character per bit, bit 0 first.
-awk -v dev="${dev##*/}" -v driver="$driver" -v order="$order" '
-{
-    bits = ""; hex = ""
-    for (i = 1; i <= length($0); i++)
-        if (substr($0, i, 1) == "1") bits = bits (bits == "" ? "" : ",") (i - 1)
-    for (n = 15; n >= 0; n--) {
-        v = 0
-        for (b = 3; b >= 0; b--) v = v * 2 + (substr($0, n * 4 + b + 1, 1) == "1")
-        hex = hex substr("0123456789abcdef", v + 1, 1)
-    }
-    printf "VB features=0x%s bits=%s reporting=%d poison=%d device=%s driver=%s page_reporting_order=%s\n",
-        hex, bits, substr($0, 6, 1) == "1", substr($0, 5, 1) == "1", dev, driver, order
-}' "$dev/features"
+if [ -n "$dev" ]; then
+    print_features "$dev"
+elif [ "$WORKLOAD" = gigantic ]; then
+    echo "VB balloon=none t=$(vbt)"   # the no-balloon control: carry on
+else
+    die no-balloon-device "no virtio device with id 0x0005 under /sys/bus/virtio/devices"
+fi
 
 # ---------------------------------------------------------------- ftrace
 T=/sys/kernel/tracing
 FN=virtballoon_free_page_report
+EVENT=page_isolation/test_pages_isolated
+MARK=/dev/null   # the gigantic loop's trace markers go here
 if [ "$TRACE" = 1 ]; then
     mount -t tracefs tracefs $T 2>/dev/null
     if [ ! -w $T/set_ftrace_filter ]; then
@@ -128,33 +186,89 @@ if [ "$TRACE" = 1 ]; then
         echo 1 > $T/options/funcgraph-abstime
         echo 1 > $T/options/funcgraph-tail
         echo 1 > $T/options/sleep-time 2>/dev/null   # count time asleep in wait_event
+        if [ "$WORKLOAD" = gigantic ]; then
+            # Events share the ring buffer with the function_graph tracer (it
+            # prints them, and trace_marker writes, as /* ... */ comments),
+            # so reports, isolation tests and attempts are on one clock.
+            if [ -w "$T/events/$EVENT/enable" ] && [ -w $T/trace_marker ]; then
+                echo 1 > "$T/events/$EVENT/enable"
+                MARK=$T/trace_marker
+                echo "VB gigantic_trace=on event=${EVENT%%/*}:${EVENT#*/}"
+            else
+                echo "VB gigantic_trace=unavailable reason=no-$EVENT-event"
+            fi
+        fi
         : > $T/trace
         echo 1 > $T/tracing_on
         echo "VB ftrace=on function=$FN clock=mono tracer=$(cat $T/current_tracer)"
     fi
+elif [ "$WORKLOAD" = gigantic ]; then
+    echo "VB gigantic_trace=unavailable reason=vb.trace=0"
 fi
 
 # ------------------------------------------------------- integrity region
 mkdir -p /keep /fill
 mount -t tmpfs -o size=$((KEEP + 4))m tmpfs /keep || die mount-keep
-mount -t tmpfs -o size=$((SIZE + 8))m tmpfs /fill || die mount-fill
 dd if=/dev/urandom of=/keep/data bs=1M count="$KEEP" 2>/dev/null || die keep-write
 keep_md5=$(md5sum /keep/data | cut -d' ' -f1)
 echo "VB keep mib=$KEEP md5=$keep_md5 t=$(vbt)"
 
 # ------------------------------------------------------ fill/free rounds
-r=1
-while [ "$r" -le "$ROUNDS" ]; do
-    echo "VB round=$r fill_start t=$(vbt) memfree_kib=$(memfree)"
-    out=$(dd if=/dev/zero of=/fill/data bs=1M count="$SIZE" 2>&1) || die fill "round $r: $out"
-    echo "VB round=$r filled_mib=$SIZE t=$(vbt) memfree_kib=$(memfree)"
-    rm -f /fill/data
-    echo "VB round=$r freed t=$(vbt) memfree_kib=$(memfree)"
-    sleep "$PAUSE"
-    echo "VB round=$r paused t=$(vbt) memfree_kib=$(memfree)"
-    r=$((r + 1))
-done
-[ "$SETTLE" != 0 ] && sleep "$SETTLE"
+fill_rounds() {
+    mount -t tmpfs -o size=$((SIZE + 8))m tmpfs /fill || die mount-fill
+    r=1
+    while [ "$r" -le "$ROUNDS" ]; do
+        echo "VB round=$r fill_start t=$(vbt) memfree_kib=$(memfree)"
+        out=$(dd if=/dev/zero of=/fill/data bs=1M count="$SIZE" 2>&1) || die fill "round $r: $out"
+        echo "VB round=$r filled_mib=$SIZE t=$(vbt) memfree_kib=$(memfree)"
+        rm -f /fill/data
+        echo "VB round=$r freed t=$(vbt) memfree_kib=$(memfree)"
+        sleep "$PAUSE"
+        echo "VB round=$r paused t=$(vbt) memfree_kib=$(memfree)"
+        r=$((r + 1))
+    done
+    [ "$SETTLE" != 0 ] && sleep "$SETTLE"
+}
+
+# ------------------------------------------------- gigantic-page attempts
+HUGE=/sys/kernel/mm/hugepages/hugepages-1048576kB
+ATTEMPTS=0 FAILURES=0
+gigantic_loop() {
+    [ -d $HUGE ] || die no-gigantic-pages "$HUGE is missing: the guest CPU has no 1 GiB pages (pdpe1gb; use -cpu max)"
+    nr=$HUGE/nr_hugepages
+    echo 0 > $nr
+    sleep "$SETTLE"
+    read -r up _ < /proc/uptime
+    echo "VB gigantic_loop=start t=$up settle_s=$SETTLE duration_s=$DURATION memfree_kib=$(memfree)"
+    # No fork inside the loop (a fork costs ~10 ms under TCG): builtins and
+    # redirections only. /proc/uptime in centiseconds ends it; the markers
+    # stamp each attempt on ftrace's mono clock, beside the events.
+    read -r up _ < /proc/uptime
+    end=$(( ${up%.*} * 100 + 1${up#*.} - 100 + DURATION * 100 ))
+    echo "vb_loop=start" > $MARK
+    while :; do
+        read -r up _ < /proc/uptime
+        [ $(( ${up%.*} * 100 + 1${up#*.} - 100 )) -lt "$end" ] || break
+        ATTEMPTS=$((ATTEMPTS + 1))
+        echo "vb_try=$ATTEMPTS" > $MARK
+        echo 1 > $nr   # never fails: the read-back tells
+        read -r got < $nr
+        echo "vb_got=$ATTEMPTS n=$got" > $MARK
+        if [ "$got" = 1 ]; then
+            echo 0 > $nr
+        else
+            FAILURES=$((FAILURES + 1))
+        fi
+    done
+    echo "vb_loop=end" > $MARK
+    echo 0 > $nr
+    echo "VB gigantic_loop=end t=$(vbt) attempts=$ATTEMPTS failures=$FAILURES"
+}
+
+case $WORKLOAD in
+    fill) fill_rounds ;;
+    gigantic) gigantic_loop ;;
+esac
 
 # -------------------------------------------------------------- results
 now_md5=$(md5sum /keep/data | cut -d' ' -f1)
@@ -172,23 +286,54 @@ if [ "$TRACE" = 1 ]; then
     #   125.456789 |   0) $ 2000123 us  |  } /* virtballoon_free_page_report */
     # Only that function is traced, so every line with a duration is one
     # report: a leaf line is stamped at entry, a closing brace at return.
-    awk '
+    # Events and trace_marker writes come as comments, stamped when written:
+    #   124.000001 |   0)               |  /* vb_try=7 */
+    #   124.000002 |   0)               |  /* test_pages_isolated: start_pfn=0x40000 end_pfn=0x80000 fin_pfn=0x40400 ret=fail */
+    awk -v workload="$WORKLOAD" -v attempts="$ATTEMPTS" -v failures="$FAILURES" '
     /^#/ { next }
     {
         n = split($0, f, "|")
         if (n < 3) next
-        if (!match(f[2], /[0-9]+(\.[0-9]+)? us/)) next
-        d = substr(f[2], RSTART, RLENGTH - 3) + 0
         t = f[1] + 0
-        cpu = f[2]; sub(/\).*/, "", cpu); gsub(/ /, "", cpu)
-        if (f[3] ~ /}/) t = t - d / 1e6
-        printf "VB report_us=%.3f t_start_mono=%.6f cpu=%s\n", d, t, cpu
-        count++; total += d; if (d > max) max = d
+        if (match(f[2], /[0-9]+(\.[0-9]+)? us/)) {
+            d = substr(f[2], RSTART, RLENGTH - 3) + 0
+            cpu = f[2]; sub(/\).*/, "", cpu); gsub(/ /, "", cpu)
+            if (f[3] ~ /}/) t = t - d / 1e6
+            printf "VB report_us=%.3f t_start_mono=%.6f cpu=%s\n", d, t, cpu
+            count++; total += d; if (d > max) max = d
+            next
+        }
+        if (!match(f[3], /\/\* .* \*\//)) next
+        text = substr(f[3], RSTART + 3, RLENGTH - 6)
+        if (text ~ /^vb_loop=start/) t_start = t
+        else if (text ~ /^vb_loop=end/) t_end = t
+        else if (text ~ /^vb_try=/) { i = substr(text, 8) + 0; try_t[i] = t; last = i; if (i > tries) tries = i }
+        else if (text ~ /^vb_got=/) {
+            split(text, w, /[= ]/); i = w[2] + 0
+            got_t[i] = t; got[i] = w[4]
+        } else if (text ~ /^test_pages_isolated: /) {
+            events++
+            ev[events] = sprintf("t_mono=%.6f %s attempt=%d", t, substr(text, 22), last)
+            if (text ~ /ret=fail/) { isolation_failures++; test[last] = "fail" }
+            else if (test[last] == "") test[last] = "success"
+        }
     }
-    END { printf "VB reports=%d report_us_total=%.3f report_us_max=%.3f\n", count, total, max }
+    END {
+        printf "VB reports=%d report_us_total=%.3f report_us_max=%.3f\n", count, total, max
+        if (workload != "gigantic") exit
+        for (i = 1; i <= tries; i++)
+            printf "VB gigantic_attempt i=%d t_mono=%.6f t_end_mono=%s ok=%s test=%s\n", i, try_t[i],
+                (i in got_t) ? sprintf("%.6f", got_t[i]) : "none", (got[i] == "1") ? 1 : 0,
+                (test[i] == "") ? "none" : test[i]
+        for (e = 1; e <= events; e++) print "VB gigantic_event " ev[e]
+        printf "VB gigantic attempts=%d failures=%d isolation_failures=%d events=%d t_start_mono=%.6f t_end_mono=%.6f\n",
+            attempts, failures, isolation_failures, events, t_start, t_end
+    }
     ' $T/trace
     overrun=$(cat $T/per_cpu/cpu*/stats 2>/dev/null | awk '/^overrun:/ { s += $2 } END { print s + 0 }')
     echo "VB ftrace_overrun=$overrun"
+elif [ "$WORKLOAD" = gigantic ]; then
+    echo "VB gigantic attempts=$ATTEMPTS failures=$FAILURES"
 fi
 
 echo "VB done t=$(vbt)"

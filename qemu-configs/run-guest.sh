@@ -2,23 +2,33 @@
 # run-guest.sh: run the project's test guest (Debian kernel + the initramfs
 # from build-initramfs.sh, /init = guest-init.sh) under the provisioned QEMU,
 # with its virtio-balloon served by a vhost-user backend, or by QEMU's own
-# device for a baseline. The guest console goes to stdout; the guest powers
+# device for a baseline, or with no balloon device at all (a control for the
+# gigantic workload). The guest console goes to stdout; the guest powers
 # itself off when its workload is done and QEMU exits.
 #
 # Usage:
-#   run-guest.sh [options] SOCKET [extra QEMU args...]   vhost-user balloon at SOCKET
-#   run-guest.sh [options] --builtin [extra QEMU args...] QEMU's virtio-balloon-pci,free-page-reporting=on
+#   run-guest.sh [options] SOCKET [extra QEMU args...]      vhost-user balloon at SOCKET
+#   run-guest.sh [options] --builtin [extra QEMU args...]    QEMU's virtio-balloon-pci,free-page-reporting=on
+#   run-guest.sh [options] --no-balloon [extra QEMU args...] no balloon device (gigantic workload only)
 #
 # Start the backend first, with its socket in a directory QEMU shares
 # (CACHE/run, /tmp, or one listed in VHOST_BALLOON_SHARED_DIRS):
 #   vhost-balloon serve --socket-path /var/cache/vhost-balloon/run/b.sock --trace /tmp/t.jsonl &
 #   qemu-configs/run-guest.sh --rounds 2 --size 300 /var/cache/vhost-balloon/run/b.sock
+#   qemu-configs/run-guest.sh --workload gigantic --duration 30 --mem 2560M \
+#       --append "nokaslr init_on_alloc=0" /var/cache/vhost-balloon/run/b.sock
 #
 # Options (environment variable in brackets):
-#   --rounds N        fill/free rounds in the guest (2) [VB_ROUNDS]
-#   --size MIB        MiB filled and freed per round (300) [VB_SIZE]
-#   --pause S         seconds the guest waits after each free (5) [VB_PAUSE]
-#   --settle S        extra seconds before the final checks (0) [VB_SETTLE]
+#   --workload W      the guest's workload (fill) [VB_WORKLOAD]: fill = fill/free
+#                     rounds; gigantic = allocate and free one 1 GiB hugetlb page
+#                     in a loop (give it --mem 2560M and --append "nokaslr
+#                     init_on_alloc=0"; `vhost-balloon launch` does)
+#   --rounds N        fill: fill/free rounds in the guest (2) [VB_ROUNDS]
+#   --size MIB        fill: MiB filled and freed per round (300) [VB_SIZE]
+#   --pause S         fill: seconds the guest waits after each free (5) [VB_PAUSE]
+#   --settle S        fill: extra seconds before the final checks (0); gigantic:
+#                     seconds before the attempt loop (20) [VB_SETTLE]
+#   --duration S      gigantic: length of the attempt loop (30) [VB_DURATION]
 #   --mem SIZE        guest RAM, a shared memfd (512M) [VB_MEM]
 #   --num-vqs N       queues of the vhost-user device (3) [VB_NUM_VQS]: must be
 #                     what the guest driver creates for the features the
@@ -47,13 +57,14 @@ set -u -o pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 CACHE=${VHOST_BALLOON_CACHE:-/var/cache/vhost-balloon}
-ROUNDS=${VB_ROUNDS:-2} SIZE=${VB_SIZE:-300} PAUSE=${VB_PAUSE:-5} SETTLE=${VB_SETTLE:-0}
+ROUNDS=${VB_ROUNDS:-2} SIZE=${VB_SIZE:-300} PAUSE=${VB_PAUSE:-5} SETTLE=${VB_SETTLE:-}
+WORKLOAD=${VB_WORKLOAD:-fill} DURATION=${VB_DURATION:-30}
 NUM_VQS=${VB_NUM_VQS:-3}
 MEM=${VB_MEM:-512M} ACCEL=${VB_ACCEL:-auto} APPEND=${VB_APPEND:-} TIMEOUT=${VB_TIMEOUT:-900}
 MEM_LOG=${VB_MEM_LOG:-} TIMESTAMPS=0 BUILD=1
 USER_KERNEL=${VB_KERNEL:-} USER_INITRD=${VB_INITRD:-} MEM_PATH=${VB_MEM_PATH:-}
 SHARE=${VB_SHARE:-on} USER_QEMU=${VB_QEMU:-}
-SOCK='' BUILTIN=0
+SOCK='' BUILTIN=0 NO_BALLOON=0
 
 note() { echo "run-guest: $*" >&2; }
 fail() { echo "run-guest: FAILED: $*" >&2; exit 1; }
@@ -65,6 +76,8 @@ while [ $# -gt 0 ]; do
         --size) SIZE=$2; shift 2 ;;
         --pause) PAUSE=$2; shift 2 ;;
         --settle) SETTLE=$2; shift 2 ;;
+        --workload) WORKLOAD=$2; shift 2 ;;
+        --duration) DURATION=$2; shift 2 ;;
         --mem) MEM=$2; shift 2 ;;
         --num-vqs) NUM_VQS=$2; shift 2 ;;
         --accel) ACCEL=$2; shift 2 ;;
@@ -79,15 +92,19 @@ while [ $# -gt 0 ]; do
         --share) SHARE=$2; shift 2 ;;
         --qemu) USER_QEMU=$2; shift 2 ;;
         --builtin) BUILTIN=1; shift; break ;;
+        --no-balloon) NO_BALLOON=1; shift; break ;;
         -h|--help) usage; exit 0 ;;
         -*) fail "unknown option '$1' (see --help)" ;;
         *) SOCK=$1; shift; break ;;
     esac
 done
-[ "$BUILTIN" = 1 ] || [ -n "$SOCK" ] || { usage >&2; exit 2; }
-for v in "$ROUNDS" "$SIZE" "$PAUSE" "$SETTLE" "$TIMEOUT"; do
-    case $v in ''|*[!0-9]*) fail "--rounds, --size, --pause, --settle and --timeout take whole numbers, not '$v'" ;; esac
+[ "$BUILTIN" = 1 ] || [ "$NO_BALLOON" = 1 ] || [ -n "$SOCK" ] || { usage >&2; exit 2; }
+for v in "$ROUNDS" "$SIZE" "$PAUSE" "${SETTLE:-0}" "$DURATION" "$TIMEOUT"; do
+    case $v in ''|*[!0-9]*) fail "--rounds, --size, --pause, --settle, --duration and --timeout take whole numbers, not '$v'" ;; esac
 done
+case $WORKLOAD in fill|gigantic) ;; *) fail "--workload must be fill or gigantic, not '$WORKLOAD'" ;; esac
+[ "$NO_BALLOON" = 0 ] || [ "$WORKLOAD" = gigantic ] ||
+    fail "--no-balloon is a control for --workload gigantic (the fill workload needs a balloon device)"
 case $ACCEL in auto|tcg|kvm) ;; *) fail "--accel must be auto, tcg or kvm, not '$ACCEL'" ;; esac
 case $SHARE in on|off) ;; *) fail "--share must be on or off, not '$SHARE'" ;; esac
 
@@ -120,7 +137,7 @@ under_shared() {
     return 1
 }
 
-if [ "$BUILTIN" = 0 ]; then
+if [ "$BUILTIN" = 0 ] && [ "$NO_BALLOON" = 0 ]; then
     [ -e "$SOCK" ] || fail "socket $SOCK does not exist: start the backend first (vhost-balloon serve --socket-path $SOCK)"
     [ -S "$SOCK" ] || fail "$SOCK is not a unix socket"
     SOCK=$(cd "$(dirname "$SOCK")" && pwd -P)/$(basename "$SOCK")
@@ -196,7 +213,7 @@ case $ACCEL in
 esac
 
 # ----------------------------------------------------------- command line
-KAPPEND="console=ttyS0 panic=-1 vb.rounds=$ROUNDS vb.size=$SIZE vb.pause=$PAUSE vb.settle=$SETTLE${APPEND:+ $APPEND}"
+KAPPEND="console=ttyS0 panic=-1 vb.workload=$WORKLOAD vb.rounds=$ROUNDS vb.size=$SIZE vb.pause=$PAUSE${SETTLE:+ vb.settle=$SETTLE} vb.duration=$DURATION${APPEND:+ $APPEND}"
 ARGS=(
     -name vhost-balloon-guest
     -machine q35,memory-backend=mem
@@ -209,7 +226,9 @@ if [ -n "$MEM_PATH" ]; then
 else
     ARGS+=(-object "memory-backend-memfd,id=mem,size=$MEM,share=$SHARE")
 fi
-if [ "$BUILTIN" = 1 ]; then
+if [ "$NO_BALLOON" = 1 ]; then
+    WHAT="no balloon device"
+elif [ "$BUILTIN" = 1 ]; then
     ARGS+=(-device virtio-balloon-pci,free-page-reporting=on)
     WHAT="QEMU's built-in virtio-balloon-pci,free-page-reporting=on"
 else

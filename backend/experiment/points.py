@@ -294,20 +294,28 @@ def qemu_row(summary: dict[str, Any], backend: dict[str, Any]) -> dict[str, Any]
     if not gigantic.get("attempts"):
         raise PointError("the guest made no gigantic-page attempt (see console.log)")
     guest_holds = summary.get("guest_hold_us", {}).get("samples", [])
+
+    def number(key: str) -> float:
+        value = gigantic.get(key)  # null for the controls (no backend ranges, no trace)
+        return float(value) if value is not None else 0.0
+
     return {
         "attempts": gigantic["attempts"],
         "failures": gigantic["failures"],
-        "failure_rate": gigantic["failure_rate"],
+        "failure_rate": number("failure_rate"),
         "requests": gigantic["attempts"],
         "requests_failed": gigantic["failures"],
-        "attributed": gigantic.get("attributed", 0),
-        "held_fraction": gigantic.get("held_fraction", 0.0),
-        "model_p_fail": gigantic.get("held_fraction", 0.0),
+        "attributed": int(number("attributed")),
+        "unattributed": int(number("unattributed")),
+        "isolation_failures": int(number("isolation_failures")),
+        "not_tried": int(number("not_tried")),
+        "held_fraction": number("held_fraction"),
+        "model_p_fail": number("held_fraction"),
+        "in_flight_fraction": number("in_flight_fraction"),
         "reports": summary.get("guest_reports", 0),
-        "target_reports": gigantic.get("target_reports", 0),
-        "passes": gigantic.get("passes", 0),
-        "passes_with_failures": gigantic.get("passes_with_failures", 0),
-        "not_tried": gigantic.get("not_tried", 0),
+        "target_reports": int(number("target_reports")),
+        "passes": int(number("passes")),
+        "passes_with_failures": int(number("passes_with_failures")),
         "hold_p50_ms": _median(guest_holds) / 1e3,
         "qemu_version": summary.get("qemu_version"),
         "guest_kernel": summary.get("guest_kernel"),

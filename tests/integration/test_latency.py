@@ -204,3 +204,32 @@ async def test_a_report_that_fails_midway_breaks_its_queue_loudly(
         (session,) = backend_.server.sessions.values()
         assert session.vrings[index].broken
         assert await guest.frontend.get_config(0, 16)  # the session still answers
+
+
+async def test_a_report_found_while_draining_does_not_inherit_the_previous_kick(
+    start_backend: StartBackend,
+) -> None:
+    """The backend drains the ring after each report; a chain posted during
+    the previous report is found without a kick of its own. Its window must
+    open after the previous report was used, not at the previous kick
+    (found by the real-guest attribution: a 100 ms report recorded 205 ms)."""
+    backend_ = await start_backend(latency=_delays(report="const:100ms"))
+    async with MockGuest(backend_.guest_options()) as guest:
+        index = guest.driver.reporting_queue
+        vq = guest.driver.queue(index)
+        size = guest.driver.layout.block_size
+        blocks = guest.driver.layout.blocks
+        vq.add([Buffer(blocks[0].gpa, size, True)])
+        guest.frontend.kick(index)
+        await asyncio.sleep(0.03)  # inside the first report's 100 ms
+        vq.add([Buffer(blocks[1].gpa, size, True)])
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while len(backend_.trace()) < 2:
+            assert loop.time() < deadline, "the second report never completed"
+            await asyncio.sleep(0.01)
+    first, second = backend_.trace()[:2]
+    assert second["t_kick_ns"] >= first["t_notified_ns"]
+    for record in (first, second):
+        window = record["t_notified_ns"] - record["t_kick_ns"]
+        assert 100 * MS <= window < 190 * MS, record
