@@ -165,6 +165,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--contig-hold", type=_non_negative_float, default=0.05, help="keep a success, s"
     )
+    model.add_argument(
+        "--attempt-cost", type=_non_negative_float, default=0.0, help="a failed attempt's time, s"
+    )
     model.add_argument("--touch", action="store_true", help="write an allocated range")
     model.add_argument("--churn", type=_churn, metavar="SIZE,EVERY_S,HOLD_S")
     model.add_argument("--reserved", type=parse_size, default=64 << 20, help="unmovable at 0")
@@ -186,6 +189,7 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
             backoff_s=args.backoff,
             hold_s=args.contig_hold,
             touch=args.touch,
+            cost_s=args.attempt_cost,
         ),
         churn=args.churn,
         reserved_bytes=args.reserved,

@@ -43,6 +43,7 @@ class ContigConfig:
     backoff_s: float = 0.01  # first retry delay, doubled per retry
     hold_s: float = 0.05  # how long a successful allocation is kept
     touch: bool = False  # write the range when allocated (init_on_alloc=1)
+    cost_s: float = 0.0  # a failed attempt's own time (isolate, test, undo) before the next
 
     def validate(self) -> None:
         for name, value in (("size", self.size), ("align", self.align)):
@@ -52,8 +53,8 @@ class ContigConfig:
             raise ValueError(f"contiguous alignment {self.align} is not a power of two")
         if not self.rate > 0:
             raise ValueError("the attempt rate must be positive")
-        if self.retries < 0 or self.backoff_s < 0 or self.hold_s < 0:
-            raise ValueError("retries, backoff and hold cannot be negative")
+        if min(self.retries, self.backoff_s, self.hold_s, self.cost_s) < 0:
+            raise ValueError("retries, backoff, hold and attempt cost cannot be negative")
 
     @property
     def size_pageblocks(self) -> int:

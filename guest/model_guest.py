@@ -187,12 +187,14 @@ class ModelGuest:
             for retry in range(1, contig.retries + 1):
                 if result.ok:
                     break
-                await asyncio.sleep(backoff)
+                await asyncio.sleep(contig.cost_s + backoff)
                 backoff *= 2
                 result = self._try(request, retry)
             request += 1
             if result.ok and result.start is not None:
                 await self._use_and_free(result.start)
+            elif contig.cost_s:
+                await asyncio.sleep(contig.cost_s)
 
     def _try(self, request: int, retry: int) -> AttemptResult:
         result = attempt(self.area, self.config.contig)

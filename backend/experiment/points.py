@@ -95,6 +95,8 @@ def _guest_args(settings: dict[str, Value], seed: int, out: Path) -> list[str]:
         f"{_seconds(settings['backoff']):g}",
         "--contig-hold",
         f"{_seconds(settings['contig_hold']):g}",
+        "--attempt-cost",
+        f"{_seconds(settings['attempt_cost']):g}",
         "--reserved",
         str(settings["reserved"]),
         "--seed",

@@ -155,6 +155,7 @@ MOCK_KEYS: dict[str, tuple[Normaliser, Value]] = {
     "retries": (_number(0, integer=True), 0),
     "backoff": (_duration, "10ms"),
     "contig_hold": (_duration, "50ms"),
+    "attempt_cost": (_duration, "0s"),
     "touch": (_flag, False),
     "reserved": (_size, "64M"),
 }

@@ -312,3 +312,20 @@ async def test_a_crashed_allocation_workload_is_not_silently_dropped(
     backend = await start_backend()
     with pytest.raises(RuntimeError, match="boom"):
         await run_model(backend.guest_options(MEMORY), _config(duration_s=1.0))
+
+
+async def test_a_failed_attempt_costs_its_attempt_cost_before_the_next(
+    start_backend: StartBackend, tmp_path: Path
+) -> None:
+    backend = await _backend(start_backend)
+    config = ModelConfig(
+        duration_s=1.5,
+        reporting=ReportingConfig(capacity=32, delay_s=0.1),
+        contig=ContigConfig(rate=1000.0, hold_s=0.0, cost_s=0.04),
+    )
+    summary = await run_model(backend.guest_options(MEMORY), config, out_dir=tmp_path)
+    attempts = _jsonl(tmp_path / "attempts.jsonl")
+    assert summary["failures"] > 0
+    for earlier, later in zip(attempts, attempts[1:], strict=False):
+        if earlier["outcome"] != "ok":
+            assert later["t_ns"] - earlier["t_ns"] >= 40_000_000
