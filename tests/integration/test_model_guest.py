@@ -12,6 +12,7 @@ head of the list).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -326,6 +327,6 @@ async def test_a_failed_attempt_costs_its_attempt_cost_before_the_next(
     summary = await run_model(backend.guest_options(MEMORY), config, out_dir=tmp_path)
     attempts = _jsonl(tmp_path / "attempts.jsonl")
     assert summary["failures"] > 0
-    for earlier, later in zip(attempts, attempts[1:], strict=False):
+    for earlier, later in itertools.pairwise(attempts):
         if earlier["outcome"] != "ok":
             assert later["t_ns"] - earlier["t_ns"] >= 40_000_000
