@@ -92,6 +92,7 @@ class HeldReport:
     t_used_ns: int = 0
     t_end_ns: int = 0  # put back
     overlaps_target: bool = False
+    pass_index: int = -1  # which reporting pass sent it
 
     @property
     def bytes(self) -> int:
@@ -149,6 +150,7 @@ class ModelGuest:
         held = HeldReport(
             len(self.reports), [(b.start, b.order) for b in blocks], time.monotonic_ns()
         )
+        held.pass_index = len(self.reporting.passes) - 1
         held.overlaps_target = any(
             _overlaps(block, target) for block in blocks for target in self.targets
         )
@@ -306,6 +308,10 @@ class ModelGuest:
             "requests_failed": len(requests) - len(succeeded),
             "retries_needed": retries_needed,
             "attributed_failures": sum(1 for a in failures if a.held_by is not None),
+            # Failures cluster per pass: the independent samples are passes.
+            "passes_with_failures": len(
+                {self.reports[a.held_by].pass_index for a in failures if a.held_by is not None}
+            ),
             "target_held_fraction": self.target_held_ns() / span,
             # Attempts cannot arrive while a success is being held, so the
             # time they sample excludes it: the time-held model's P(fail).

@@ -171,6 +171,7 @@ def mock_row(summary: dict[str, Any], backend: dict[str, Any]) -> dict[str, Any]
         "reports": summary["reports"],
         "target_reports": summary["target_reports"],
         "passes": summary["passes"],
+        "passes_with_failures": summary["passes_with_failures"],
         "hold_p50_ms": _median(holds) / 1e6,
         **backend,
     }

@@ -50,16 +50,16 @@ def _ms(value: float) -> str:
 def summary_table(summary: list[dict[str, Any]]) -> str:
     lines = [
         "| run | setting | repeats | attempts | failed (%) | time held (%) | injected/report (ms) "
-        "| hold p50 (ms) | passes | seeds |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| hold p50 (ms) | passes/run | passes with failures | seeds |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for e in summary:
         lines.append(
             f"| {e['kind']} | {e['label']} | {e['repeats']} | {e['total_attempts']} "
             f"| {_pct(e['failure_rate'], e['failure_rate_se'])} "
             f"| {_pct(e['held_fraction'], e['held_fraction_se'])} "
-            f"| {_ms(e['injected_ms'])} | {_ms(e['hold_p50_ms'])} | {_ms(e['passes'])} "
-            f"| {e['seeds']} |"
+            f"| {_ms(e['injected_ms'])} | {_ms(e['hold_p50_ms'])} | {e['passes']:.1f} "
+            f"| {e['total_passes_with_failures']} | {e['seeds']} |"
         )
     return "\n".join(lines)
 
@@ -100,7 +100,9 @@ def write_report(
         "",
         "`failed` counts attempts that did not get the range; `time held` is the "
         "fraction of the run during which a report holding part of the target range "
-        "was in flight. Raw rows: `results.csv`; per-run traces under `points/`.",
+        "was in flight. Failures cluster per reporting pass: `passes with failures` "
+        "(summed over the repeats) is the number of independent failure events. "
+        "Raw rows: `results.csv`; per-run traces under `points/`.",
         "",
     ]
     if failed:
