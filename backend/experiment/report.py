@@ -47,6 +47,10 @@ def _ms(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.2f}"
 
 
+def _count(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
 def summary_table(summary: list[dict[str, Any]]) -> str:
     lines = [
         "| run | setting | repeats | attempts | failed (%) | time held (%) | injected/report (ms) "
@@ -59,7 +63,7 @@ def summary_table(summary: list[dict[str, Any]]) -> str:
             f"| {_pct(e['failure_rate'], e['failure_rate_se'])} "
             f"| {_pct(e['held_fraction'], e['held_fraction_se'])} "
             f"| {_ms(e['injected_ms'])} | {_ms(e['hold_p50_ms'])} | {e['passes']:.1f} "
-            f"| {e['total_passes_with_failures']} | {e['seeds']} |"
+            f"| {_count(e['total_passes_with_failures'])} | {e['seeds']} |"
         )
     return "\n".join(lines)
 

@@ -86,8 +86,9 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry["total_attempts"] = attempts
         entry["total_failures"] = failures
         entry["total_attributed"] = sum(int(row.get("attributed", 0)) for row in group)
-        entry["total_passes_with_failures"] = sum(
-            int(row.get("passes_with_failures", 0)) for row in group
-        )
+        counted = [
+            int(row["passes_with_failures"]) for row in group if "passes_with_failures" in row
+        ]
+        entry["total_passes_with_failures"] = sum(counted) if counted else None
         summary.append(entry)
     return summary

@@ -23,6 +23,7 @@ def _row(seed: int, failures: int) -> dict[str, object]:
         "injected_ms": 5.0,
         "hold_p50_ms": 6.0,
         "passes": 10,
+        "passes_with_failures": 0,
     }
 
 
