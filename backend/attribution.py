@@ -13,9 +13,8 @@ The backend's trace has one record per report, with the reported ranges
 (guest-physical address, length) and host timestamps. The driver has one
 report in flight at a time, so the two sequences are the same reports in the
 same order: `align` finds where the guest's run sits in the backend's (by
-the time the backend popped each report off the ring: a record's
-`t_kick_ns` is the kick that woke the backend, which for a report found
-while draining the ring after the previous one is that one's kick), and
+the time each report reached the backend's ring walk: its pop time less
+the kick delay and BQL wait injected before the pop), and
 `report_windows` pairs each guest window with its record's ranges.
 
 A failed isolation test at guest time t with first busy pfn p is then
@@ -272,7 +271,7 @@ def most_common_range(ranges: Sequence[tuple[int, int]]) -> tuple[int, int] | No
 class BackendReport:
     """What attribution needs of one backend trace record."""
 
-    t_popped_s: float  # when the backend took it off the ring: host CLOCK_MONOTONIC s
+    t_popped_s: float  # when it reached the ring walk (pop less injected waits): host mono s
     ranges: tuple[tuple[int, int], ...]  # (gpa, length)
 
 

@@ -92,6 +92,7 @@ class BalloonDevice(VirtioDevice):
         self.on_report: Callable[[ReportRecord], None] | None = None
         self._seq = 0
         self._warned_balloon = False
+        self._last_published_ns: dict[int, int] = {}  # per queue
 
     @property
     def max_queues(self) -> int:
@@ -133,10 +134,14 @@ class BalloonDevice(VirtioDevice):
             while context.running():
                 start_ns = time.monotonic_ns()
                 # Only the first chain of a batch came with this kick. The
-                # driver posts the next one only after seeing the previous
-                # one used, so a chain found while draining was made
-                # available after that: its window opens when we look for it.
-                report_kick_ns = start_ns if first_kick_ns is None else first_kick_ns
+                # driver posts a report only after seeing the previous one
+                # used, so a chain found while draining (or woken by a kick
+                # folded into an earlier batch) was made available after the
+                # previous publish: its window cannot open before that.
+                report_kick_ns = max(
+                    start_ns if first_kick_ns is None else first_kick_ns,
+                    self._last_published_ns.get(context.index, 0),
+                )
                 if kick_latency is not None:  # the first report runs under the kick's settings
                     latency, kick_latency = kick_latency, None
                 elif is_reporting:
@@ -145,6 +150,7 @@ class BalloonDevice(VirtioDevice):
                     latency = _NO_LATENCY
                 chain, pop_wait = await self._under_bql(latency, BqlPhase.POP, queue.pop)
                 if chain is None:
+                    first_kick_ns = None  # a chain found after this is not the kick's
                     break
                 if is_reporting:
                     turn = _Turn(report_kick_ns, start_ns, kick_delay, pop_wait, latency)
@@ -215,6 +221,7 @@ class BalloonDevice(VirtioDevice):
             latency, BqlPhase.PUBLISH, lambda: context.queue.push(chain.head, 0)
         )
         published_ns = time.monotonic_ns()
+        self._last_published_ns[context.index] = published_ns
         if injector.has(Point.NOTIFY):
             injected[Point.NOTIFY.value] = await injector.delay(Point.NOTIFY)
         notified_ns, notify_wait = await self._under_bql(

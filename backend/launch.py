@@ -496,7 +496,9 @@ class Launch:
         backend = None
         if self.server is not None:
             backend = [
-                BackendReport(r.t_popped_ns / 1e9, tuple((gpa, length) for gpa, length in r.ranges))
+                BackendReport(
+                    _ring_time_ns(r) / 1e9, tuple((gpa, length) for gpa, length in r.ranges)
+                )
                 for r in self.server.records
             ]
         return summarize_gigantic(
@@ -538,6 +540,14 @@ class Launch:
         ):
             return "the guest finished without reporting any gigantic-page attempt"
         return None
+
+
+def _ring_time_ns(record: ReportRecord) -> int:
+    """When the chain reached the backend's ring walk: its pop time minus
+    what was injected before the pop (the kick delay, the BQL wait at pop),
+    so that random kick delays do not scatter the alignment."""
+    kick = record.injected_ns.get("kick", 0)
+    return record.t_popped_ns - kick - record.bql_wait_ns.get("pop", 0)
 
 
 def _kill_group(pid: int, signum: signal.Signals) -> None:

@@ -1,0 +1,76 @@
+"""A report's window opens at its own kick, never at one that belonged to an
+earlier report (kicks fold while the queue's worker is busy)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+
+from backend.balloon import BalloonDevice, BalloonSettings
+from backend.device import QueueContext
+from backend.mapping import MemoryMap
+from backend.session import SessionLogger
+from backend.trace import ReportRecord
+from backend.worker import QueueWorker
+from protocol.memory import GuestMemory, Region, RegionTable
+from protocol.virtio import BALLOON_F_REPORTING, feature_mask
+from protocol.virtqueue import Buffer, DeviceQueue, DriverQueue, RingLayout
+
+REPORTING = 2
+
+
+async def test_a_folded_kick_does_not_open_a_later_reports_window() -> None:
+    """The driver posts B while the device re-enables notifications (B is
+    drained in the same batch, and B's kick stays pending), then posts C
+    once B is used: C's window must not open before B was published."""
+    memory = GuestMemory(RegionTable([Region(0, 1 << 20, 0, 0)]), [bytearray(1 << 20)])
+    layout = RingLayout.packed_at(0, 8)
+    driver = DriverQueue(memory, layout)
+    queue = DeviceQueue(memory, layout)
+    records: list[ReportRecord] = []
+    enables = 0
+    real_enable = queue.enable_notifications
+    worker: QueueWorker | None = None
+
+    def racy_enable() -> bool:
+        nonlocal enables
+        enables += 1
+        result = real_enable()
+        assert worker is not None
+        if enables == 1:  # B arrives in the window, with a kick that folds
+            driver.add([Buffer(0x10000, 4096, False)])
+            worker.kick(time.monotonic_ns())
+            return queue.has_available()
+        if enables == 2:  # B was used; the driver posts C, its kick folds too
+            time.sleep(0.01)
+            driver.add([Buffer(0x20000, 4096, False)])
+            worker.kick(time.monotonic_ns())
+        return result
+
+    queue.enable_notifications = racy_enable  # type: ignore[method-assign]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as executor:
+        logger = SessionLogger(logging.getLogger("test"), {"session": "t"})
+        device = BalloonDevice(BalloonSettings(), executor, None, "t", logger)
+        device.set_features(feature_mask(BALLOON_F_REPORTING))
+        context = QueueContext(REPORTING, queue, MemoryMap(), lambda: True, lambda: True)
+        device.on_report = records.append
+
+        async def process(kick_ns: int) -> None:
+            await device.process_queue(context, kick_ns)
+
+        worker = QueueWorker("q2", process, lambda: True)
+        driver.add([Buffer(0x0, 4096, False)])  # A
+        worker.kick(time.monotonic_ns())
+        for _ in range(400):
+            await asyncio.sleep(0.005)
+            if len(records) >= 3:
+                break
+        await worker.stop()
+    assert len(records) == 3
+    a, b, c = records
+    assert b.t_kick_ns >= a.t_published_ns
+    assert c.t_kick_ns >= b.t_published_ns
+    for record in records:
+        assert record.t_kick_ns <= record.t_popped_ns <= record.t_published_ns
