@@ -109,6 +109,19 @@ def attempt(area: FreeArea, config: ContigConfig) -> AttemptResult:
     return result
 
 
+def blocked_by_reports(area: FreeArea, config: ContigConfig) -> bool:
+    """Would an attempt now fail because reports hold part of every valid range?"""
+    valid = False
+    for candidate in candidate_ranges(area, config):
+        states = {area.state[index] for index in candidate}
+        if BlockState.RESERVED in states or BlockState.CONTIG in states:
+            continue
+        if BlockState.HELD not in states:
+            return False
+        valid = True
+    return valid
+
+
 def _take(area: FreeArea, candidate: range, movable: list[int]) -> tuple[tuple[int, int], ...]:
     """Isolate the range, migrate its movable blocks out, mark it CONTIG."""
     area.take_range(candidate.start, len(candidate), BlockState.CONTIG)

@@ -30,10 +30,11 @@ from guest.contig import (
     ContigConfig,
     Outcome,
     attempt,
+    blocked_by_reports,
     candidate_ranges,
     free_range,
 )
-from guest.errors import ConfigError
+from guest.errors import ConfigError, DriverError
 from guest.freelists import PAGEBLOCK_BYTES, PAGEBLOCK_ORDER, FreeArea, FreeBlock, pageblocks
 from guest.page_reporting import PageReporting, ReportingConfig
 from guest.runner import GuestOptions, MockGuest
@@ -143,7 +144,12 @@ class ModelGuest:
         self._fill = bytes([FILL]) * PAGEBLOCK_BYTES
         self.t_start_ns = 0
         self.t_end_ns = 0
-        self.contig_ns = 0  # time spent holding successful allocations
+        # Intervals (monotonic ns) when no attempt can arrive (a success being
+        # kept, a failure's cost, a backoff), and when one would fail because
+        # reports hold part of every valid range: the time-held prediction.
+        self.closed: list[tuple[int, int]] = []
+        self.blocked: list[tuple[int, int]] = []
+        self._blocked_since: int | None = None
 
     # -------------------------------------------------------------- reporting
     async def _report(self, blocks: list[FreeBlock]) -> bool:
@@ -157,6 +163,7 @@ class ModelGuest:
         self.reports.append(held)
         self._in_flight = held
         self._held(held.bytes)
+        self._update_blocked()
         buffers = [
             Buffer(b.start * PAGEBLOCK_BYTES, PAGEBLOCK_BYTES * pageblocks(b.order), True)
             for b in blocks
@@ -167,8 +174,34 @@ class ModelGuest:
             held.t_end_ns = time.monotonic_ns()
             self._in_flight = None
             self._held(-held.bytes)
+            # The pass puts the blocks back right after this returns.
+            asyncio.get_running_loop().call_soon(self._update_blocked)
         held.t_available_ns, held.t_used_ns = submitted.available_ns, submitted.used_ns
         return True
+
+    def _update_blocked(self) -> None:
+        now = time.monotonic_ns()
+        blocked = blocked_by_reports(self.area, self.config.contig)
+        if blocked and self._blocked_since is None:
+            self._blocked_since = now
+        elif not blocked and self._blocked_since is not None:
+            self.blocked.append((self._blocked_since, now))
+            self._blocked_since = None
+
+    def predicted_failure_rate(self) -> float:
+        """The fraction of the time attempts could arrive during which one
+        would have failed for held blocks: what Poisson arrivals would see,
+        were attempts and reporting independent."""
+        start, end = self.t_start_ns, self.t_end_ns
+        blocked = list(self.blocked)
+        if self._blocked_since is not None:
+            blocked.append((self._blocked_since, end))
+        closed = _clip(self.closed, start, end)
+        blocked = _clip(blocked, start, end)
+        open_ns = (end - start) - _measure(closed)
+        if open_ns <= 0:
+            return 0.0
+        return (_measure(blocked) - _overlap(blocked, closed)) / open_ns
 
     def _held(self, delta: int) -> None:
         self._held_bytes += delta
@@ -189,14 +222,22 @@ class ModelGuest:
             for retry in range(1, contig.retries + 1):
                 if result.ok:
                     break
-                await asyncio.sleep(contig.cost_s + backoff)
+                await self._closed(contig.cost_s + backoff)
                 backoff *= 2
                 result = self._try(request, retry)
             request += 1
             if result.ok and result.start is not None:
                 await self._use_and_free(result.start)
             elif contig.cost_s:
-                await asyncio.sleep(contig.cost_s)
+                await self._closed(contig.cost_s)
+
+    async def _closed(self, seconds: float) -> None:
+        """Wait while no attempt can arrive; the time-held prediction leaves it out."""
+        began = time.monotonic_ns()
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            self.closed.append((began, time.monotonic_ns()))
 
     def _try(self, request: int, retry: int) -> AttemptResult:
         result = attempt(self.area, self.config.contig)
@@ -223,15 +264,18 @@ class ModelGuest:
 
     async def _use_and_free(self, start: int) -> None:
         contig = self.config.contig
-        if contig.touch:
-            for index in range(start, start + contig.size_pageblocks):
-                self._touch(index)
-        taken = time.monotonic_ns()
+        began = time.monotonic_ns()
+        self._update_blocked()  # the range is taken: no longer free to hold
         try:
+            if contig.touch:
+                for index in range(start, start + contig.size_pageblocks):
+                    self._touch(index)
+                    await asyncio.sleep(0)  # 2 MiB at a time: reports keep flowing
             await asyncio.sleep(contig.hold_s)
         finally:
-            self.contig_ns += time.monotonic_ns() - taken
+            self.closed.append((began, time.monotonic_ns()))
         self._freed(free_range(self.area, start, contig.size_pageblocks))
+        self._update_blocked()
 
     def _touch(self, index: int) -> None:
         mapping, offset = self.guest.ram.locate(index * PAGEBLOCK_BYTES, PAGEBLOCK_BYTES)
@@ -241,13 +285,14 @@ class ModelGuest:
         while True:
             await asyncio.sleep(churn.every_s)
             blocks: list[int] = []
+            self._churn.append(blocks)  # from the start: a migration may move its blocks
             for _ in range(churn.size // PAGEBLOCK_BYTES):
                 index = self.area.allocate(PAGEBLOCK_ORDER)
                 if index is None:
                     break
                 self._touch(index)
                 blocks.append(index)
-            self._churn.append(blocks)
+                await asyncio.sleep(0)  # 2 MiB at a time: reports keep flowing
             asyncio.get_running_loop().call_later(churn.hold_s, self._free_churn, blocks)
 
     def _free_churn(self, blocks: list[int]) -> None:
@@ -275,7 +320,15 @@ class ModelGuest:
                 task.cancel()
             outcomes = await asyncio.gather(*tasks, return_exceptions=True)
             self.t_end_ns = time.monotonic_ns()
-            await asyncio.wait_for(self.reporting.stop(), STOP_TIMEOUT_S)
+            limit = max(STOP_TIMEOUT_S, self.guest.options.driver.report_timeout + 5)
+            try:
+                await asyncio.wait_for(self.reporting.stop(), limit)
+            except TimeoutError:
+                raise DriverError(
+                    f"the report in flight did not come back within {limit:g} s of the end"
+                ) from None
+        if self.reporting.error is not None:  # failed while stopping
+            raise self.reporting.error
         for outcome in outcomes:  # a workload that crashed is not a measurement
             if isinstance(outcome, Exception):
                 raise outcome
@@ -313,9 +366,7 @@ class ModelGuest:
                 {self.reports[a.held_by].pass_index for a in failures if a.held_by is not None}
             ),
             "target_held_fraction": self.target_held_ns() / span,
-            # Attempts cannot arrive while a success is being held, so the
-            # time they sample excludes it: the time-held model's P(fail).
-            "target_held_fraction_open": self.target_held_ns() / max(span - self.contig_ns, 1),
+            "predicted_failure_rate": self.predicted_failure_rate(),
             "reports": len(self.reports),
             "target_reports": sum(1 for r in self.reports if r.overlaps_target),
             "reported_bytes": sum(r.bytes for r in self.reports),
@@ -348,6 +399,37 @@ class ModelGuest:
 
 def _overlaps(block: FreeBlock, target: range) -> bool:
     return block.start < target.stop and target.start < block.start + pageblocks(block.order)
+
+
+def _clip(intervals: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+    """Sorted, merged and cut to [start, end)."""
+    merged: list[tuple[int, int]] = []
+    for low, high in sorted((max(a, start), min(b, end)) for a, b in intervals):
+        if high <= low:
+            continue
+        if merged and low <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], high))
+        else:
+            merged.append((low, high))
+    return merged
+
+
+def _measure(intervals: list[tuple[int, int]]) -> int:
+    return sum(high - low for low, high in intervals)
+
+
+def _overlap(first: list[tuple[int, int]], second: list[tuple[int, int]]) -> int:
+    """Total overlap of two sorted lists of disjoint intervals."""
+    total = i = j = 0
+    while i < len(first) and j < len(second):
+        low = max(first[i][0], second[j][0])
+        high = min(first[i][1], second[j][1])
+        total += max(0, high - low)
+        if first[i][1] < second[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
 
 
 def _write_jsonl(path: Path, rows: Iterator[dict[str, Any]]) -> None:

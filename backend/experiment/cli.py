@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,10 @@ def check_runnable(spec: ExperimentSpec) -> None:
         raise SpecError(f"QEMU is not usable for a real-guest sweep: {error}") from None
 
 
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         spec = load_spec(args.spec)
@@ -70,10 +75,21 @@ def run(args: argparse.Namespace) -> int:
             print(f"experiment: report in {out / 'report.md'}", file=sys.stderr)
             return 0
         check_runnable(spec)
-        rows = run_experiment(spec, out, rerun=args.rerun)
+        previous = signal.signal(signal.SIGTERM, _interrupt)  # stop as on Ctrl-C
+        try:
+            rows = run_experiment(spec, out, rerun=args.rerun)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     except SpecError as error:
         print(f"vhost-balloon experiment: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "vhost-balloon experiment: interrupted; finished points are kept, "
+            "the same command resumes",
+            file=sys.stderr,
+        )
+        return 130
     failed = sum(1 for row in rows if row.get("status") != "ok")
     print(
         f"experiment: {len(rows) - failed}/{len(rows)} points ok; report in {out / 'report.md'}",

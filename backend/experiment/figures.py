@@ -41,6 +41,10 @@ KIND_STYLE = {
 CONTROL_LABEL = {"no_balloon": "no balloon device", "builtin": "QEMU built-in balloon"}
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
 def _jsonl(path: Path) -> list[dict[str, Any]]:
     try:
         with path.open(encoding="utf-8") as handle:
@@ -181,7 +185,13 @@ def failure_vs_delay(out: Path, spec: ExperimentSpec, summary: list[dict[str, An
 
 def measured_vs_model(out: Path, rows: list[dict[str, Any]]) -> Path | None:
     runs = [
-        r for r in rows if r.get("status") == "ok" and r["kind"] in KIND_STYLE and r.get("attempts")
+        r
+        for r in rows
+        if r.get("status") == "ok"
+        and r["kind"] in KIND_STYLE
+        and r.get("attempts")
+        and _finite(r.get("model_p_fail", r.get("held_fraction")))
+        and _finite(r.get("failure_rate"))
     ]
     if not runs:
         return None

@@ -14,6 +14,7 @@ processes, as QEMU and the backend would be; real-guest points run
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -39,19 +40,25 @@ class PointError(Exception):
     """A point that ran and failed: the reason, with where to look."""
 
 
-def point_dir(out: Path, index: int, point: Point) -> Path:
-    return out / "points" / f"{index:03d}-{point.kind}-r{point.repeat}"
+def point_dir(out: Path, point: Point) -> Path:
+    """A directory named by what the run is (its settings and seed), not by
+    its position, so a spec that gains a value never reuses another's."""
+    digest = hashlib.sha256(f"{point.setting_key}\0{point.seed}".encode()).hexdigest()[:10]
+    return out / "points" / f"{point.kind}-{digest}-r{point.repeat}"
 
 
-def finished(directory: Path, point: Point) -> dict[str, Any] | None:
-    """The stored result of this point, if it finished with the same settings."""
-    try:
-        stored: dict[str, Any] = json.loads((directory / RESULT).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if stored.get("setting_key") != point.setting_key or stored.get("seed") != point.seed:
-        return None
-    return stored if stored.get("status") == "ok" else None
+def finished_runs(out: Path) -> dict[tuple[str, int], dict[str, Any]]:
+    """Every run under out/points that finished ok, by (settings, seed)."""
+    done: dict[tuple[str, int], dict[str, Any]] = {}
+    for path in sorted((out / "points").glob(f"*/{RESULT}")):
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(stored, dict) and stored.get("status") == "ok":
+            stored["dir"] = path.parent.name
+            done[(str(stored.get("setting_key")), int(stored.get("seed", -1)))] = stored
+    return done
 
 
 def _seconds(value: Value) -> float:
@@ -167,7 +174,7 @@ def mock_row(summary: dict[str, Any], backend: dict[str, Any]) -> dict[str, Any]
         "requests_failed": summary["requests_failed"],
         "attributed": summary["attributed_failures"],
         "held_fraction": summary["target_held_fraction"],
-        "model_p_fail": summary["target_held_fraction_open"],
+        "model_p_fail": summary["predicted_failure_rate"],
         "reports": summary["reports"],
         "target_reports": summary["target_reports"],
         "passes": summary["passes"],
@@ -271,15 +278,7 @@ def run_qemu(point: Point, directory: Path) -> dict[str, Any]:
     """`vhost-balloon launch` with the gigantic-page workload; the result row."""
     settings = point.settings
     limit = _seconds(settings["timeout"]) + 120
-    launched = subprocess.run(
-        qemu_command(point, directory),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=limit,
-        check=False,
-        env=os.environ | {"PYTHONUNBUFFERED": "1"},
-    )
+    launched = run_stopping_gracefully(qemu_command(point, directory), limit)
     (directory / "launch.json").write_text(launched.stdout, encoding="utf-8")
     (directory / "launch.log").write_text(launched.stderr, encoding="utf-8")
     if launched.returncode != 0:
@@ -298,9 +297,13 @@ def qemu_row(summary: dict[str, Any], backend: dict[str, Any]) -> dict[str, Any]
         raise PointError("the guest made no gigantic-page attempt (see console.log)")
     guest_holds = summary.get("guest_hold_us", {}).get("samples", [])
 
-    def number(key: str) -> float:
+    def number(key: str) -> float | None:
         value = gigantic.get(key)  # null for the controls (no backend ranges, no trace)
-        return float(value) if value is not None else 0.0
+        return float(value) if value is not None else None
+
+    def count(key: str) -> int | None:
+        value = number(key)
+        return None if value is None else int(value)
 
     return {
         "attempts": gigantic["attempts"],
@@ -308,23 +311,48 @@ def qemu_row(summary: dict[str, Any], backend: dict[str, Any]) -> dict[str, Any]
         "failure_rate": number("failure_rate"),
         "requests": gigantic["attempts"],
         "requests_failed": gigantic["failures"],
-        "attributed": int(number("attributed")),
-        "unattributed": int(number("unattributed")),
-        "isolation_failures": int(number("isolation_failures")),
-        "not_tried": int(number("not_tried")),
+        "attributed": count("attributed"),
+        "unattributed": count("unattributed"),
+        "isolation_failures": count("isolation_failures"),
+        "not_tried": count("not_tried"),
         "held_fraction": number("held_fraction"),
         "model_p_fail": number("held_fraction"),
         "in_flight_fraction": number("in_flight_fraction"),
         "reports": summary.get("guest_reports", 0),
-        "target_reports": int(number("target_reports")),
-        "passes": int(number("passes")),
-        "passes_with_failures": int(number("passes_with_failures")),
+        "target_reports": count("target_reports"),
+        "passes": count("passes"),
+        "passes_with_failures": count("passes_with_failures"),
         "hold_p50_ms": _median(guest_holds) / 1e3,
         "qemu_version": summary.get("qemu_version"),
         "guest_kernel": summary.get("guest_kernel"),
         "accel": summary.get("accel"),
         **backend,
     }
+
+
+def run_stopping_gracefully(command: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run `command`; on a timeout or Ctrl-C ask it to stop (SIGINT, as
+    launch expects: it stops QEMU first) and kill it only after STOP_WAIT_S.
+    subprocess.run would SIGKILL it at once and orphan its QEMU."""
+    process = subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ | {"PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except (KeyboardInterrupt, subprocess.TimeoutExpired):
+        process.send_signal(signal.SIGINT)
+        try:
+            process.communicate(timeout=STOP_WAIT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def run_point(point: Point, directory: Path) -> dict[str, Any]:

@@ -44,6 +44,7 @@ def _pct(value: float, error: float) -> str:
 
 
 def _ms(value: float) -> str:
+    """Two decimals, or "-" for what a run could not measure."""
     return "-" if math.isnan(value) else f"{value:.2f}"
 
 
@@ -62,7 +63,7 @@ def summary_table(summary: list[dict[str, Any]]) -> str:
             f"| {e['kind']} | {e['label']} | {e['repeats']} | {e['total_attempts']} "
             f"| {_pct(e['failure_rate'], e['failure_rate_se'])} "
             f"| {_pct(e['held_fraction'], e['held_fraction_se'])} "
-            f"| {_ms(e['injected_ms'])} | {_ms(e['hold_p50_ms'])} | {e['passes']:.1f} "
+            f"| {_ms(e['injected_ms'])} | {_ms(e['hold_p50_ms'])} | {_ms(e['passes'])} "
             f"| {_count(e['total_passes_with_failures'])} | {e['seeds']} |"
         )
     return "\n".join(lines)

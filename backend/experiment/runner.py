@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from backend.experiment.figures import draw_all
-from backend.experiment.points import finished, point_dir, run_point
+from backend.experiment.points import finished_runs, point_dir, run_point
 from backend.experiment.report import write_report
 from backend.experiment.spec import ExperimentSpec, Point, SpecError
 from backend.experiment.tables import summarise, write_csv, write_jsonl
@@ -100,25 +100,28 @@ def run_experiment(
     prepare_output(spec, out)
     points = spec.points()
     progress = Progress(len(points), stream)
-    rows = []
-    for index, point in enumerate(points):
-        directory = point_dir(out, index, point)
-        stored = None if rerun else finished(directory, point)
-        if stored is not None:
-            progress.skipped += 1
-            row = stored
-        else:
-            progress.show(f"running {point.kind} {point.label} r{point.repeat}")
-            started = time.monotonic()
-            row = run(point, directory)
-            progress.run_seconds += time.monotonic() - started
-            if row.get("status") != "ok":
-                progress.failed += 1
-                stream.write(f"\nexperiment: point {index} failed: {row.get('error')}\n")
-        progress.done += 1
-        rows.append(row)
-        progress.show("")
-    progress.finish()
+    done = {} if rerun else finished_runs(out)
+    rows: list[dict[str, Any]] = []
+    try:
+        for index, point in enumerate(points):
+            directory = point_dir(out, point)
+            stored = done.get((point.setting_key, point.seed))
+            if stored is not None:
+                progress.skipped += 1
+                row = stored
+            else:
+                progress.show(f"running {point.kind} {point.label} r{point.repeat}")
+                started = time.monotonic()
+                row = run(point, directory)
+                progress.run_seconds += time.monotonic() - started
+                if row.get("status") != "ok":
+                    progress.failed += 1
+                    stream.write(f"\nexperiment: point {index} failed: {row.get('error')}\n")
+            progress.done += 1
+            rows.append(row)
+            progress.show("")
+    finally:
+        progress.finish()
     write_results(spec, out, rows)
     return rows
 

@@ -26,7 +26,9 @@ cannot run fails here with the key and the reason.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -103,13 +105,26 @@ def _choice(*accepted: int | str) -> Normaliser:
 def _number(minimum: float, *, integer: bool = False) -> Normaliser:
     def normalise(value: Any) -> Value:
         kinds = (int,) if integer else (int, float)
-        if isinstance(value, bool) or not isinstance(value, kinds) or value < minimum:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, kinds)
+            or not math.isfinite(value)
+            or value < minimum
+        ):
             kind = "an integer" if integer else "a number"
             raise ValueError(f"expected {kind} >= {minimum:g}, got {value!r}")
         result: Value = value
         return result
 
     return normalise
+
+
+def _whole_seconds(value: Any) -> Value:
+    """A real guest's durations go to the guest in whole seconds."""
+    ns = parse_duration(_text(value))
+    if ns < 1_000_000_000 or ns % 1_000_000_000:
+        raise ValueError(f"{value!r} is not a whole number of seconds >= 1s (the guest's unit)")
+    return _text(value)
 
 
 def _flag(value: Any) -> Value:
@@ -161,14 +176,16 @@ MOCK_KEYS: dict[str, tuple[Normaliser, Value]] = {
 }
 QEMU_KEYS: dict[str, tuple[Normaliser, Value]] = {
     **LATENCY_KEYS,
-    "duration": (_duration, "30s"),
-    "settle": (_duration, "20s"),
+    "duration": (_whole_seconds, "30s"),
+    "settle": (_whole_seconds, "20s"),
     "memory": (_size, "2560M"),
     "order": (_choice(9, 10), 9),
-    "timeout": (_duration, "600s"),
+    "timeout": (_whole_seconds, "600s"),
 }
 GUESTS = {"mock": MOCK_KEYS, "qemu": QEMU_KEYS}
 EXPERIMENT_KEYS = {"name", "guest", "repeats", "seed"}
+MAX_REPEATS = 1000
+MAX_POINTS = 100_000
 TABLES = {"experiment", "settings", "sweep", "controls", "model"}
 CONTROLS = ("no_balloon", "builtin")
 
@@ -185,7 +202,8 @@ class Point:
 
     @property
     def label(self) -> str:
-        parts = [f"{key}={self.settings[key]}" for key in self.swept]
+        # A model point beside a real guest lacks the real guest's own keys.
+        parts = [f"{key}={self.settings[key]}" for key in self.swept if key in self.settings]
         return " ".join(parts) or "base"
 
     @property
@@ -285,8 +303,10 @@ def parse_spec(text: str, path: Path | None = None) -> ExperimentSpec:
     if guest not in GUESTS:
         raise SpecError(f'[experiment] guest: {guest!r} is not "mock" or "qemu"')
     repeats, seed = head.get("repeats", 3), head.get("seed", 1)
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise SpecError(f"[experiment] repeats: expected an integer >= 1, got {repeats!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or not 1 <= repeats <= MAX_REPEATS:
+        raise SpecError(
+            f"[experiment] repeats: expected an integer from 1 to {MAX_REPEATS}, got {repeats!r}"
+        )
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise SpecError(f"[experiment] seed: expected an integer, got {seed!r}")
     if not isinstance(name, str) or not name or "/" in name:
@@ -299,17 +319,67 @@ def parse_spec(text: str, path: Path | None = None) -> ExperimentSpec:
         if not isinstance(values, list) or not values:
             raise SpecError(f"[sweep] {key}: expected a non-empty list of values")
         normalised = [_normalise("sweep", {key: v}, keys, guest)[key] for v in values]
-        if len(set(map(str, normalised))) != len(normalised):
-            raise SpecError(f"[sweep] {key}: a value is listed twice")
+        canonical = [_canonical(v) for v in normalised]
+        if len(set(canonical)) != len(canonical):
+            raise SpecError(f"[sweep] {key}: a value is listed twice (perhaps in another unit)")
         sweep[key] = normalised
+    combinations = math.prod(len(values) for values in sweep.values()) * repeats
+    if combinations > MAX_POINTS:
+        raise SpecError(f"the sweep has {combinations} runs; at most {MAX_POINTS} are run")
     controls = _controls(_table(data, "controls"), guest)
     model = None
     if "model" in data:
         if guest != "qemu":
             raise SpecError('[model] runs the model beside a real guest: it needs guest = "qemu"')
+        given = _table(data, "model")
+        for key in given:
+            if key in LATENCY_KEYS:
+                raise SpecError(
+                    f"[model] {key}: the model runs under each real setting's latency; "
+                    "set it in [settings] or [sweep]"
+                )
         model = {key: default for key, (_parse, default) in MOCK_KEYS.items()}
-        model |= _normalise("model", _table(data, "model"), MOCK_KEYS, "mock")
-    return ExperimentSpec(name, guest, repeats, seed, settings, sweep, controls, model, text, path)
+        model |= _normalise("model", given, MOCK_KEYS, "mock")
+    spec = ExperimentSpec(name, guest, repeats, seed, settings, sweep, controls, model, text, path)
+    for point in dataclasses.replace(spec, repeats=1).points():
+        if point.kind in ("mock", "model"):
+            _check_fits(point)
+    return spec
+
+
+def _canonical(value: Value) -> Value:
+    """The value a setting means, so "1G" and "1024M" are one value."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return float(value)
+    for parse in (parse_size, parse_duration):
+        try:
+            return f"{parse.__name__}:{parse(value)}"
+        except ValueError:
+            continue
+    return " ".join(value.split())
+
+
+def _check_fits(point: Point) -> None:
+    """The modelled guest needs one aligned contiguous range above its reserved memory."""
+    settings = point.settings
+    memory = parse_size(str(settings["memory"]))
+    size = parse_size(str(settings["contig_size"]))
+    align = parse_size(str(settings["contig_align"]))
+    reserved = parse_size(str(settings["reserved"]))
+    if size < 2 << 20 or size % (2 << 20) or align < 2 << 20 or align & (align - 1):
+        raise SpecError(
+            f"{point.label}: contig_size must be a multiple of 2M and contig_align a "
+            "power of two >= 2M"
+        )
+    first = -(-reserved // align) * align
+    if first + size > memory:
+        raise SpecError(
+            f"{point.kind} {point.label}: a {settings['contig_size']} range aligned to "
+            f"{settings['contig_align']} does not fit above the reserved {settings['reserved']} "
+            f"of a {settings['memory']} guest: give it more memory"
+        )
 
 
 def _controls(table: dict[str, Any], guest: str) -> tuple[str, ...]:

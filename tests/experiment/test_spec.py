@@ -109,6 +109,16 @@ memory = "2560M"
         ("[model]\nduration = '5s'", 'needs guest = "qemu"'),
         ("[experiment]\nguest = 'qemu'\n[model]\nsettle = '1s'", "[model] settle"),
         ("[experiment\n", "not valid TOML"),
+        ("[sweep]\nmemory = ['1G', '1024M']", "listed twice"),
+        ("[sweep]\nattempt_rate = [2, 2.0]", "listed twice"),
+        ("[settings]\nattempt_rate = nan", "[settings] attempt_rate"),
+        ("[settings]\nattempt_rate = inf", "[settings] attempt_rate"),
+        ("[settings]\nmemory = '512M'", "give it more memory"),
+        ("[sweep]\nmemory = ['2G', '1G']", "give it more memory"),
+        ("[settings]\ncontig_align = '3M'", "power of two"),
+        ("[experiment]\nrepeats = 100000000", "repeats"),
+        ("[experiment]\nguest = 'qemu'\n[settings]\nduration = '400ms'", "whole number"),
+        ("[experiment]\nguest = 'qemu'\n[model]\ndelay = 'none'", "[model] delay"),
         ("experiment = 3", "must be a table"),
     ],
 )
@@ -131,3 +141,13 @@ def test_the_name_defaults_to_the_file_name(tmp_path: Path) -> None:
     path = tmp_path / "my-study.toml"
     path.write_text("[sweep]\ndelay = ['none']\n", encoding="utf-8")
     assert load_spec(path).name == "my-study"
+
+
+def test_model_points_beside_a_real_guest_label_only_their_own_keys() -> None:
+    spec = parse_spec(
+        "[experiment]\nguest = 'qemu'\nrepeats = 1\n"
+        "[sweep]\nsettle = ['20s', '30s']\ndelay = ['none']\n[model]\nduration = '5s'\n"
+    )
+    model = [p for p in spec.points() if p.kind == "model"]
+    # The model does not have `settle`: one model setting, labelled without it.
+    assert [p.label for p in model] == ["delay=none"]

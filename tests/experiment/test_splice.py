@@ -42,7 +42,7 @@ def test_marked_blocks_are_replaced_and_the_rest_is_kept(tmp_path: Path) -> None
     assert "old table" not in text
     # Mean 20 %, standard error 10 % over the two successful repeats; 200 attempts.
     assert "| mock | delay=report=const:5ms | 2 | 200 | 20.0 ± 10.0 |" in text
-    assert "| 10.0 | 0 | 1 2 |" in text  # passes per run, passes with failures, seeds
+    assert "| 10.00 | 0 | 1 2 |" in text  # passes per run, passes with failures, seeds
     assert text.endswith("<!-- /results:study -->\nend\n")
 
 

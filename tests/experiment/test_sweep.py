@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,13 +37,16 @@ delay = ["none", "report=const:40ms"]
 """
 
 
-def _experiment(spec: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def _experiment(
+    spec: Path, out: Path, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "backend", "experiment", str(spec), "--out", str(out), *extra],
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
+        env=None if env is None else os.environ | env,
     )
 
 
@@ -100,16 +104,19 @@ def test_a_short_sweep_writes_results_figures_and_report_and_resumes(tmp_path: P
 
 def test_a_failing_point_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
     spec = tmp_path / "small.toml"
-    # 1 GiB ranges do not fit a 512 MiB guest: every point fails, with the reason.
     spec.write_text(
-        SPEC.format(memory="512M").replace("repeats = 2", "repeats = 1"), encoding="utf-8"
+        SPEC.format(memory="2G").replace("repeats = 2", "repeats = 1"), encoding="utf-8"
     )
+    # A socket directory longer than a unix socket path may be: the backend
+    # cannot listen, every point fails with its reason, none is lost.
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
     out = tmp_path / "out"
-    run = _experiment(spec, out)
+    run = _experiment(spec, out, env={"TMPDIR": str(deep)})
     assert run.returncode == 1
     rows = _rows(out / "results.csv")
     assert [row["status"] for row in rows] == ["failed", "failed"]
-    assert all("give it more memory" in row["error"] for row in rows)
+    assert all("the backend exited" in row["error"] for row in rows)
     assert "## Runs that failed" in (out / "report.md").read_text()
 
 

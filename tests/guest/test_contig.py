@@ -17,6 +17,7 @@ from guest.contig import (
     ContigConfig,
     Outcome,
     attempt,
+    blocked_by_reports,
     candidate_ranges,
     free_range,
 )
@@ -276,3 +277,21 @@ def test_good_contig_config_in_pageblocks() -> None:
     config = ContigConfig(size=6 * MiB, align=8 * MiB)
     config.validate()
     assert (config.size_pageblocks, config.align_pageblocks) == (3, 4)
+
+
+def test_blocked_means_every_valid_range_holds_a_reported_block() -> None:
+    area = FreeArea.boot(32, range(2))  # ranges 0-7 (reserved: invalid), 8-15, 16-23, 24-31
+    assert not blocked_by_reports(area, CONFIG)
+    area.isolate(8)  # a report holds 8-9: 16-23 and 24-31 are still free
+    assert not blocked_by_reports(area, CONFIG)
+    assert attempt(area, CONFIG) == AttemptResult(Outcome.OK, 16)
+    area.isolate(24)  # now every valid range holds a reported block (16-23 is taken)
+    assert blocked_by_reports(area, CONFIG)
+    assert attempt(area, CONFIG).outcome is Outcome.HELD
+    area.putback(24, O10, reported=True)
+    assert not blocked_by_reports(area, CONFIG)
+
+
+def test_no_valid_range_is_not_blocked_by_reports() -> None:
+    area = FreeArea.boot(8, range(2))  # the only range holds reserved blocks
+    assert not blocked_by_reports(area, CONFIG)

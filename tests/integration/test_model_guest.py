@@ -25,7 +25,7 @@ from backend.delays import parse_delay
 from backend.injection import LatencySettings, Point
 from guest.contig import AttemptResult, ContigConfig
 from guest.errors import BackendClosedError, ConfigError
-from guest.model_guest import ModelConfig, format_model, run_model
+from guest.model_guest import ModelConfig, _clip, _measure, _overlap, format_model, run_model
 from guest.page_reporting import ReportingConfig
 from tests.conftest import RunningBackend, StartBackend
 
@@ -83,7 +83,7 @@ async def test_model_run_attributes_every_failure_to_a_held_report(
 
     assert summary["target_reports"] > 0
     assert 0 < summary["target_held_fraction"] < 1
-    assert summary["target_held_fraction"] <= summary["target_held_fraction_open"]
+    assert 0 < summary["predicted_failure_rate"] < 1
 
     # A list of this zone gets budget + 1 = 2 reports per pass: the first pass
     # makes both, later ones at most that (a drained list or the stop ends one early).
@@ -330,3 +330,10 @@ async def test_a_failed_attempt_costs_its_attempt_cost_before_the_next(
     for earlier, later in itertools.pairwise(attempts):
         if earlier["outcome"] != "ok":
             assert later["t_ns"] - earlier["t_ns"] >= 40_000_000
+
+
+def test_interval_arithmetic_of_the_prediction() -> None:
+    merged = _clip([(5, 9), (0, 2), (1, 3), (20, 30)], 0, 25)
+    assert merged == [(0, 3), (5, 9), (20, 25)]
+    assert _measure(merged) == 12
+    assert _overlap(merged, [(2, 6), (8, 21)]) == 1 + 1 + 1 + 1
