@@ -104,7 +104,7 @@ def hold_cdf(out: Path, rows: list[dict[str, Any]]) -> Path | None:
         labels[row["setting_key"]] = f"{KIND_STYLE[row['kind']][0]}: {row['label']}"
     if not any(by_setting.values()):
         return None
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(12, 5))
     for key, holds in by_setting.items():
         if not holds:
             continue
@@ -116,7 +116,7 @@ def hold_cdf(out: Path, rows: list[dict[str, Any]]) -> Path | None:
     ax.set_ylabel("fraction of reports")
     ax.set_title("How long reported pages are out of the guest's allocator")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the curves
     return _save(fig, out / "figures" / "hold_cdf.png")
 
 
