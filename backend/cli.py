@@ -618,6 +618,10 @@ def _run_guest(args: argparse.Namespace) -> int:
     return subprocess.run(command, check=False).returncode
 
 
+def _terminate(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -626,6 +630,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    if args.command in ("guest", "demo"):
+        # SIGTERM stops these as Ctrl-C does: the guest child is stopped,
+        # the demo's backend closed and its temporary directory removed.
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         if args.command == "serve":
             if args.print_capabilities:

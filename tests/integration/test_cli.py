@@ -369,3 +369,42 @@ def test_demo_falls_back_to_the_mocked_guest_without_qemu(tmp_path: Path) -> Non
         env=env,
     )
     assert forced.returncode == 2 and "no real guest" in forced.stderr
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in argv:
+            found.append(argv)
+    return found
+
+
+def test_sigterm_stops_the_mock_demo_and_its_guest_and_cleans_up(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "VHOST_BALLOON_CACHE": str(tmp_path / "no-cache"),  # no QEMU: the mocked guest
+        "TMPDIR": str(tmp_path),
+    }
+    demo = subprocess.Popen(
+        [*CLI, "demo", "--json", "--reports", "100000", "--memory", "128M"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    deadline = time.monotonic() + 30
+    while not list(tmp_path.glob("vhost-balloon-*/balloon.sock")):
+        assert time.monotonic() < deadline, "the demo never listened"
+        time.sleep(0.05)
+    time.sleep(1.0)  # the guest is reporting
+    demo.send_signal(signal.SIGTERM)
+    demo.communicate(timeout=30)
+    assert demo.returncode != 0
+    assert not list(tmp_path.glob("vhost-balloon-*")), "the temporary directory was left"
+    deadline = time.monotonic() + 10
+    while _processes_mentioning(str(tmp_path)):
+        assert time.monotonic() < deadline, "the guest outlived the demo"
+        time.sleep(0.1)
