@@ -371,8 +371,20 @@ async def _serve(args: argparse.Namespace) -> int:
     else:
         raise UsageError("serve needs --socket-path PATH or --fd N")
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if not stop.is_set():
+            stop.set()  # a clean stop: the report in flight finishes first
+            return
+        # A second signal: the user will not wait out an injected delay.
+        LOG.warning("second signal: exiting now, without waiting for the report in flight")
+        if args.socket_path is not None:
+            with contextlib.suppress(OSError):
+                args.socket_path.unlink()
+        os._exit(130)
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_signal)
     try:
         await server.start_services()
         if listening:

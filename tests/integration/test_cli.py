@@ -408,3 +408,36 @@ def test_sigterm_stops_the_mock_demo_and_its_guest_and_cleans_up(tmp_path: Path)
     while _processes_mentioning(str(tmp_path)):
         assert time.monotonic() < deadline, "the guest outlived the demo"
         time.sleep(0.1)
+
+
+def test_a_second_ctrl_c_does_not_wait_out_an_injected_delay(tmp_path: Path) -> None:
+    sock = tmp_path / "b.sock"
+    server = subprocess.Popen(
+        [*CLI, "serve", "--socket-path", str(sock), "--delay", "report=const:50s"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    guest = None
+    try:
+        _wait_for_socket(sock)
+        guest = subprocess.Popen(
+            [*GUEST, "--socket-path", str(sock), "--memory", "128M", "--reports", "1"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(2.0)  # the report is in its 50 s delay
+        server.send_signal(signal.SIGINT)
+        time.sleep(1.0)
+        assert server.poll() is None, "the first Ctrl-C is a clean stop: it waits"
+        server.send_signal(signal.SIGINT)
+        _, stderr = server.communicate(timeout=10)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        if guest is not None:
+            guest.kill()
+            guest.wait()
+    assert server.returncode == 130
+    assert "second signal" in stderr
+    assert not sock.exists()
