@@ -71,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     try:
         if args.report_only:
-            write_results(spec, out, load_rows(out))
+            stored = out / "spec.toml"  # the spec these rows were run with
+            write_results(load_spec(stored) if stored.is_file() else spec, out, load_rows(out))
             print(f"experiment: report in {out / 'report.md'}", file=sys.stderr)
             return 0
         check_runnable(spec)
