@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from backend.experiment.points import rederive
 from backend.experiment.runner import describe_points, load_rows, run_experiment, write_results
 from backend.experiment.spec import ExperimentSpec, SpecError, load_spec
 from backend.provisioning import LaunchError, check_device, ensure_provisioned, qemu_version
@@ -72,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.report_only:
             stored = out / "spec.toml"  # the spec these rows were run with
-            write_results(load_spec(stored) if stored.is_file() else spec, out, load_rows(out))
+            rows = [rederive(out, row) for row in load_rows(out)]
+            write_results(load_spec(stored) if stored.is_file() else spec, out, rows)
             print(f"experiment: report in {out / 'report.md'}", file=sys.stderr)
             return 0
         check_runnable(spec)

@@ -39,6 +39,7 @@ KIND_STYLE = {
     "qemu": ("real guest", "o"),
 }
 CONTROL_LABEL = {"no_balloon": "no balloon device", "builtin": "QEMU built-in balloon"}
+CONTROL_STYLE = {"no_balloon": ("black", ":"), "builtin": ("tab:grey", "--")}
 
 
 def _finite(value: Any) -> bool:
@@ -173,8 +174,15 @@ def failure_vs_delay(out: Path, spec: ExperimentSpec, summary: list[dict[str, An
     for entry in summary:
         if entry["kind"] in CONTROL_LABEL and not math.isnan(entry["failure_rate"]):
             rate, error = 100 * entry["failure_rate"], 100 * entry["failure_rate_se"]
-            line = ax.axhline(rate, linestyle="--", linewidth=1, label=CONTROL_LABEL[entry["kind"]])
-            ax.axhspan(rate - error, rate + error, alpha=0.15, color=line.get_color())
+            color, style = CONTROL_STYLE[entry["kind"]]
+            ax.axhline(
+                rate,
+                color=color,
+                linestyle=style,
+                linewidth=1.2,
+                label=CONTROL_LABEL[entry["kind"]],
+            )
+            ax.axhspan(rate - error, rate + error, alpha=0.15, color=color)
     ax.set_xlabel("delay injected per report (ms, measured by the backend)")
     ax.set_ylabel("contiguous-allocation attempts failed (%)")
     ax.set_title("Failure rate against hypervisor delay (mean ± s.e. over repeats)")

@@ -192,9 +192,16 @@ def backend_figures(trace: Path) -> dict[str, Any]:
         records = list(read_trace(trace))
     injected = [sum(r["injected_ns"].values()) for r in records]
     k2n = [(r["t_notified_ns"] or r["t_published_ns"]) - r["t_kick_ns"] for r in records]
+    if not records:  # no backend (a control) or no report: nothing measured
+        return {
+            "backend_reports": 0,
+            "injected_ms": None,
+            "kick_to_notify_p50_ms": None,
+            "freed_bytes": 0,
+        }
     return {
         "backend_reports": len(records),
-        "injected_ms": (sum(injected) / len(injected) / 1e6) if injected else 0.0,
+        "injected_ms": sum(injected) / len(injected) / 1e6,
         "kick_to_notify_p50_ms": _median(k2n) / 1e6,
         "freed_bytes": sum(r["freed_bytes"] for r in records),
     }
@@ -322,7 +329,7 @@ def qemu_row(summary: dict[str, Any], backend: dict[str, Any]) -> dict[str, Any]
         "target_reports": count("target_reports"),
         "passes": count("passes"),
         "passes_with_failures": count("passes_with_failures"),
-        "hold_p50_ms": _median(guest_holds) / 1e3,
+        "hold_p50_ms": _median(guest_holds) / 1e3 if guest_holds else None,
         "qemu_version": summary.get("qemu_version"),
         "guest_kernel": summary.get("guest_kernel"),
         "accel": summary.get("accel"),
@@ -353,6 +360,23 @@ def run_stopping_gracefully(command: list[str], timeout: float) -> subprocess.Co
             process.communicate()
         raise
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def rederive(out: Path, row: dict[str, Any]) -> dict[str, Any]:
+    """A finished run's row computed again from its raw output (for
+    --report-only after a change in what a row holds); as stored otherwise."""
+    directory = out / "points" / str(row.get("dir", ""))
+    if row.get("status") != "ok":
+        return row
+    try:
+        trace = backend_figures(directory / "backend-trace.jsonl")
+        if row["kind"] in ("qemu", "no_balloon", "builtin"):
+            summary = json.loads((directory / "launch.json").read_text(encoding="utf-8"))
+            return row | qemu_row(summary, trace)
+        summary = json.loads((directory / "guest.json").read_text(encoding="utf-8"))
+        return row | mock_row(summary, trace)
+    except (OSError, ValueError, KeyError, PointError):
+        return row
 
 
 def run_point(point: Point, directory: Path) -> dict[str, Any]:

@@ -101,6 +101,13 @@ def test_a_short_sweep_writes_results_figures_and_report_and_resumes(tmp_path: P
     assert "4 already done" in again.stderr
     assert {row["dir"]: row["seconds"] for row in _rows(out / "results.csv")} == before
 
+    # The tables and figures are derived again from the raw output, same numbers.
+    (out / "figures" / "hold_cdf.png").unlink()
+    redrawn = _experiment(spec, out, "--report-only")
+    assert redrawn.returncode == 0, redrawn.stderr[-2000:]
+    assert (out / "figures" / "hold_cdf.png").read_bytes()[:8] == PNG_MAGIC
+    assert [r["failures"] for r in _rows(out / "results.csv")] == [r["failures"] for r in rows]
+
 
 def test_a_failing_point_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
     spec = tmp_path / "small.toml"
