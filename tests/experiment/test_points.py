@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 from backend.experiment.points import _guest_args, qemu_command
@@ -47,7 +48,7 @@ def test_a_model_point_becomes_guest_arguments(tmp_path: Path) -> None:
     args = _guest_args(point.settings, point.seed, tmp_path)
     pairs = {
         flag: value
-        for flag, value in zip(args, args[1:], strict=False)
+        for flag, value in itertools.pairwise(args)
         if flag.startswith("--") and not value.startswith("--")
     }
     assert args[:2] == ["--model", "--json"]
