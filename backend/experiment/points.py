@@ -61,6 +61,10 @@ def finished_runs(out: Path) -> dict[tuple[str, int], dict[str, Any]]:
     return done
 
 
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
 def _seconds(value: Value) -> float:
     return parse_duration(str(value)) / 1e9
 
@@ -76,43 +80,19 @@ def _latency_args(settings: dict[str, Value]) -> list[str]:
     return args
 
 
+# Spec key -> `python -m guest --model` flag, as given or as seconds.
+_GUEST_AS_IS = ("memory", "capacity", "order", "contig_size", "contig_align", "retries", "reserved")
+_GUEST_SECONDS = ("duration", "pass_delay", "backoff", "contig_hold", "attempt_cost")
+
+
 def _guest_args(settings: dict[str, Value], seed: int, out: Path) -> list[str]:
-    args = [
-        "--model",
-        "--json",
-        "--memory",
-        str(settings["memory"]),
-        "--capacity",
-        str(settings["capacity"]),
-        "--order",
-        str(settings["order"]),
-        "--duration",
-        f"{_seconds(settings['duration']):g}",
-        "--pass-delay",
-        f"{_seconds(settings['pass_delay']):g}",
-        "--attempt-rate",
-        f"{settings['attempt_rate']:g}",
-        "--contig-size",
-        str(settings["contig_size"]),
-        "--contig-align",
-        str(settings["contig_align"]),
-        "--retries",
-        str(settings["retries"]),
-        "--backoff",
-        f"{_seconds(settings['backoff']):g}",
-        "--contig-hold",
-        f"{_seconds(settings['contig_hold']):g}",
-        "--attempt-cost",
-        f"{_seconds(settings['attempt_cost']):g}",
-        "--reserved",
-        str(settings["reserved"]),
-        "--seed",
-        str(seed),
-        "--out-dir",
-        str(out),
-        "--report-timeout",
-        "120",
-    ]
+    args = ["--model", "--json"]
+    for key in _GUEST_AS_IS:
+        args += [_flag(key), str(settings[key])]
+    for key in _GUEST_SECONDS:
+        args += [_flag(key), f"{_seconds(settings[key]):g}"]
+    args += ["--attempt-rate", f"{settings['attempt_rate']:g}", "--seed", str(seed)]
+    args += ["--out-dir", str(out), "--report-timeout", "120"]
     if settings["touch"]:
         args.append("--touch")
     workload = str(settings["workload"])
