@@ -642,9 +642,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    if args.command in ("guest", "demo"):
+    if args.command in ("guest", "demo", "experiment"):
         # SIGTERM stops these as Ctrl-C does: the guest child is stopped,
-        # the demo's backend closed and its temporary directory removed.
+        # the demo's backend closed and its temporary directory removed, a
+        # sweep's running point stopped (QEMU first) and kept resumable.
         signal.signal(signal.SIGTERM, _terminate)
     try:
         if args.command == "serve":

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -56,10 +55,6 @@ def check_runnable(spec: ExperimentSpec) -> None:
         raise SpecError(f"QEMU is not usable for a real-guest sweep: {error}") from None
 
 
-def _interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def run(args: argparse.Namespace) -> int:
     try:
         spec = load_spec(args.spec)
@@ -78,11 +73,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"experiment: report in {out / 'report.md'}", file=sys.stderr)
             return 0
         check_runnable(spec)
-        previous = signal.signal(signal.SIGTERM, _interrupt)  # stop as on Ctrl-C
-        try:
-            rows = run_experiment(spec, out, rerun=args.rerun)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+        # SIGTERM arrives as KeyboardInterrupt too (backend/cli.py installs it).
+        rows = run_experiment(spec, out, rerun=args.rerun)
     except SpecError as error:
         print(f"vhost-balloon experiment: {error}", file=sys.stderr)
         return 2

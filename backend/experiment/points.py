@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -188,13 +189,8 @@ def backend_figures(trace: Path) -> dict[str, Any]:
 
 
 def _median(values: list[int] | list[float]) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return 0.0
-    middle = len(ordered) // 2
-    if len(ordered) % 2:
-        return float(ordered[middle])
-    return (ordered[middle - 1] + ordered[middle]) / 2
+    """The median, 0.0 for a run with no sample."""
+    return float(statistics.median(values)) if values else 0.0
 
 
 def _wait_for_socket(path: Path, process: subprocess.Popen[bytes], log: Path) -> None:
