@@ -1,5 +1,5 @@
-"""`python -m backend` is `vhost-balloon`."""
+"""`python -m vhost_balloon.backend` is `vhost-balloon`."""
 
-from backend.cli import main
+from vhost_balloon.backend.cli import main
 
 raise SystemExit(main())

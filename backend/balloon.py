@@ -17,15 +17,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from backend.contention import BigLock
-from backend.device import QueueContext, VirtioDevice
-from backend.discard import DiscardResult, DiscardStrategy, run_discards
-from backend.injection import BqlPhase, Injector, LatencySettings, Point
-from backend.reporting import plan_report
-from backend.stats import DeviceStats
-from backend.trace import ReportRecord, TraceWriter
-from protocol import virtio
-from protocol.virtqueue import Chain, DeviceQueue
+from vhost_balloon.backend.contention import BigLock
+from vhost_balloon.backend.device import QueueContext, VirtioDevice
+from vhost_balloon.backend.discard import DiscardResult, DiscardStrategy, run_discards
+from vhost_balloon.backend.injection import BqlPhase, Injector, LatencySettings, Point
+from vhost_balloon.backend.reporting import plan_report
+from vhost_balloon.backend.stats import DeviceStats
+from vhost_balloon.backend.trace import ReportRecord, TraceWriter
+from vhost_balloon.protocol import virtio
+from vhost_balloon.protocol.virtqueue import Chain, DeviceQueue
 
 OFFERED_FEATURES = virtio.feature_mask(
     virtio.F_VERSION_1,

@@ -1,7 +1,7 @@
 """The `vhost-balloon` command line: serve, guest, demo.
 
 `guest` and `demo` run the mocked guest as a separate process
-(`python -m guest`): the backend never imports the guest, they meet over the
+(`python -m vhost_balloon.guest`): the backend never imports the guest, they meet over the
 socket exactly as QEMU and the backend do.
 """
 
@@ -21,24 +21,24 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from backend import launch, provisioning
-from backend.balloon import BalloonSettings, NotifyPolicy
-from backend.contention import parse_bql, parse_mmap_contention
-from backend.control import ControlError, control_request
-from backend.discard import DiscardStrategy
-from backend.experiment import cli as experiment_cli
-from backend.injection import (
+from vhost_balloon.backend import launch, provisioning
+from vhost_balloon.backend.balloon import BalloonSettings, NotifyPolicy
+from vhost_balloon.backend.contention import parse_bql, parse_mmap_contention
+from vhost_balloon.backend.control import ControlError, control_request
+from vhost_balloon.backend.discard import DiscardStrategy
+from vhost_balloon.backend.experiment import cli as experiment_cli
+from vhost_balloon.backend.injection import (
     ALL_BQL_PHASES,
     LatencySettings,
     Point,
     parse_bql_phases,
     parse_delay_option,
 )
-from backend.metrics import parse_listen_address
-from backend.provisioning import LaunchError
-from backend.server import Server, ServerSettings, listen_unix, socket_from_fd
-from protocol import units, virtio
-from protocol.units import argument_type
+from vhost_balloon.backend.metrics import parse_listen_address
+from vhost_balloon.backend.provisioning import LaunchError
+from vhost_balloon.backend.server import Server, ServerSettings, listen_unix, socket_from_fd
+from vhost_balloon.protocol import units, virtio
+from vhost_balloon.protocol.units import argument_type
 
 LOG = logging.getLogger("vhost_balloon")
 DEMO_REPORTS = 300
@@ -323,7 +323,7 @@ def _guest_command(args: argparse.Namespace, socket_path: Path) -> list[str]:
     command = [
         sys.executable,
         "-m",
-        "guest",
+        "vhost_balloon.guest",
         "--socket-path",
         str(socket_path),
         "--json",

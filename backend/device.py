@@ -11,8 +11,8 @@ import abc
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from backend.mapping import MemoryMap
-from protocol.virtqueue import DeviceQueue
+from vhost_balloon.backend.mapping import MemoryMap
+from vhost_balloon.protocol.virtqueue import DeviceQueue
 
 
 @dataclass(slots=True)

@@ -32,19 +32,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from backend.attribution import BackendReport, summarize_gigantic
-from backend.balloon import BalloonDevice
-from backend.guest_console import GuestConsole
-from backend.provisioning import (
+from vhost_balloon.backend.attribution import BackendReport, summarize_gigantic
+from vhost_balloon.backend.balloon import BalloonDevice
+from vhost_balloon.backend.guest_console import GuestConsole
+from vhost_balloon.backend.provisioning import (
     LaunchError,
     check_device,
     configs_dir,
     ensure_provisioned,
     qemu_version,
 )
-from backend.server import Server, ServerSettings, listen_unix
-from backend.trace import ReportRecord
-from protocol.virtio import FEATURE_NAMES, balloon_queues
+from vhost_balloon.backend.server import Server, ServerSettings, listen_unix
+from vhost_balloon.backend.trace import ReportRecord
+from vhost_balloon.protocol.virtio import FEATURE_NAMES, balloon_queues
 
 STOP_GRACE_S = 10.0
 SAMPLE_INTERVAL_S = 0.2

@@ -15,9 +15,9 @@ import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from backend.syscalls import buffer_address
-from protocol.memory import GuestMemory, Region, RegionTable
-from protocol.vhost_user import MemoryRegionDesc
+from vhost_balloon.backend.syscalls import buffer_address
+from vhost_balloon.protocol.memory import GuestMemory, Region, RegionTable
+from vhost_balloon.protocol.vhost_user import MemoryRegionDesc
 
 PAGE_SIZE = mmap.PAGESIZE
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from backend.discard import DiscardTarget
-from backend.mapping import FileIdentity, MappedRegion, MemoryMap
-from protocol.errors import AddressError
-from protocol.memory import Space
-from protocol.virtqueue import Chain
+from vhost_balloon.backend.discard import DiscardTarget
+from vhost_balloon.backend.mapping import FileIdentity, MappedRegion, MemoryMap
+from vhost_balloon.protocol.errors import AddressError
+from vhost_balloon.protocol.memory import Space
+from vhost_balloon.protocol.virtqueue import Chain
 
 
 @dataclass(slots=True)

@@ -20,15 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backend.balloon import BalloonDevice, BalloonSettings
-from backend.control import close_control, serve_control
-from backend.injection import LatencySettings
-from backend.metrics import Metrics, serve_metrics
-from backend.runtime import Runtime
-from backend.session import Session, SessionLogger
-from backend.stats import DeviceStats
-from backend.syscalls import precise_sleeps_for_this_thread
-from backend.trace import TraceWriter
+from vhost_balloon.backend.balloon import BalloonDevice, BalloonSettings
+from vhost_balloon.backend.control import close_control, serve_control
+from vhost_balloon.backend.injection import LatencySettings
+from vhost_balloon.backend.metrics import Metrics, serve_metrics
+from vhost_balloon.backend.runtime import Runtime
+from vhost_balloon.backend.session import Session, SessionLogger
+from vhost_balloon.backend.stats import DeviceStats
+from vhost_balloon.backend.syscalls import precise_sleeps_for_this_thread
+from vhost_balloon.backend.trace import TraceWriter
 
 LOG = logging.getLogger("vhost_balloon")
 DISCARD_THREADS = 16

@@ -28,15 +28,15 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
-from backend.device import QueueContext, VirtioDevice
-from backend.mapping import MappedRegion, MappingError, MemoryMap
-from backend.syscalls import full_fence
-from backend.transport import ConnectionClosed, MessageChannel, close_fds
-from backend.vring import EventFdError, Vring, check_eventfd, read_eventfd
-from backend.worker import QueueWorker
-from protocol.errors import AddressError, MessageError, QueueError, QueueErrorKind
-from protocol.memory import Space
-from protocol.vhost_user import (
+from vhost_balloon.backend.device import QueueContext, VirtioDevice
+from vhost_balloon.backend.mapping import MappedRegion, MappingError, MemoryMap
+from vhost_balloon.backend.syscalls import full_fence
+from vhost_balloon.backend.transport import ConnectionClosed, MessageChannel, close_fds
+from vhost_balloon.backend.vring import EventFdError, Vring, check_eventfd, read_eventfd
+from vhost_balloon.backend.worker import QueueWorker
+from vhost_balloon.protocol.errors import AddressError, MessageError, QueueError, QueueErrorKind
+from vhost_balloon.protocol.memory import Space
+from vhost_balloon.protocol.vhost_user import (
     F_PROTOCOL_FEATURES,
     U64,
     BackendRequest,
@@ -56,8 +56,8 @@ from protocol.vhost_user import (
     encode_reply,
     protocol_feature_mask,
 )
-from protocol.virtio import F_EVENT_IDX, F_INDIRECT_DESC, has_feature
-from protocol.virtqueue import MAX_QUEUE_SIZE, DeviceQueue, RingLayout
+from vhost_balloon.protocol.virtio import F_EVENT_IDX, F_INDIRECT_DESC, has_feature
+from vhost_balloon.protocol.virtqueue import MAX_QUEUE_SIZE, DeviceQueue, RingLayout
 
 # Only what this backend implements: QEMU 11.1 sends newer requests (and
 # waits for replies) when more bits are offered.

@@ -14,8 +14,13 @@ import os
 import socket
 from collections.abc import Sequence
 
-from protocol.errors import MessageError
-from protocol.vhost_user import HEADER_SIZE, MAX_FDS_PER_MESSAGE, Header, decode_header
+from vhost_balloon.protocol.errors import MessageError
+from vhost_balloon.protocol.vhost_user import (
+    HEADER_SIZE,
+    MAX_FDS_PER_MESSAGE,
+    Header,
+    decode_header,
+)
 
 _ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
 

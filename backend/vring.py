@@ -10,8 +10,8 @@ import contextlib
 import os
 from dataclasses import dataclass
 
-from protocol.vhost_user import VringAddr
-from protocol.virtqueue import DeviceQueue
+from vhost_balloon.protocol.vhost_user import VringAddr
+from vhost_balloon.protocol.virtqueue import DeviceQueue
 
 _ONE = (1).to_bytes(8, "little")
 

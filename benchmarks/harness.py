@@ -16,7 +16,15 @@ from typing import Any
 def backend(sock: Path, *options: str) -> Iterator[subprocess.Popen[bytes]]:
     """`vhost-balloon serve --socket-path SOCK OPTIONS...`, stopped on exit."""
     server = subprocess.Popen(
-        [sys.executable, "-m", "backend.cli", "serve", "--socket-path", str(sock), *options],
+        [
+            sys.executable,
+            "-m",
+            "vhost_balloon.backend.cli",
+            "serve",
+            "--socket-path",
+            str(sock),
+            *options,
+        ],
         stderr=subprocess.DEVNULL,
     )
     try:
@@ -32,9 +40,17 @@ def backend(sock: Path, *options: str) -> Iterator[subprocess.Popen[bytes]]:
 
 
 def run_guest(sock: Path, *options: str) -> dict[str, Any]:
-    """`python -m guest --socket-path SOCK --json OPTIONS...`; its summary."""
+    """`python -m vhost_balloon.guest --socket-path SOCK --json OPTIONS...`; its summary."""
     guest = subprocess.run(
-        [sys.executable, "-m", "guest", "--socket-path", str(sock), "--json", *options],
+        [
+            sys.executable,
+            "-m",
+            "vhost_balloon.guest",
+            "--socket-path",
+            str(sock),
+            "--json",
+            *options,
+        ],
         capture_output=True,
         text=True,
         check=True,

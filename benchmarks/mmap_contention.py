@@ -31,8 +31,14 @@ import statistics
 import time
 from collections.abc import Callable
 
-from backend.contention import MmapContention, parse_mmap_contention
-from backend.syscalls import MADV_DONTNEED, MADV_REMOVE, buffer_address, madvise, punch_hole
+from vhost_balloon.backend.contention import MmapContention, parse_mmap_contention
+from vhost_balloon.backend.syscalls import (
+    MADV_DONTNEED,
+    MADV_REMOVE,
+    buffer_address,
+    madvise,
+    punch_hole,
+)
 
 MiB = 1 << 20
 REGION = 64 * MiB

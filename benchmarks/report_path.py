@@ -7,7 +7,7 @@ For each run, in the same process tree and the same minute:
                also the same with the pages populated by this process
                (no other page tables to zap);
   backend   -- `vhost-balloon serve` in its own process with a trace, and the
-               mocked guest (`python -m guest`) in another, sending the same
+               mocked guest (`python -m vhost_balloon.guest`) in another, sending the same
                reports; per report the trace gives kick->notify and the time
                spent inside the discard syscalls.
   overhead  -- the same with `--discard none`: the pure per-report Python
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import harness
 
-from backend.syscalls import punch_hole
+from vhost_balloon.backend.syscalls import punch_hole
 
 ENTRY = 2 << 20
 ENTRIES = 32

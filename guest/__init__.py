@@ -5,5 +5,5 @@ It never imports `backend`: the two meet over a unix socket, as QEMU and a
 real back-end would. Modules: `ram` (memfd-backed guest RAM), `channel`
 (framed messages and fds over a unix socket), `frontend` (the vhost-user
 front-end), `driver` (the reporting driver), `summary` (statistics and the
-JSON summary), `runner` (wires them together), `cli` (`python -m guest`).
+JSON summary), `runner` (wires them together), `cli` (`python -m vhost_balloon.guest`).
 """

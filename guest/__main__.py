@@ -1,7 +1,7 @@
-"""`python -m guest`: see guest.cli."""
+"""`python -m vhost_balloon.guest`: see vhost_balloon.guest.cli."""
 
 import sys
 
-from guest.cli import main
+from vhost_balloon.guest.cli import main
 
 sys.exit(main())

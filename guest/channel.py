@@ -14,9 +14,14 @@ import os
 import socket
 from collections.abc import Sequence
 
-from guest.errors import BackendClosedError, BadReplyError, ReplyTimeoutError
-from protocol.errors import MessageError
-from protocol.vhost_user import HEADER_SIZE, MAX_FDS_PER_MESSAGE, Header, decode_header
+from vhost_balloon.guest.errors import BackendClosedError, BadReplyError, ReplyTimeoutError
+from vhost_balloon.protocol.errors import MessageError
+from vhost_balloon.protocol.vhost_user import (
+    HEADER_SIZE,
+    MAX_FDS_PER_MESSAGE,
+    Header,
+    decode_header,
+)
 
 _RECV_CHUNK = 65536
 _FD_SIZE = array.array("i").itemsize

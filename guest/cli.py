@@ -1,6 +1,6 @@
-"""`python -m guest`: run the mocked guest against a vhost-user back-end.
+"""`python -m vhost_balloon.guest`: run the mocked guest against a vhost-user back-end.
 
-    python -m guest --socket-path /tmp/vb.sock --memory 1G --reports 20 --json
+    python -m vhost_balloon.guest --socket-path /tmp/vb.sock --memory 1G --reports 20 --json
 
 Prints the summary as JSON (--json) or as a table. Errors a user can cause
 (bad flags, an unreachable socket, a back-end that misbehaves) end with one
@@ -18,17 +18,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from guest.contig import ContigConfig
-from guest.driver import DriverConfig
-from guest.errors import ConfigError, GuestError
-from guest.model_guest import ChurnConfig, ModelConfig, format_model, run_model
-from guest.page_reporting import ReportingConfig
-from guest.runner import GuestOptions, run_guest
-from guest.summary import format_table
-from protocol import units
-from protocol.errors import ProtocolError
-from protocol.units import argument_type
-from protocol.virtio import PAGE_REPORTING_CAPACITY
+from vhost_balloon.guest.contig import ContigConfig
+from vhost_balloon.guest.driver import DriverConfig
+from vhost_balloon.guest.errors import ConfigError, GuestError
+from vhost_balloon.guest.model_guest import ChurnConfig, ModelConfig, format_model, run_model
+from vhost_balloon.guest.page_reporting import ReportingConfig
+from vhost_balloon.guest.runner import GuestOptions, run_guest
+from vhost_balloon.guest.summary import format_table
+from vhost_balloon.protocol import units
+from vhost_balloon.protocol.errors import ProtocolError
+from vhost_balloon.protocol.units import argument_type
+from vhost_balloon.protocol.virtio import PAGE_REPORTING_CAPACITY
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -66,7 +66,7 @@ def _positive_float(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="python -m guest",
+        prog="python -m vhost_balloon.guest",
         description=(
             "Mocked guest: a vhost-user front-end plus a model of Linux's virtio-balloon "
             "free page reporting driver."

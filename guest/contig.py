@@ -24,7 +24,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from guest.freelists import PAGEBLOCK_BYTES, PAGEBLOCK_ORDER, BlockState, FreeArea, FreeListError
+from vhost_balloon.guest.freelists import (
+    PAGEBLOCK_BYTES,
+    PAGEBLOCK_ORDER,
+    BlockState,
+    FreeArea,
+    FreeListError,
+)
 
 
 class Outcome(Enum):

@@ -27,12 +27,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from guest.errors import ConfigError, DriverError, ReplyTimeoutError, ReportTimeoutError
-from guest.frontend import VhostUserFrontend
-from guest.layout import PAGE_SIZE, Block, GuestLayout, plan_layout
-from guest.ram import GuestRam
-from protocol.errors import QueueError
-from protocol.virtio import (
+from vhost_balloon.guest.errors import (
+    ConfigError,
+    DriverError,
+    ReplyTimeoutError,
+    ReportTimeoutError,
+)
+from vhost_balloon.guest.frontend import VhostUserFrontend
+from vhost_balloon.guest.layout import PAGE_SIZE, Block, GuestLayout, plan_layout
+from vhost_balloon.guest.ram import GuestRam
+from vhost_balloon.protocol.errors import QueueError
+from vhost_balloon.protocol.virtio import (
     BALLOON_F_PAGE_POISON,
     BALLOON_F_REPORTING,
     F_EVENT_IDX,
@@ -46,7 +51,7 @@ from protocol.virtio import (
     feature_mask,
     has_feature,
 )
-from protocol.virtqueue import Buffer, DriverQueue
+from vhost_balloon.protocol.virtqueue import Buffer, DriverQueue
 
 FILL_BYTE = 0xA5
 INTEGRITY_MAGIC = 0x5649_4E54_4547_5249  # "VINTEGRI"

@@ -29,8 +29,8 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from guest.channel import Channel
-from guest.errors import (
+from vhost_balloon.guest.channel import Channel
+from vhost_balloon.guest.errors import (
     BackendClosedError,
     BadReplyError,
     ConnectError,
@@ -38,9 +38,9 @@ from guest.errors import (
     NackError,
     ReplyTimeoutError,
 )
-from guest.ram import GuestRam
-from protocol.errors import MessageError
-from protocol.vhost_user import (
+from vhost_balloon.guest.ram import GuestRam
+from vhost_balloon.protocol.errors import MessageError
+from vhost_balloon.protocol.vhost_user import (
     F_PROTOCOL_FEATURES,
     FLAG_NEED_REPLY,
     HEADER,
@@ -63,8 +63,8 @@ from protocol.vhost_user import (
     encode_reply,
     protocol_feature_mask,
 )
-from protocol.virtio import BalloonConfig
-from protocol.virtqueue import RingLayout
+from vhost_balloon.protocol.virtio import BalloonConfig
+from vhost_balloon.protocol.virtqueue import RingLayout
 
 log = logging.getLogger(__name__)
 

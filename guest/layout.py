@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from guest.errors import ConfigError
-from protocol.memory import Region
-from protocol.virtqueue import DESC_SIZE, MAX_QUEUE_SIZE, RingLayout
+from vhost_balloon.guest.errors import ConfigError
+from vhost_balloon.protocol.memory import Region
+from vhost_balloon.protocol.virtqueue import DESC_SIZE, MAX_QUEUE_SIZE, RingLayout
 
 PAGE_SIZE = 4096
 

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from guest.contig import (
+from vhost_balloon.guest.contig import (
     AttemptResult,
     ContigConfig,
     Outcome,
@@ -34,11 +34,17 @@ from guest.contig import (
     candidate_ranges,
     free_range,
 )
-from guest.errors import ConfigError, DriverError
-from guest.freelists import PAGEBLOCK_BYTES, PAGEBLOCK_ORDER, FreeArea, FreeBlock, pageblocks
-from guest.page_reporting import PageReporting, ReportingConfig
-from guest.runner import GuestOptions, MockGuest
-from protocol.virtqueue import Buffer
+from vhost_balloon.guest.errors import ConfigError, DriverError
+from vhost_balloon.guest.freelists import (
+    PAGEBLOCK_BYTES,
+    PAGEBLOCK_ORDER,
+    FreeArea,
+    FreeBlock,
+    pageblocks,
+)
+from vhost_balloon.guest.page_reporting import PageReporting, ReportingConfig
+from vhost_balloon.guest.runner import GuestOptions, MockGuest
+from vhost_balloon.protocol.virtqueue import Buffer
 
 FILL = 0x5A
 STOP_TIMEOUT_S = 30.0

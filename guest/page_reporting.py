@@ -29,7 +29,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
-from guest.freelists import MAX_ORDER, PAGEBLOCK_ORDER, FreeArea, FreeBlock, MigrateType, pageblocks
+from vhost_balloon.guest.freelists import (
+    MAX_ORDER,
+    PAGEBLOCK_ORDER,
+    FreeArea,
+    FreeBlock,
+    MigrateType,
+    pageblocks,
+)
 
 ReportFn = Callable[[list[FreeBlock]], Awaitable[bool]]
 

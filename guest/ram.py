@@ -18,9 +18,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from guest.errors import ConfigError
-from protocol.memory import GuestMemory, Region, RegionTable
-from protocol.vhost_user import MAX_MEM_REGIONS, MemoryRegionDesc
+from vhost_balloon.guest.errors import ConfigError
+from vhost_balloon.protocol.memory import GuestMemory, Region, RegionTable
+from vhost_balloon.protocol.vhost_user import MAX_MEM_REGIONS, MemoryRegionDesc
 
 PAGE_SIZE = 4096
 # Region sizes and guest-physical bases are multiples of this, so order-10

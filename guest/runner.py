@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from guest.driver import DriverConfig, ReportingDriver, ReportResult, RunResult
-from guest.errors import GuestError
-from guest.frontend import FrontendOptions, VhostUserFrontend
-from guest.ram import GuestRam
-from guest.summary import RunContext, build_summary
-from protocol.virtio import F_EVENT_IDX, has_feature
+from vhost_balloon.guest.driver import DriverConfig, ReportingDriver, ReportResult, RunResult
+from vhost_balloon.guest.errors import GuestError
+from vhost_balloon.guest.frontend import FrontendOptions, VhostUserFrontend
+from vhost_balloon.guest.ram import GuestRam
+from vhost_balloon.guest.summary import RunContext, build_summary
+from vhost_balloon.protocol.virtio import F_EVENT_IDX, has_feature
 
 
 @dataclass(frozen=True, slots=True)

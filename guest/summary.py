@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from guest.driver import RunResult
-from protocol.virtio import FEATURE_NAMES
+from vhost_balloon.guest.driver import RunResult
+from vhost_balloon.protocol.virtio import FEATURE_NAMES
 
 PERCENTILES = (50, 90, 99)
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
 
-from protocol.errors import AddressError
+from vhost_balloon.protocol.errors import AddressError
 
 U64_LIMIT = 1 << 64
 

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, TypeAlias
 
-from protocol.errors import MessageError
-from protocol.virtio import feature_mask
+from vhost_balloon.protocol.errors import MessageError
+from vhost_balloon.protocol.virtio import feature_mask
 
 HEADER = struct.Struct("=III")
 HEADER_SIZE = HEADER.size

@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from protocol.errors import AddressError, QueueError, QueueErrorKind
-from protocol.memory import GuestMemory, Space, WritableBuffer
+from vhost_balloon.protocol.errors import AddressError, QueueError, QueueErrorKind
+from vhost_balloon.protocol.memory import GuestMemory, Space, WritableBuffer
 
 DESC = struct.Struct("<QIHH")
 U16 = struct.Struct("<H")

@@ -10,4 +10,4 @@ scripts/bootstrap.sh
 for name in mock-delay mock-contention real-gigantic; do
     .venv/bin/vhost-balloon experiment "experiments/$name.toml" --out "docs/results/$name" "$@"
 done
-.venv/bin/python -m backend.experiment.splice docs/results.md
+.venv/bin/python -m vhost_balloon.backend.experiment.splice docs/results.md

@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 
-from backend.balloon import BalloonSettings, NotifyPolicy
-from backend.discard import DiscardStrategy
-from backend.injection import LatencySettings
-from backend.server import Server, ServerSettings, listen_unix
-from backend.trace import read_trace
-from guest.driver import DriverConfig
-from guest.runner import GuestOptions
+from vhost_balloon.backend.balloon import BalloonSettings, NotifyPolicy
+from vhost_balloon.backend.discard import DiscardStrategy
+from vhost_balloon.backend.injection import LatencySettings
+from vhost_balloon.backend.server import Server, ServerSettings, listen_unix
+from vhost_balloon.backend.trace import read_trace
+from vhost_balloon.guest.driver import DriverConfig
+from vhost_balloon.guest.runner import GuestOptions
 
 MiB = 1 << 20
 TEST_MEMORY = 256 * MiB

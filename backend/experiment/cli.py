@@ -10,10 +10,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from backend.experiment.points import rederive
-from backend.experiment.runner import describe_points, load_rows, run_experiment, write_results
-from backend.experiment.spec import ExperimentSpec, SpecError, load_spec
-from backend.provisioning import LaunchError, check_device, ensure_provisioned, qemu_version
+from vhost_balloon.backend.experiment.points import rederive
+from vhost_balloon.backend.experiment.runner import (
+    describe_points,
+    load_rows,
+    run_experiment,
+    write_results,
+)
+from vhost_balloon.backend.experiment.spec import ExperimentSpec, SpecError, load_spec
+from vhost_balloon.backend.provisioning import (
+    LaunchError,
+    check_device,
+    ensure_provisioned,
+    qemu_version,
+)
 
 
 def add_parser(commands: Any) -> None:

@@ -31,7 +31,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from backend.experiment.spec import ExperimentSpec
+from vhost_balloon.backend.experiment.spec import ExperimentSpec
 
 MiB = 1 << 20
 KIND_STYLE = {

@@ -6,7 +6,7 @@ backend's trace and log, the guest's or QEMU's output) and, last,
 `result.json`; a directory with a `result.json` for the same settings is a
 finished point and is not run again.
 
-Mock points run `vhost-balloon serve` and `python -m guest --model` as two
+Mock points run `vhost-balloon serve` and `python -m vhost_balloon.guest --model` as two
 processes, as QEMU and the backend would be; real-guest points run
 `vhost-balloon launch` (which holds the backend) per point.
 """
@@ -26,10 +26,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from backend.delays import parse_duration
-from backend.experiment.spec import Point, Value
-from backend.trace import read_trace
-from protocol.units import parse_size
+from vhost_balloon.backend.delays import parse_duration
+from vhost_balloon.backend.experiment.spec import Point, Value
+from vhost_balloon.backend.trace import read_trace
+from vhost_balloon.protocol.units import parse_size
 
 SOCKET_WAIT_S = 10.0
 STOP_WAIT_S = 60.0
@@ -81,7 +81,7 @@ def _latency_args(settings: dict[str, Value]) -> list[str]:
     return args
 
 
-# Spec key -> `python -m guest --model` flag, as given or as seconds.
+# Spec key -> `python -m vhost_balloon.guest --model` flag, as given or as seconds.
 _GUEST_AS_IS = ("memory", "capacity", "order", "contig_size", "contig_align", "retries", "reserved")
 _GUEST_SECONDS = ("duration", "pass_delay", "backoff", "contig_hold", "attempt_cost")
 
@@ -112,7 +112,14 @@ def run_mock(point: Point, directory: Path) -> dict[str, Any]:
         backend_log = (directory / "backend.log").open("w", encoding="utf-8")
         backend = subprocess.Popen(
             [
-                *(sys.executable, "-m", "backend", "serve", "--socket-path", str(socket_path)),
+                *(
+                    sys.executable,
+                    "-m",
+                    "vhost_balloon.backend",
+                    "serve",
+                    "--socket-path",
+                    str(socket_path),
+                ),
                 *("--trace", str(trace), "--seed", str(point.seed)),
                 *_latency_args(point.settings),
             ],
@@ -124,7 +131,13 @@ def run_mock(point: Point, directory: Path) -> dict[str, Any]:
             _wait_for_socket(socket_path, backend, directory / "backend.log")
             guest = subprocess.run(
                 [
-                    *(sys.executable, "-m", "guest", "--socket-path", str(socket_path)),
+                    *(
+                        sys.executable,
+                        "-m",
+                        "vhost_balloon.guest",
+                        "--socket-path",
+                        str(socket_path),
+                    ),
                     *_guest_args(point.settings, point.seed, directory / "guest"),
                 ],
                 stdin=subprocess.DEVNULL,
@@ -221,7 +234,7 @@ def qemu_command(point: Point, directory: Path) -> list[str]:
     command = [
         sys.executable,
         "-m",
-        "backend",
+        "vhost_balloon.backend",
         "launch",
         "--json",
         "--workload",

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from backend.experiment.spec import ExperimentSpec
+from vhost_balloon.backend.experiment.spec import ExperimentSpec
 
 
 def machine() -> dict[str, str]:

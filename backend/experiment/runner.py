@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from backend.experiment.figures import draw_all
-from backend.experiment.points import finished_runs, point_dir, run_point
-from backend.experiment.report import write_report
-from backend.experiment.spec import ExperimentSpec, Point, SpecError
-from backend.experiment.tables import summarise, write_csv, write_jsonl
+from vhost_balloon.backend.experiment.figures import draw_all
+from vhost_balloon.backend.experiment.points import finished_runs, point_dir, run_point
+from vhost_balloon.backend.experiment.report import write_report
+from vhost_balloon.backend.experiment.spec import ExperimentSpec, Point, SpecError
+from vhost_balloon.backend.experiment.tables import summarise, write_csv, write_jsonl
 
 
 @dataclass(slots=True)

@@ -35,11 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backend.contention import parse_bql, parse_mmap_contention
-from backend.delays import parse_duration
-from backend.discard import DiscardStrategy
-from backend.injection import parse_bql_phases, parse_delay_option
-from protocol.units import parse_size
+from vhost_balloon.backend.contention import parse_bql, parse_mmap_contention
+from vhost_balloon.backend.delays import parse_duration
+from vhost_balloon.backend.discard import DiscardStrategy
+from vhost_balloon.backend.injection import parse_bql_phases, parse_delay_option
+from vhost_balloon.protocol.units import parse_size
 
 
 class SpecError(Exception):

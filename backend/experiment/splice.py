@@ -4,7 +4,7 @@
     ...replaced by the table of docs/results/mock-delay/results.jsonl...
     <!-- /results:mock-delay -->
 
-    python -m backend.experiment.splice docs/results.md
+    python -m vhost_balloon.backend.experiment.splice docs/results.md
 
 so the tables in docs/results.md are regenerated with the figures
 (scripts/results.sh runs the experiments, then this).
@@ -16,9 +16,9 @@ import re
 import sys
 from pathlib import Path
 
-from backend.experiment.report import summary_table
-from backend.experiment.runner import load_rows
-from backend.experiment.tables import summarise
+from vhost_balloon.backend.experiment.report import summary_table
+from vhost_balloon.backend.experiment.runner import load_rows
+from vhost_balloon.backend.experiment.tables import summarise
 
 _BLOCK = re.compile(r"(<!-- results:([\w.-]+) -->\n).*?(<!-- /results:\2 -->)", re.DOTALL)
 
@@ -41,7 +41,9 @@ def splice(document: Path, results: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m backend.experiment.splice DOCUMENT.md", file=sys.stderr)
+        print(
+            "usage: python -m vhost_balloon.backend.experiment.splice DOCUMENT.md", file=sys.stderr
+        )
         return 2
     document = Path(args[0])
     try:

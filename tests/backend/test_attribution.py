@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from backend.attribution import (
+from vhost_balloon.backend.attribution import (
     BackendReport,
     Window,
     align,
@@ -16,7 +16,7 @@ from backend.attribution import (
     reporting_passes,
     summarize_gigantic,
 )
-from backend.guest_console import GiganticAttempt, GiganticRun, IsolationEvent
+from vhost_balloon.backend.guest_console import GiganticAttempt, GiganticRun, IsolationEvent
 
 MiB = 1 << 20
 GiB = 1 << 30

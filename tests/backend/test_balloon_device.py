@@ -6,13 +6,13 @@ import asyncio
 import concurrent.futures
 import logging
 
-from backend.balloon import BalloonDevice, BalloonSettings
-from backend.device import QueueContext
-from backend.mapping import MemoryMap
-from backend.session import SessionLogger
-from protocol.memory import GuestMemory, Region, RegionTable
-from protocol.virtio import BALLOON_F_REPORTING, F_INDIRECT_DESC, feature_mask
-from protocol.virtqueue import Buffer, DeviceQueue, DriverQueue, RingLayout
+from vhost_balloon.backend.balloon import BalloonDevice, BalloonSettings
+from vhost_balloon.backend.device import QueueContext
+from vhost_balloon.backend.mapping import MemoryMap
+from vhost_balloon.backend.session import SessionLogger
+from vhost_balloon.protocol.memory import GuestMemory, Region, RegionTable
+from vhost_balloon.protocol.virtio import BALLOON_F_REPORTING, F_INDIRECT_DESC, feature_mask
+from vhost_balloon.protocol.virtqueue import Buffer, DeviceQueue, DriverQueue, RingLayout
 
 
 async def test_a_ring_full_of_skipped_entries_lets_other_work_run() -> None:

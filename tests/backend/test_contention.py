@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from backend.contention import (
+from vhost_balloon.backend.contention import (
     BigLock,
     BqlContention,
     ContentionSpecError,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from backend.delays import (
+from vhost_balloon.backend.delays import (
     MAX_DELAY_NS,
     DelayModel,
     DelaySpecError,

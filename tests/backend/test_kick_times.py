@@ -8,15 +8,15 @@ import concurrent.futures
 import logging
 import time
 
-from backend.balloon import BalloonDevice, BalloonSettings
-from backend.device import QueueContext
-from backend.mapping import MemoryMap
-from backend.session import SessionLogger
-from backend.trace import ReportRecord
-from backend.worker import QueueWorker
-from protocol.memory import GuestMemory, Region, RegionTable
-from protocol.virtio import BALLOON_F_REPORTING, feature_mask
-from protocol.virtqueue import Buffer, DeviceQueue, DriverQueue, RingLayout
+from vhost_balloon.backend.balloon import BalloonDevice, BalloonSettings
+from vhost_balloon.backend.device import QueueContext
+from vhost_balloon.backend.mapping import MemoryMap
+from vhost_balloon.backend.session import SessionLogger
+from vhost_balloon.backend.trace import ReportRecord
+from vhost_balloon.backend.worker import QueueWorker
+from vhost_balloon.protocol.memory import GuestMemory, Region, RegionTable
+from vhost_balloon.protocol.virtio import BALLOON_F_REPORTING, feature_mask
+from vhost_balloon.protocol.virtqueue import Buffer, DeviceQueue, DriverQueue, RingLayout
 
 REPORTING = 2
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from backend.mapping import MappedRegion, MappingError, MemoryMap
-from backend.reporting import plan_report
-from protocol.errors import AddressError
-from protocol.vhost_user import MemoryRegionDesc
-from protocol.virtqueue import DESC_F_WRITE, Chain, Descriptor
+from vhost_balloon.backend.mapping import MappedRegion, MappingError, MemoryMap
+from vhost_balloon.backend.reporting import plan_report
+from vhost_balloon.protocol.errors import AddressError
+from vhost_balloon.protocol.vhost_user import MemoryRegionDesc
+from vhost_balloon.protocol.virtqueue import DESC_F_WRITE, Chain, Descriptor
 
 MiB = 1 << 20
 GPA = 1 << 30  # the region's guest-physical base

@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 
-from backend.provisioning import cache_dir, configs_dir, read_env, run_provision
+from vhost_balloon.backend.provisioning import cache_dir, configs_dir, read_env, run_provision
 
 ROOT = Path(__file__).resolve().parents[2]
-LAUNCH = [sys.executable, "-m", "backend", "launch"]
+LAUNCH = [sys.executable, "-m", "vhost_balloon.backend", "launch"]
 MiB = 1 << 20
 # Small rounds keep the suite short under TCG: boot ~5 s, a 200 MiB round ~7 s.
 ROUNDS = 2

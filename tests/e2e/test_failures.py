@@ -11,10 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-from backend.provisioning import configs_dir
 from tests.e2e.conftest import ROOT, guest_args, run_launch
+from vhost_balloon.backend.provisioning import configs_dir
 
-SERVE = [sys.executable, "-m", "backend", "serve"]
+SERVE = [sys.executable, "-m", "vhost_balloon.backend", "serve"]
 QEMU_EXIT_BOUND_S = 90  # the guest's workload left after the kill, plus poweroff
 STOP_BOUND_S = 20
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from backend.attribution import align
 from tests.e2e.conftest import ROUNDS, SIZE_MIB, LaunchRun, MiB, guest_args, run_launch
+from vhost_balloon.backend.attribution import align
 
 REPORTING_BIT = 5
 MIN_REPORTS = ROUNDS  # at least one report per freed round (boot adds more)

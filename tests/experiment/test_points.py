@@ -5,8 +5,8 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-from backend.experiment.points import _guest_args, qemu_command
-from backend.experiment.spec import parse_spec
+from vhost_balloon.backend.experiment.points import _guest_args, qemu_command
+from vhost_balloon.backend.experiment.spec import parse_spec
 
 
 def test_a_real_guest_point_becomes_a_launch_command(tmp_path: Path) -> None:
@@ -19,7 +19,7 @@ def test_a_real_guest_point_becomes_a_launch_command(tmp_path: Path) -> None:
     points = {p.kind: p for p in spec.points()}
     command = qemu_command(points["qemu"], tmp_path)
     joined = " ".join(command)
-    assert command[1:5] == ["-m", "backend", "launch", "--json"]
+    assert command[1:5] == ["-m", "vhost_balloon.backend", "launch", "--json"]
     for part in (
         "--workload gigantic",
         "--duration 45",

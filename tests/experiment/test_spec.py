@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from backend.experiment.spec import SpecError, load_spec, parse_spec
+from vhost_balloon.backend.experiment.spec import SpecError, load_spec, parse_spec
 
 MOCK = """
 [experiment]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from backend.experiment.splice import main, splice
+from vhost_balloon.backend.experiment.splice import main, splice
 
 
 def _row(seed: int, failures: int) -> dict[str, object]:

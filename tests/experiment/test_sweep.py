@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from backend.experiment import cli as experiment_cli
-from backend.experiment.spec import SpecError, parse_spec
-from backend.provisioning import LaunchError
+from vhost_balloon.backend.experiment import cli as experiment_cli
+from vhost_balloon.backend.experiment.spec import SpecError, parse_spec
+from vhost_balloon.backend.provisioning import LaunchError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SPEC = """
@@ -41,7 +41,16 @@ def _experiment(
     spec: Path, out: Path, *extra: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "backend", "experiment", str(spec), "--out", str(out), *extra],
+        [
+            sys.executable,
+            "-m",
+            "vhost_balloon.backend",
+            "experiment",
+            str(spec),
+            "--out",
+            str(out),
+            *extra,
+        ],
         capture_output=True,
         text=True,
         timeout=300,

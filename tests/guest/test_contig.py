@@ -12,7 +12,7 @@ import asyncio
 
 import pytest
 
-from guest.contig import (
+from vhost_balloon.guest.contig import (
     AttemptResult,
     ContigConfig,
     Outcome,
@@ -21,7 +21,7 @@ from guest.contig import (
     candidate_ranges,
     free_range,
 )
-from guest.freelists import (
+from vhost_balloon.guest.freelists import (
     MAX_ORDER,
     PAGEBLOCK_ORDER,
     BlockState,
@@ -30,7 +30,7 @@ from guest.freelists import (
     FreeListError,
     MigrateType,
 )
-from guest.page_reporting import PageReporting, ReportingConfig, ReportingState
+from vhost_balloon.guest.page_reporting import PageReporting, ReportingConfig, ReportingState
 
 O9, O10 = PAGEBLOCK_ORDER, MAX_ORDER
 MiB = 1 << 20

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from guest.freelists import (
+from vhost_balloon.guest.freelists import (
     MAX_ORDER,
     PAGEBLOCK_BYTES,
     PAGEBLOCK_ORDER,

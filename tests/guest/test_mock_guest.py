@@ -27,16 +27,16 @@ from typing import Any
 
 import pytest
 
-from guest import cli
-from guest.driver import DriverConfig
-from guest.errors import BackendClosedError, ConfigError, NackError, ReplyTimeoutError
-from guest.frontend import FrontendOptions, VhostUserFrontend
-from guest.layout import plan_layout
-from guest.ram import GuestRam
-from guest.runner import GuestOptions, MockGuest, run_guest
-from guest.summary import nearest_rank, percentiles
-from protocol.memory import GuestMemory, Region, RegionTable, Space
-from protocol.vhost_user import (
+from vhost_balloon.guest import cli
+from vhost_balloon.guest.driver import DriverConfig
+from vhost_balloon.guest.errors import BackendClosedError, ConfigError, NackError, ReplyTimeoutError
+from vhost_balloon.guest.frontend import FrontendOptions, VhostUserFrontend
+from vhost_balloon.guest.layout import plan_layout
+from vhost_balloon.guest.ram import GuestRam
+from vhost_balloon.guest.runner import GuestOptions, MockGuest, run_guest
+from vhost_balloon.guest.summary import nearest_rank, percentiles
+from vhost_balloon.protocol.memory import GuestMemory, Region, RegionTable, Space
+from vhost_balloon.protocol.vhost_user import (
     HEADER,
     HEADER_SIZE,
     U64,
@@ -55,7 +55,7 @@ from protocol.vhost_user import (
     encode_reply,
     protocol_feature_mask,
 )
-from protocol.virtio import (
+from vhost_balloon.protocol.virtio import (
     BALLOON_F_PAGE_POISON,
     BALLOON_F_REPORTING,
     F_EVENT_IDX,
@@ -64,7 +64,7 @@ from protocol.virtio import (
     BalloonConfig,
     feature_mask,
 )
-from protocol.virtqueue import DeviceQueue, RingLayout
+from vhost_balloon.protocol.virtqueue import DeviceQueue, RingLayout
 
 R = FrontendRequest
 MiB = 1 << 20

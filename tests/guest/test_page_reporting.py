@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 
 import pytest
 
-from guest.freelists import (
+from vhost_balloon.guest.freelists import (
     MAX_ORDER,
     PAGEBLOCK_ORDER,
     BlockState,
@@ -25,7 +25,7 @@ from guest.freelists import (
     MigrateType,
     pageblocks,
 )
-from guest.page_reporting import PageReporting, ReportingConfig, ReportingState
+from vhost_balloon.guest.page_reporting import PageReporting, ReportingConfig, ReportingState
 
 O9, O10 = PAGEBLOCK_ORDER, MAX_ORDER
 DELAY_S = 0.01

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-CLI = [sys.executable, "-m", "backend.cli"]
-GUEST = [sys.executable, "-m", "guest"]
+CLI = [sys.executable, "-m", "vhost_balloon.backend.cli"]
+GUEST = [sys.executable, "-m", "vhost_balloon.guest"]
 
 
 def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

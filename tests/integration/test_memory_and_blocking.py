@@ -10,12 +10,17 @@ from collections.abc import Iterator
 
 import pytest
 
-import backend.discard
-from backend.syscalls import punch_hole as real_punch_hole
-from guest.runner import MockGuest
-from protocol.vhost_user import FrontendRequest, MemoryTable, SingleMemoryRegion, VringFile
-from protocol.virtqueue import Buffer
+import vhost_balloon.backend.discard
 from tests.conftest import StartBackend, open_fds
+from vhost_balloon.backend.syscalls import punch_hole as real_punch_hole
+from vhost_balloon.guest.runner import MockGuest
+from vhost_balloon.protocol.vhost_user import (
+    FrontendRequest,
+    MemoryTable,
+    SingleMemoryRegion,
+    VringFile,
+)
+from vhost_balloon.protocol.virtqueue import Buffer
 
 
 @pytest.mark.parametrize("mem_slots", [True, False], ids=["add-mem-reg", "set-mem-table"])
@@ -113,7 +118,7 @@ class Gate:
 @pytest.fixture
 def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
     installed = Gate()
-    monkeypatch.setattr(backend.discard, "punch_hole", installed.punch_hole)
+    monkeypatch.setattr(vhost_balloon.backend.discard, "punch_hole", installed.punch_hole)
     yield installed
     installed.opened.set()
 

@@ -20,14 +20,21 @@ from typing import Any
 
 import pytest
 
-import guest.model_guest
-from backend.delays import parse_delay
-from backend.injection import LatencySettings, Point
-from guest.contig import AttemptResult, ContigConfig
-from guest.errors import BackendClosedError, ConfigError
-from guest.model_guest import ModelConfig, _clip, _measure, _overlap, format_model, run_model
-from guest.page_reporting import ReportingConfig
+import vhost_balloon.guest.model_guest
 from tests.conftest import RunningBackend, StartBackend
+from vhost_balloon.backend.delays import parse_delay
+from vhost_balloon.backend.injection import LatencySettings, Point
+from vhost_balloon.guest.contig import AttemptResult, ContigConfig
+from vhost_balloon.guest.errors import BackendClosedError, ConfigError
+from vhost_balloon.guest.model_guest import (
+    ModelConfig,
+    _clip,
+    _measure,
+    _overlap,
+    format_model,
+    run_model,
+)
+from vhost_balloon.guest.page_reporting import ReportingConfig
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -35,7 +42,7 @@ MEMORY = 2 * GiB
 REPORT_DELAY_NS = 50_000_000
 DURATION_S = 2.5
 ROOT = Path(__file__).resolve().parents[2]
-GUEST = [sys.executable, "-m", "guest"]
+GUEST = [sys.executable, "-m", "vhost_balloon.guest"]
 SEED = 20
 
 
@@ -309,7 +316,7 @@ async def test_a_crashed_allocation_workload_is_not_silently_dropped(
     def broken(*_args: object) -> AttemptResult:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(guest.model_guest, "attempt", broken)
+    monkeypatch.setattr(vhost_balloon.guest.model_guest, "attempt", broken)
     backend = await start_backend()
     with pytest.raises(RuntimeError, match="boom"):
         await run_model(backend.guest_options(MEMORY), _config(duration_s=1.0))

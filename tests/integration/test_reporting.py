@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from guest.runner import MockGuest
 from tests.conftest import MiB, StartBackend
+from vhost_balloon.guest.runner import MockGuest
 
 REPORTS = 6
 

@@ -7,10 +7,10 @@ import struct
 
 import pytest
 
-from backend.session import SessionState
-from guest.runner import MockGuest
-from protocol.virtqueue import DESC, Buffer
 from tests.conftest import StartBackend
+from vhost_balloon.backend.session import SessionState
+from vhost_balloon.guest.runner import MockGuest
+from vhost_balloon.protocol.virtqueue import DESC, Buffer
 
 U16 = struct.Struct("<H")
 

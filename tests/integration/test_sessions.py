@@ -10,9 +10,10 @@ import struct
 
 import pytest
 
-from guest.frontend import FrontendOptions, VhostUserFrontend
-from guest.runner import MockGuest
-from protocol.vhost_user import (
+from tests.conftest import MiB, StartBackend, open_fds
+from vhost_balloon.guest.frontend import FrontendOptions, VhostUserFrontend
+from vhost_balloon.guest.runner import MockGuest
+from vhost_balloon.protocol.vhost_user import (
     HEADER,
     U64,
     ConfigPayload,
@@ -25,8 +26,7 @@ from protocol.vhost_user import (
     VringState,
     encode_frame,
 )
-from protocol.virtqueue import Buffer
-from tests.conftest import MiB, StartBackend, open_fds
+from vhost_balloon.protocol.virtqueue import Buffer
 
 
 async def _frontend(socket_path: str) -> VhostUserFrontend:

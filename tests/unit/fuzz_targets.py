@@ -21,9 +21,9 @@ import random
 import sys
 from collections.abc import Callable
 
-from protocol.errors import MessageError, QueueError
-from protocol.memory import GuestMemory, Region, RegionTable
-from protocol.vhost_user import (
+from vhost_balloon.protocol.errors import MessageError, QueueError
+from vhost_balloon.protocol.memory import GuestMemory, Region, RegionTable
+from vhost_balloon.protocol.vhost_user import (
     FLAG_REPLY,
     HEADER_SIZE,
     KNOWN_FLAGS,
@@ -40,7 +40,7 @@ from protocol.vhost_user import (
     decode_request,
     encode_frame,
 )
-from protocol.virtqueue import (
+from vhost_balloon.protocol.virtqueue import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
     Chain,

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
-from protocol.memory import GuestMemory, Region, RegionTable
-from protocol.virtqueue import (
+from vhost_balloon.protocol.memory import GuestMemory, Region, RegionTable
+from vhost_balloon.protocol.virtqueue import (
     DESC,
     DESC_F_NEXT,
     DESC_SIZE,

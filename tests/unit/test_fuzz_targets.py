@@ -6,8 +6,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.memory import GuestMemory, Region, RegionTable
-from protocol.vhost_user import (
+from tests.unit.fuzz_targets import (
+    RING_MEMORY,
+    RING_PARAMS,
+    fuzz_header,
+    fuzz_request,
+    fuzz_ring,
+    main,
+)
+from vhost_balloon.protocol.memory import GuestMemory, Region, RegionTable
+from vhost_balloon.protocol.vhost_user import (
     FLAG_NEED_REPLY,
     HEADER,
     REQUEST_SPECS,
@@ -19,15 +27,7 @@ from protocol.vhost_user import (
     encode_reply,
     encode_request,
 )
-from protocol.virtqueue import Buffer, DriverQueue, RingLayout
-from tests.unit.fuzz_targets import (
-    RING_MEMORY,
-    RING_PARAMS,
-    fuzz_header,
-    fuzz_request,
-    fuzz_ring,
-    main,
-)
+from vhost_balloon.protocol.virtqueue import Buffer, DriverQueue, RingLayout
 
 requests = st.sampled_from(list(FrontendRequest))
 

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
-from protocol.errors import AddressError
-from protocol.memory import U64_LIMIT, GuestMemory, Region, RegionTable, Space
+from vhost_balloon.protocol.errors import AddressError
+from vhost_balloon.protocol.memory import U64_LIMIT, GuestMemory, Region, RegionTable, Space
 
 GIB = 1 << 30
 TOP = U64_LIMIT - 1

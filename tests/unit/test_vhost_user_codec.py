@@ -8,8 +8,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from protocol.errors import MessageError
-from protocol.vhost_user import (
+from vhost_balloon.protocol.errors import MessageError
+from vhost_balloon.protocol.vhost_user import (
     FLAG_NEED_REPLY,
     FLAG_REPLY,
     HEADER,

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocol.virtio import (
+from vhost_balloon.protocol.virtio import (
     BALLOON_F_DEFLATE_ON_OOM,
     BALLOON_F_FREE_PAGE_HINT,
     BALLOON_F_MUST_TELL_HOST,

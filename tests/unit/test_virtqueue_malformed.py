@@ -10,9 +10,10 @@ from collections.abc import Callable
 
 import pytest
 
-from protocol.errors import QueueError, QueueErrorKind
-from protocol.memory import GuestMemory, Region, RegionTable, Space
-from protocol.virtqueue import (
+from tests.unit.ringkit import GUEST_SIZE, INDIRECT_AREA, UVA_BASE, RawRing, make_memory, raw_ring
+from vhost_balloon.protocol.errors import QueueError, QueueErrorKind
+from vhost_balloon.protocol.memory import GuestMemory, Region, RegionTable, Space
+from vhost_balloon.protocol.virtqueue import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
     DESC_F_WRITE,
@@ -26,7 +27,6 @@ from protocol.virtqueue import (
     DriverQueue,
     RingLayout,
 )
-from tests.unit.ringkit import GUEST_SIZE, INDIRECT_AREA, UVA_BASE, RawRing, make_memory, raw_ring
 
 W, N, IND = DESC_F_WRITE, DESC_F_NEXT, DESC_F_INDIRECT
 DATA = 0x1000

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocol.virtqueue import (
+from tests.unit.ringkit import RawRing, make_memory, start_driver_at
+from vhost_balloon.protocol.virtqueue import (
     AVAIL_F_NO_INTERRUPT,
     USED_F_NO_NOTIFY,
     Buffer,
@@ -15,7 +16,6 @@ from protocol.virtqueue import (
     RingLayout,
     vring_need_event,
 )
-from tests.unit.ringkit import RawRing, make_memory, start_driver_at
 
 u16 = st.integers(0, 0xFFFF)
 

@@ -15,9 +15,18 @@ import struct
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from protocol.errors import QueueError
-from protocol.memory import GuestMemory
-from protocol.virtqueue import (
+from tests.unit.ringkit import (
+    GUEST_SIZE,
+    INDIRECT_AREA,
+    RawRing,
+    make_memory,
+    start_driver_at,
+    time_limit,
+    u16_at,
+)
+from vhost_balloon.protocol.errors import QueueError
+from vhost_balloon.protocol.memory import GuestMemory
+from vhost_balloon.protocol.virtqueue import (
     DESC,
     DESC_F_INDIRECT,
     DESC_F_NEXT,
@@ -30,15 +39,6 @@ from protocol.virtqueue import (
     DeviceQueue,
     DriverQueue,
     RingLayout,
-)
-from tests.unit.ringkit import (
-    GUEST_SIZE,
-    INDIRECT_AREA,
-    RawRing,
-    make_memory,
-    start_driver_at,
-    time_limit,
-    u16_at,
 )
 
 W, N, IND = DESC_F_WRITE, DESC_F_NEXT, DESC_F_INDIRECT
