@@ -20,15 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vhost_balloon.backend.balloon import BalloonDevice, BalloonSettings
-from vhost_balloon.backend.control import close_control, serve_control
-from vhost_balloon.backend.injection import LatencySettings
-from vhost_balloon.backend.metrics import Metrics, serve_metrics
-from vhost_balloon.backend.runtime import Runtime
-from vhost_balloon.backend.session import Session, SessionLogger
-from vhost_balloon.backend.stats import DeviceStats
-from vhost_balloon.backend.syscalls import precise_sleeps_for_this_thread
-from vhost_balloon.backend.trace import TraceWriter
+from vhost_balloon.backend.balloon.device import BalloonDevice, BalloonSettings
+from vhost_balloon.backend.balloon.stats import DeviceStats
+from vhost_balloon.backend.latency.injection import LatencySettings
+from vhost_balloon.backend.latency.runtime import Runtime
+from vhost_balloon.backend.libc import precise_sleeps_for_this_thread
+from vhost_balloon.backend.observe.control import close_control, serve_control
+from vhost_balloon.backend.observe.metrics import Metrics, serve_metrics
+from vhost_balloon.backend.observe.trace import TraceWriter
+from vhost_balloon.backend.vhost.session import Session, SessionLogger
 
 LOG = logging.getLogger("vhost_balloon")
 DISCARD_THREADS = 16

@@ -19,7 +19,7 @@ def backend(sock: Path, *options: str) -> Iterator[subprocess.Popen[bytes]]:
         [
             sys.executable,
             "-m",
-            "vhost_balloon.backend.cli",
+            "vhost_balloon.backend",
             "serve",
             "--socket-path",
             str(sock),

@@ -31,8 +31,8 @@ import statistics
 import time
 from collections.abc import Callable
 
-from vhost_balloon.backend.contention import MmapContention, parse_mmap_contention
-from vhost_balloon.backend.syscalls import (
+from vhost_balloon.backend.latency.contention import MmapContention, parse_mmap_contention
+from vhost_balloon.backend.libc import (
     MADV_DONTNEED,
     MADV_REMOVE,
     buffer_address,

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import harness
 
-from vhost_balloon.backend.syscalls import punch_hole
+from vhost_balloon.backend.libc import punch_hole
 
 ENTRY = 2 << 20
 ENTRIES = 32

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from vhost_balloon.backend.balloon import BalloonSettings, NotifyPolicy
-from vhost_balloon.backend.discard import DiscardStrategy
-from vhost_balloon.backend.injection import LatencySettings
+from vhost_balloon.backend.balloon.device import BalloonSettings, NotifyPolicy
+from vhost_balloon.backend.balloon.discard import DiscardStrategy
+from vhost_balloon.backend.latency.injection import LatencySettings
+from vhost_balloon.backend.observe.trace import read_trace
 from vhost_balloon.backend.server import Server, ServerSettings, listen_unix
-from vhost_balloon.backend.trace import read_trace
 from vhost_balloon.guest.driver import DriverConfig
 from vhost_balloon.guest.runner import GuestOptions
 

@@ -18,7 +18,7 @@ from vhost_balloon.backend.experiment.runner import (
     write_results,
 )
 from vhost_balloon.backend.experiment.spec import ExperimentSpec, SpecError, load_spec
-from vhost_balloon.backend.provisioning import (
+from vhost_balloon.backend.qemu.provisioning import (
     LaunchError,
     check_device,
     ensure_provisioned,
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"experiment: report in {out / 'report.md'}", file=sys.stderr)
             return 0
         check_runnable(spec)
-        # SIGTERM arrives as KeyboardInterrupt too (backend/cli.py installs it).
+        # SIGTERM arrives as KeyboardInterrupt too (backend/cli/main.py installs it).
         rows = run_experiment(spec, out, rerun=args.rerun)
     except SpecError as error:
         print(f"vhost-balloon experiment: {error}", file=sys.stderr)

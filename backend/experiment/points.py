@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vhost_balloon.backend.delays import parse_duration
 from vhost_balloon.backend.experiment.spec import Point, Value
-from vhost_balloon.backend.trace import read_trace
+from vhost_balloon.backend.latency.delays import parse_duration
+from vhost_balloon.backend.observe.trace import read_trace
 from vhost_balloon.protocol.units import parse_size
 
 SOCKET_WAIT_S = 10.0

@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vhost_balloon.backend.contention import parse_bql, parse_mmap_contention
-from vhost_balloon.backend.delays import parse_duration
-from vhost_balloon.backend.discard import DiscardStrategy
-from vhost_balloon.backend.injection import parse_bql_phases, parse_delay_option
+from vhost_balloon.backend.balloon.discard import DiscardStrategy
+from vhost_balloon.backend.latency.contention import parse_bql, parse_mmap_contention
+from vhost_balloon.backend.latency.delays import parse_duration
+from vhost_balloon.backend.latency.injection import parse_bql_phases, parse_delay_option
 from vhost_balloon.protocol.units import parse_size
 
 

@@ -1,11 +1,11 @@
 """Attributing a failed gigantic-page attempt to the report that held the page,
-with hand-made windows, ranges and events (backend/attribution.py)."""
+with hand-made windows, ranges and events (backend/qemu/attribution.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from vhost_balloon.backend.attribution import (
+from vhost_balloon.backend.qemu.attribution import (
     BackendReport,
     Window,
     align,
@@ -16,7 +16,7 @@ from vhost_balloon.backend.attribution import (
     reporting_passes,
     summarize_gigantic,
 )
-from vhost_balloon.backend.guest_console import GiganticAttempt, GiganticRun, IsolationEvent
+from vhost_balloon.backend.qemu.console import GiganticAttempt, GiganticRun, IsolationEvent
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -6,10 +6,10 @@ import asyncio
 import concurrent.futures
 import logging
 
-from vhost_balloon.backend.balloon import BalloonDevice, BalloonSettings
-from vhost_balloon.backend.device import QueueContext
-from vhost_balloon.backend.mapping import MemoryMap
-from vhost_balloon.backend.session import SessionLogger
+from vhost_balloon.backend.balloon.device import BalloonDevice, BalloonSettings
+from vhost_balloon.backend.vhost.device import QueueContext
+from vhost_balloon.backend.vhost.mapping import MemoryMap
+from vhost_balloon.backend.vhost.session import SessionLogger
 from vhost_balloon.protocol.memory import GuestMemory, Region, RegionTable
 from vhost_balloon.protocol.virtio import BALLOON_F_REPORTING, F_INDIRECT_DESC, feature_mask
 from vhost_balloon.protocol.virtqueue import Buffer, DeviceQueue, DriverQueue, RingLayout

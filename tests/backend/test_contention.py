@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from vhost_balloon.backend.contention import (
+from vhost_balloon.backend.latency.contention import (
     BigLock,
     BqlContention,
     ContentionSpecError,

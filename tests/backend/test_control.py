@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from vhost_balloon.backend import control
-from vhost_balloon.backend.control import (
+from vhost_balloon.backend.observe import control
+from vhost_balloon.backend.observe.control import (
     MAX_LINE,
     ControlError,
     close_control,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vhost_balloon.backend.delays import (
+from vhost_balloon.backend.latency.delays import (
     MAX_DELAY_NS,
     DelayModel,
     DelaySpecError,

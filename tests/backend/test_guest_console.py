@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vhost_balloon.backend.guest_console import GuestConsole
+from vhost_balloon.backend.qemu.console import GuestConsole
 
 
 def test_a_printk_inside_a_vb_line_is_recorded_not_raised() -> None:

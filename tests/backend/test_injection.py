@@ -7,9 +7,9 @@ import threading
 
 import pytest
 
-from vhost_balloon.backend.contention import MmapContention
-from vhost_balloon.backend.delays import DelaySpecError, parse_delay
-from vhost_balloon.backend.injection import (
+from vhost_balloon.backend.latency.contention import MmapContention
+from vhost_balloon.backend.latency.delays import DelaySpecError, parse_delay
+from vhost_balloon.backend.latency.injection import (
     ALL_BQL_PHASES,
     BqlPhase,
     Injector,
@@ -18,7 +18,7 @@ from vhost_balloon.backend.injection import (
     parse_bql_phases,
     parse_delay_option,
 )
-from vhost_balloon.backend.runtime import Runtime
+from vhost_balloon.backend.latency.runtime import Runtime
 
 
 def test_delay_option_names_a_point_and_a_model() -> None:

@@ -8,12 +8,12 @@ import concurrent.futures
 import logging
 import time
 
-from vhost_balloon.backend.balloon import BalloonDevice, BalloonSettings
-from vhost_balloon.backend.device import QueueContext
-from vhost_balloon.backend.mapping import MemoryMap
-from vhost_balloon.backend.session import SessionLogger
-from vhost_balloon.backend.trace import ReportRecord
-from vhost_balloon.backend.worker import QueueWorker
+from vhost_balloon.backend.balloon.device import BalloonDevice, BalloonSettings
+from vhost_balloon.backend.observe.trace import ReportRecord
+from vhost_balloon.backend.vhost.device import QueueContext
+from vhost_balloon.backend.vhost.mapping import MemoryMap
+from vhost_balloon.backend.vhost.session import SessionLogger
+from vhost_balloon.backend.vhost.worker import QueueWorker
 from vhost_balloon.protocol.memory import GuestMemory, Region, RegionTable
 from vhost_balloon.protocol.virtio import BALLOON_F_REPORTING, feature_mask
 from vhost_balloon.protocol.virtqueue import Buffer, DeviceQueue, DriverQueue, RingLayout

@@ -6,9 +6,9 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from vhost_balloon.backend.attribution import summarize_gigantic
-from vhost_balloon.backend.guest_console import GiganticAttempt, GiganticRun, IsolationEvent
-from vhost_balloon.backend.launch import Launch, LaunchOptions, format_summary
+from vhost_balloon.backend.qemu.attribution import summarize_gigantic
+from vhost_balloon.backend.qemu.console import GiganticAttempt, GiganticRun, IsolationEvent
+from vhost_balloon.backend.qemu.launch import Launch, LaunchOptions, format_summary
 
 
 def _command(options: LaunchOptions, socket_path: Path | None) -> list[str]:

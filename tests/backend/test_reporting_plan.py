@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from vhost_balloon.backend.mapping import MappedRegion, MappingError, MemoryMap
-from vhost_balloon.backend.reporting import plan_report
+from vhost_balloon.backend.balloon.report_plan import plan_report
+from vhost_balloon.backend.vhost.mapping import MappedRegion, MappingError, MemoryMap
 from vhost_balloon.protocol.errors import AddressError
 from vhost_balloon.protocol.vhost_user import MemoryRegionDesc
 from vhost_balloon.protocol.virtqueue import DESC_F_WRITE, Chain, Descriptor

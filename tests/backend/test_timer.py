@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vhost_balloon.backend.timer import close_timers, sleep_ns, sleep_ns_blocking
+from vhost_balloon.backend.latency.timer import close_timers, sleep_ns, sleep_ns_blocking
 
 MS = 1_000_000
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from vhost_balloon.backend.provisioning import cache_dir, configs_dir, read_env, run_provision
+from vhost_balloon.backend.qemu.provisioning import cache_dir, configs_dir, read_env, run_provision
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = [sys.executable, "-m", "vhost_balloon.backend", "launch"]

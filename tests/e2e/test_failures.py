@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from tests.e2e.conftest import ROOT, guest_args, run_launch
-from vhost_balloon.backend.provisioning import configs_dir
+from vhost_balloon.backend.qemu.provisioning import configs_dir
 
 SERVE = [sys.executable, "-m", "vhost_balloon.backend", "serve"]
 QEMU_EXIT_BOUND_S = 90  # the guest's workload left after the kill, plus poweroff

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from tests.e2e.conftest import ROUNDS, SIZE_MIB, LaunchRun, MiB, guest_args, run_launch
-from vhost_balloon.backend.attribution import align
+from vhost_balloon.backend.qemu.attribution import align
 
 REPORTING_BIT = 5
 MIN_REPORTS = ROUNDS  # at least one report per freed round (boot adds more)
@@ -85,7 +85,7 @@ def test_guest_and_backend_see_the_same_reports(reporting_run: LaunchRun) -> Non
         f"residual {alignment.residual_s * 1000:.1f} ms"
     )
     # A report's kick follows its trace start by well under 50 ms, and the
-    # guest's clock runs within 10 % of the host's (backend/attribution.py).
+    # guest's clock runs within 10 % of the host's (backend/qemu/attribution.py).
     assert alignment.plausible and alignment.outliers == 0, (
         f"no alignment of the two report sequences: {alignment}"
     )

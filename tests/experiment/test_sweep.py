@@ -16,7 +16,7 @@ import pytest
 
 from vhost_balloon.backend.experiment import cli as experiment_cli
 from vhost_balloon.backend.experiment.spec import SpecError, parse_spec
-from vhost_balloon.backend.provisioning import LaunchError
+from vhost_balloon.backend.qemu.provisioning import LaunchError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SPEC = """

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-CLI = [sys.executable, "-m", "vhost_balloon.backend.cli"]
+CLI = [sys.executable, "-m", "vhost_balloon.backend"]
 GUEST = [sys.executable, "-m", "vhost_balloon.guest"]
 
 

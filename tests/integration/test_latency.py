@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-import vhost_balloon.backend.injection
+import vhost_balloon.backend.latency.injection
 from tests.conftest import StartBackend
-from vhost_balloon.backend.contention import parse_bql, parse_mmap_contention
-from vhost_balloon.backend.control import control_request
-from vhost_balloon.backend.delays import parse_delay
-from vhost_balloon.backend.injection import LatencySettings, Point
+from vhost_balloon.backend.latency.contention import parse_bql, parse_mmap_contention
+from vhost_balloon.backend.latency.delays import parse_delay
+from vhost_balloon.backend.latency.injection import LatencySettings, Point
+from vhost_balloon.backend.observe.control import control_request
 from vhost_balloon.guest.runner import MockGuest
 from vhost_balloon.protocol.virtqueue import Buffer
 
@@ -187,7 +187,7 @@ async def test_a_report_that_fails_midway_breaks_its_queue_loudly(
     async def exhausted(duration_ns: int) -> int:
         raise OSError(24, "timerfd_create failed: Too many open files")
 
-    monkeypatch.setattr(vhost_balloon.backend.injection, "sleep_ns", exhausted)
+    monkeypatch.setattr(vhost_balloon.backend.latency.injection, "sleep_ns", exhausted)
     backend_ = await start_backend(latency=_delays(publish="const:1ms"))
     async with MockGuest(backend_.guest_options()) as guest:
         index = guest.driver.reporting_queue

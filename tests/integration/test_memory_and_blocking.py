@@ -10,9 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 
-import vhost_balloon.backend.discard
+import vhost_balloon.backend.balloon.discard
 from tests.conftest import StartBackend, open_fds
-from vhost_balloon.backend.syscalls import punch_hole as real_punch_hole
+from vhost_balloon.backend.libc import punch_hole as real_punch_hole
 from vhost_balloon.guest.runner import MockGuest
 from vhost_balloon.protocol.vhost_user import (
     FrontendRequest,
@@ -118,7 +118,7 @@ class Gate:
 @pytest.fixture
 def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
     installed = Gate()
-    monkeypatch.setattr(vhost_balloon.backend.discard, "punch_hole", installed.punch_hole)
+    monkeypatch.setattr(vhost_balloon.backend.balloon.discard, "punch_hole", installed.punch_hole)
     yield installed
     installed.opened.set()
 

@@ -22,8 +22,8 @@ import pytest
 
 import vhost_balloon.guest.model_guest
 from tests.conftest import RunningBackend, StartBackend
-from vhost_balloon.backend.delays import parse_delay
-from vhost_balloon.backend.injection import LatencySettings, Point
+from vhost_balloon.backend.latency.delays import parse_delay
+from vhost_balloon.backend.latency.injection import LatencySettings, Point
 from vhost_balloon.guest.contig import AttemptResult, ContigConfig
 from vhost_balloon.guest.errors import BackendClosedError, ConfigError
 from vhost_balloon.guest.model_guest import (

@@ -8,7 +8,7 @@ import struct
 import pytest
 
 from tests.conftest import StartBackend
-from vhost_balloon.backend.session import SessionState
+from vhost_balloon.backend.vhost.session import SessionState
 from vhost_balloon.guest.runner import MockGuest
 from vhost_balloon.protocol.virtqueue import DESC, Buffer
 

@@ -54,7 +54,8 @@ def test_a_wheel_installs_only_vhost_balloon(tmp_path: Path) -> None:
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     with zipfile.ZipFile(wheel) as archive:
         assert (
-            "vhost-balloon = vhost_balloon.backend.cli:main" in archive.read(entry_points).decode()
+            "vhost-balloon = vhost_balloon.backend.cli.main:main"
+            in archive.read(entry_points).decode()
         )
 
     site = tmp_path / "site"
@@ -68,8 +69,8 @@ def test_a_wheel_installs_only_vhost_balloon(tmp_path: Path) -> None:
     # Outside the checkout, from the installed copy alone: the old names are gone.
     probe = (
         "import importlib.util, sys\n"
-        "import vhost_balloon.guest.cli, vhost_balloon.backend.cli\n"
-        f"assert vhost_balloon.backend.cli.__file__.startswith({str(site)!r})\n"
+        "import vhost_balloon.guest.cli, vhost_balloon.backend.cli.main\n"
+        f"assert vhost_balloon.backend.cli.main.__file__.startswith({str(site)!r})\n"
         "sys.exit(any(importlib.util.find_spec(n) for n in ('protocol', 'backend', 'guest')))\n"
     )
     subprocess.run(

@@ -19,9 +19,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from vhost_balloon.backend.contention import BqlSpec, MmapSpec
-from vhost_balloon.backend.delays import DelayModel, DelaySpecError, parse_delay
-from vhost_balloon.backend.timer import sleep_ns
+from vhost_balloon.backend.latency.contention import BqlSpec, MmapSpec
+from vhost_balloon.backend.latency.delays import DelayModel, DelaySpecError, parse_delay
+from vhost_balloon.backend.latency.timer import sleep_ns
 
 
 class Point(enum.Enum):

@@ -15,7 +15,7 @@ import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from vhost_balloon.backend.syscalls import buffer_address
+from vhost_balloon.backend.libc import buffer_address
 from vhost_balloon.protocol.memory import GuestMemory, Region, RegionTable
 from vhost_balloon.protocol.vhost_user import MemoryRegionDesc
 

@@ -12,7 +12,7 @@ process group after STOP_GRACE_S).
 
 Workloads: `fill` (fill/free rounds) and `gigantic` (a 1 GiB hugetlb page
 allocated and freed in a loop; its failures are attributed to the reports
-that held the pages, backend/attribution.py). Balloon devices: the backend
+that held the pages, backend/qemu/attribution.py). Balloon devices: the backend
 (default), QEMU's built-in device (`baseline`), or none (`no_balloon`, a
 control for the gigantic workload).
 """
@@ -32,10 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from vhost_balloon.backend.attribution import BackendReport, summarize_gigantic
-from vhost_balloon.backend.balloon import BalloonDevice
-from vhost_balloon.backend.guest_console import GuestConsole
-from vhost_balloon.backend.provisioning import (
+from vhost_balloon.backend.balloon.device import BalloonDevice
+from vhost_balloon.backend.observe.trace import ReportRecord
+from vhost_balloon.backend.qemu.attribution import BackendReport, summarize_gigantic
+from vhost_balloon.backend.qemu.console import GuestConsole
+from vhost_balloon.backend.qemu.provisioning import (
     LaunchError,
     check_device,
     configs_dir,
@@ -43,7 +44,6 @@ from vhost_balloon.backend.provisioning import (
     qemu_version,
 )
 from vhost_balloon.backend.server import Server, ServerSettings, listen_unix
-from vhost_balloon.backend.trace import ReportRecord
 from vhost_balloon.protocol.virtio import FEATURE_NAMES, balloon_queues
 
 STOP_GRACE_S = 10.0

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vhost_balloon.backend.streams import linger
+from vhost_balloon.backend.observe.linger import linger
 
 LOG = logging.getLogger("vhost_balloon.control")
 

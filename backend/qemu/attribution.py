@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vhost_balloon.backend.guest_console import GiganticAttempt, GiganticRun, IsolationEvent
+from vhost_balloon.backend.qemu.console import GiganticAttempt, GiganticRun, IsolationEvent
 
 PAGE_SIZE = 4096
 # Pages are isolated while the reporting worker walks a free list, just

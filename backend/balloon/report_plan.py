@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vhost_balloon.backend.discard import DiscardTarget
-from vhost_balloon.backend.mapping import FileIdentity, MappedRegion, MemoryMap
+from vhost_balloon.backend.balloon.discard import DiscardTarget
+from vhost_balloon.backend.vhost.mapping import FileIdentity, MappedRegion, MemoryMap
 from vhost_balloon.protocol.errors import AddressError
 from vhost_balloon.protocol.memory import Space
 from vhost_balloon.protocol.virtqueue import Chain

@@ -16,9 +16,9 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from vhost_balloon.backend.mapping import FileIdentity
-from vhost_balloon.backend.syscalls import MADV_DONTNEED, MADV_REMOVE, madvise, punch_hole
-from vhost_balloon.backend.timer import sleep_ns_blocking
+from vhost_balloon.backend.latency.timer import sleep_ns_blocking
+from vhost_balloon.backend.libc import MADV_DONTNEED, MADV_REMOVE, madvise, punch_hole
+from vhost_balloon.backend.vhost.mapping import FileIdentity
 
 
 class DiscardStrategy(enum.Enum):

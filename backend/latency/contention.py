@@ -32,8 +32,8 @@ from typing import Any
 
 import cffi
 
-from vhost_balloon.backend.delays import DelayModel, DelaySpecError, parse_delay
-from vhost_balloon.backend.syscalls import precise_sleeps_for_this_thread
+from vhost_balloon.backend.latency.delays import DelayModel, DelaySpecError, parse_delay
+from vhost_balloon.backend.libc import precise_sleeps_for_this_thread
 
 LOG = logging.getLogger("vhost_balloon")
 

@@ -11,7 +11,7 @@ import abc
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vhost_balloon.backend.mapping import MemoryMap
+from vhost_balloon.backend.vhost.mapping import MemoryMap
 from vhost_balloon.protocol.virtqueue import DeviceQueue
 
 

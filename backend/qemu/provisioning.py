@@ -21,7 +21,7 @@ class LaunchError(Exception):
 def configs_dir() -> Path:
     """qemu-configs/ of the checkout this package runs from."""
     override = os.environ.get("VHOST_BALLOON_QEMU_CONFIGS")
-    here = Path(override) if override else Path(__file__).resolve().parent.parent / "qemu-configs"
+    here = Path(override) if override else Path(__file__).resolve().parents[2] / "qemu-configs"
     if not (here / "run-guest.sh").is_file():
         raise LaunchError(
             f"{here}/run-guest.sh not found: run launch from a checkout of vhost-balloon "

@@ -28,12 +28,12 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
-from vhost_balloon.backend.device import QueueContext, VirtioDevice
-from vhost_balloon.backend.mapping import MappedRegion, MappingError, MemoryMap
-from vhost_balloon.backend.syscalls import full_fence
-from vhost_balloon.backend.transport import ConnectionClosed, MessageChannel, close_fds
-from vhost_balloon.backend.vring import EventFdError, Vring, check_eventfd, read_eventfd
-from vhost_balloon.backend.worker import QueueWorker
+from vhost_balloon.backend.libc import full_fence
+from vhost_balloon.backend.vhost.device import QueueContext, VirtioDevice
+from vhost_balloon.backend.vhost.mapping import MappedRegion, MappingError, MemoryMap
+from vhost_balloon.backend.vhost.transport import ConnectionClosed, MessageChannel, close_fds
+from vhost_balloon.backend.vhost.vring import EventFdError, Vring, check_eventfd, read_eventfd
+from vhost_balloon.backend.vhost.worker import QueueWorker
 from vhost_balloon.protocol.errors import AddressError, MessageError, QueueError, QueueErrorKind
 from vhost_balloon.protocol.memory import Space
 from vhost_balloon.protocol.vhost_user import (

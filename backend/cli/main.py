@@ -21,21 +21,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vhost_balloon.backend import launch, provisioning
-from vhost_balloon.backend.balloon import BalloonSettings, NotifyPolicy
-from vhost_balloon.backend.contention import parse_bql, parse_mmap_contention
-from vhost_balloon.backend.control import ControlError, control_request
-from vhost_balloon.backend.discard import DiscardStrategy
+from vhost_balloon.backend.balloon.device import BalloonSettings, NotifyPolicy
+from vhost_balloon.backend.balloon.discard import DiscardStrategy
 from vhost_balloon.backend.experiment import cli as experiment_cli
-from vhost_balloon.backend.injection import (
+from vhost_balloon.backend.latency.contention import parse_bql, parse_mmap_contention
+from vhost_balloon.backend.latency.injection import (
     ALL_BQL_PHASES,
     LatencySettings,
     Point,
     parse_bql_phases,
     parse_delay_option,
 )
-from vhost_balloon.backend.metrics import parse_listen_address
-from vhost_balloon.backend.provisioning import LaunchError
+from vhost_balloon.backend.observe.control import ControlError, control_request
+from vhost_balloon.backend.observe.metrics import parse_listen_address
+from vhost_balloon.backend.qemu import launch, provisioning
+from vhost_balloon.backend.qemu.provisioning import LaunchError
 from vhost_balloon.backend.server import Server, ServerSettings, listen_unix, socket_from_fd
 from vhost_balloon.protocol import units, virtio
 from vhost_balloon.protocol.units import argument_type

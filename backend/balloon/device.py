@@ -17,13 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from vhost_balloon.backend.contention import BigLock
-from vhost_balloon.backend.device import QueueContext, VirtioDevice
-from vhost_balloon.backend.discard import DiscardResult, DiscardStrategy, run_discards
-from vhost_balloon.backend.injection import BqlPhase, Injector, LatencySettings, Point
-from vhost_balloon.backend.reporting import plan_report
-from vhost_balloon.backend.stats import DeviceStats
-from vhost_balloon.backend.trace import ReportRecord, TraceWriter
+from vhost_balloon.backend.balloon.discard import DiscardResult, DiscardStrategy, run_discards
+from vhost_balloon.backend.balloon.report_plan import plan_report
+from vhost_balloon.backend.balloon.stats import DeviceStats
+from vhost_balloon.backend.latency.contention import BigLock
+from vhost_balloon.backend.latency.injection import BqlPhase, Injector, LatencySettings, Point
+from vhost_balloon.backend.observe.trace import ReportRecord, TraceWriter
+from vhost_balloon.backend.vhost.device import QueueContext, VirtioDevice
 from vhost_balloon.protocol import virtio
 from vhost_balloon.protocol.virtqueue import Chain, DeviceQueue
 

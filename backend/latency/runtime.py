@@ -14,15 +14,15 @@ import contextlib
 from collections.abc import Mapping
 from typing import Any
 
-from vhost_balloon.backend.contention import (
+from vhost_balloon.backend.latency.contention import (
     BigLock,
     BqlContention,
     MmapContention,
     parse_bql,
     parse_mmap_contention,
 )
-from vhost_balloon.backend.delays import DelayModel, parse_delay
-from vhost_balloon.backend.injection import LatencySettings, Point, parse_bql_phases
+from vhost_balloon.backend.latency.delays import DelayModel, parse_delay
+from vhost_balloon.backend.latency.injection import LatencySettings, Point, parse_bql_phases
 
 _OFF = ("", "none", "off")
 

@@ -1,0 +1,1 @@
+"""The virtio-balloon device: its queues, report planning, discard, counters."""

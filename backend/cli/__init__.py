@@ -1,0 +1,1 @@
+"""The `vhost-balloon` command line."""

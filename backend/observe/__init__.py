@@ -1,0 +1,1 @@
+"""What a running backend shows: the per-report trace, metrics, the control socket."""

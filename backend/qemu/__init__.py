@@ -1,0 +1,1 @@
+"""A real QEMU guest: provisioning, launch, its console, attribution of failures."""
