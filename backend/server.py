@@ -16,11 +16,13 @@ import itertools
 import logging
 import os
 import socket
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vhost_balloon.backend.balloon.device import BalloonDevice, BalloonSettings
+from vhost_balloon.backend.balloon.records import ReportRecord
 from vhost_balloon.backend.balloon.stats import DeviceStats
 from vhost_balloon.backend.latency.injection import LatencySettings
 from vhost_balloon.backend.latency.runtime import Runtime
@@ -46,8 +48,14 @@ class ServerSettings:
 
 
 class Server:
-    def __init__(self, settings: ServerSettings) -> None:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        *,
+        record_hooks: Sequence[Callable[[ReportRecord], None]] = (),
+    ) -> None:
         self.settings = settings
+        self.record_hooks = list(record_hooks)  # given every report of every session
         self.sessions: dict[str, Session] = {}
         self.finished = DeviceStats()  # totals of sessions that have ended
         self.sessions_served = 0
@@ -143,16 +151,20 @@ class Server:
         device = BalloonDevice(
             self.settings.balloon,
             self._executor,
-            self._trace,
             name,
             log,
             latency=self.runtime.current,
             big_lock=self.runtime.big_lock,
         )
         histograms = self.metrics.session(name)
-        device.on_report = lambda record: histograms.record(
-            record, sum(record.bql_wait_ns.values()), record.injected_ns
+        if self._trace is not None:
+            device.record_hooks.append(self._trace.write)
+        device.record_hooks.append(
+            lambda record: histograms.record(
+                record, sum(record.bql_wait_ns.values()), record.injected_ns
+            )
         )
+        device.record_hooks.extend(self.record_hooks)
         session = Session(
             name, conn, device, log, allow_unsealed_memory=self.settings.allow_unsealed_memory
         )

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite: installs what it needs, then ruff, mypy --strict, pytest.
+# The whole test suite: installs what it needs, then ruff, mypy --strict,
+# import-linter's contracts (pyproject.toml), pytest.
 # Extra arguments go to pytest (e.g. scripts/test.sh -k discard).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -10,5 +11,7 @@ echo "== ruff" >&2
 .venv/bin/ruff check --quiet .
 echo "== mypy --strict" >&2
 .venv/bin/mypy
+echo "== lint-imports" >&2
+.venv/bin/lint-imports --no-cache --config pyproject.toml
 echo "== pytest" >&2
 .venv/bin/pytest "$@"

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from vhost_balloon.backend.balloon.discard import DiscardResult, DiscardStrategy, run_discards
+from vhost_balloon.backend.balloon.records import ReportRecord
 from vhost_balloon.backend.balloon.report_plan import plan_report
 from vhost_balloon.backend.balloon.stats import DeviceStats
 from vhost_balloon.backend.latency.contention import BigLock
 from vhost_balloon.backend.latency.injection import BqlPhase, Injector, LatencySettings, Point
-from vhost_balloon.backend.observe.trace import ReportRecord, TraceWriter
 from vhost_balloon.backend.vhost.device import QueueContext, VirtioDevice
 from vhost_balloon.protocol import virtio
 from vhost_balloon.protocol.virtqueue import Chain, DeviceQueue
@@ -72,7 +72,6 @@ class BalloonDevice(VirtioDevice):
         self,
         settings: BalloonSettings,
         executor: concurrent.futures.Executor,
-        trace: TraceWriter | None,
         session: str,
         logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
         *,
@@ -81,7 +80,6 @@ class BalloonDevice(VirtioDevice):
     ) -> None:
         self.settings = settings
         self.executor = executor
-        self.trace = trace
         self.session = session
         self.log = logger
         self.stats = DeviceStats()
@@ -89,7 +87,8 @@ class BalloonDevice(VirtioDevice):
         self.acked_features = 0
         self.injector = Injector(latency)
         self.big_lock = big_lock or BigLock()
-        self.on_report: Callable[[ReportRecord], None] | None = None
+        # Each published report's record goes to these, in order (trace, metrics, ...).
+        self.record_hooks: list[Callable[[ReportRecord], None]] = []
         self._seq = 0
         self._warned_balloon = False
         self._last_published_ns: dict[int, int] = {}  # per queue
@@ -264,10 +263,8 @@ class BalloonDevice(VirtioDevice):
             errors=result.errors,
         )
         self._account(record)
-        if self.trace is not None:
-            self.trace.write(record)
-        if self.on_report is not None:
-            self.on_report(record)
+        for hook in self.record_hooks:
+            hook(record)
 
     def _account(self, record: ReportRecord) -> None:
         stats = self.stats

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 from hdrh.histogram import HdrHistogram
 
+from vhost_balloon.backend.balloon.records import ReportRecord
 from vhost_balloon.backend.observe.linger import linger
-from vhost_balloon.backend.observe.trace import ReportRecord
 
 LOG = logging.getLogger("vhost_balloon.metrics")
 

@@ -25,15 +25,13 @@ import math
 import os
 import re
 import signal
-import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from vhost_balloon.backend.balloon.device import BalloonDevice
-from vhost_balloon.backend.observe.trace import ReportRecord
+from vhost_balloon.backend.balloon.records import ReportRecord
 from vhost_balloon.backend.qemu.attribution import BackendReport, summarize_gigantic
 from vhost_balloon.backend.qemu.console import GuestConsole
 from vhost_balloon.backend.qemu.provisioning import (
@@ -117,30 +115,6 @@ def percentiles(samples: Sequence[float]) -> dict[str, float]:
     return result
 
 
-class RecordingServer(Server):
-    """A Server that also keeps every ReportRecord, in completion order."""
-
-    def __init__(self, settings: ServerSettings) -> None:
-        super().__init__(settings)
-        self.records: list[ReportRecord] = []
-        self.features: int | None = None
-
-    def _start_session(self, conn: socket.socket) -> None:
-        super()._start_session(conn)
-        session = list(self.sessions.values())[-1]  # the one just added
-        device = session.device
-        if not isinstance(device, BalloonDevice):
-            return
-        histogram_hook = device.on_report
-
-        def on_report(record: ReportRecord) -> None:
-            self.records.append(record)
-            if histogram_hook is not None:
-                histogram_hook(record)
-
-        device.on_report = on_report
-
-
 @dataclass(slots=True)
 class MemorySampler:
     """QEMU's shared RAM in the host: RssShmem + HugetlbPages, in KiB."""
@@ -193,7 +167,8 @@ class Launch:
         self.t0 = time.monotonic()
         self.guest = GuestConsole()
         self.sampler = MemorySampler()
-        self.server: RecordingServer | None = None
+        self.server: Server | None = None
+        self.records: list[ReportRecord] = []  # every report, in completion order
         self.qemu_errors: list[str] = []
         self.accel: str | None = None
         self.accel_reason: str | None = None
@@ -223,7 +198,7 @@ class Launch:
             if self.options.console_log is not None:
                 self._console_log = self.options.console_log.open("w", encoding="utf-8")
             if self.settings is not None and socket_path is not None:
-                self.server = RecordingServer(self.settings)
+                self.server = Server(self.settings, record_hooks=[self.records.append])
                 listener = listen_unix(socket_path)
             if self.server is not None and listener is not None:
                 await self.server.start_services()
@@ -438,7 +413,7 @@ class Launch:
             "workload": self.options.workload,
         }
         if self.server is not None:
-            records = self.server.records
+            records = self.records
             totals = self.server.totals()
             settings = self.server.settings
             summary |= {
@@ -499,7 +474,7 @@ class Launch:
                 BackendReport(
                     _ring_time_ns(r) / 1e9, tuple((gpa, length) for gpa, length in r.ranges)
                 )
-                for r in self.server.records
+                for r in self.records
             ]
         return summarize_gigantic(
             run,
@@ -526,7 +501,7 @@ class Launch:
                 "the backend could not use the guest's rings: is guest RAM shared "
                 f"(share=on, fd-backed)?{said}"
             )
-        if self.server is not None and not self.server.records and first_error:
+        if self.server is not None and not self.records and first_error:
             return f"no report reached the backend; QEMU said: {first_error}"
         if self.guest.errors:
             return f"the guest workload failed: {self.guest.errors[0]}"

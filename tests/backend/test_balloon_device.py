@@ -30,7 +30,6 @@ async def test_a_ring_full_of_skipped_entries_lets_other_work_run() -> None:
         device = BalloonDevice(
             BalloonSettings(),
             executor,
-            None,
             "t",
             SessionLogger(logging.getLogger("t"), {"session": "t"}),
         )

@@ -9,7 +9,7 @@ import logging
 import time
 
 from vhost_balloon.backend.balloon.device import BalloonDevice, BalloonSettings
-from vhost_balloon.backend.observe.trace import ReportRecord
+from vhost_balloon.backend.balloon.records import ReportRecord
 from vhost_balloon.backend.vhost.device import QueueContext
 from vhost_balloon.backend.vhost.mapping import MemoryMap
 from vhost_balloon.backend.vhost.session import SessionLogger
@@ -52,10 +52,10 @@ async def test_a_folded_kick_does_not_open_a_later_reports_window() -> None:
     queue.enable_notifications = racy_enable  # type: ignore[method-assign]
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as executor:
         logger = SessionLogger(logging.getLogger("test"), {"session": "t"})
-        device = BalloonDevice(BalloonSettings(), executor, None, "t", logger)
+        device = BalloonDevice(BalloonSettings(), executor, "t", logger)
         device.set_features(feature_mask(BALLOON_F_REPORTING))
         context = QueueContext(REPORTING, queue, MemoryMap(), lambda: True, lambda: True)
-        device.on_report = records.append
+        device.record_hooks.append(records.append)
 
         async def process(kick_ns: int) -> None:
             await device.process_queue(context, kick_ns)

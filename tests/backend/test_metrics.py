@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from vhost_balloon.backend.balloon.records import ReportRecord
 from vhost_balloon.backend.balloon.stats import DeviceStats
 from vhost_balloon.backend.observe import metrics as metrics_module
 from vhost_balloon.backend.observe.metrics import (
@@ -19,7 +20,6 @@ from vhost_balloon.backend.observe.metrics import (
     parse_listen_address,
     serve_metrics,
 )
-from vhost_balloon.backend.observe.trace import ReportRecord
 
 US = 1000  # ns
 BASE = 10**12  # a plausible monotonic_ns; 0 would mean "missing"

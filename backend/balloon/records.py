@@ -1,0 +1,49 @@
+"""What the device records of every report it published (invariant 5).
+
+Every timestamp is time.monotonic_ns(), the same clock in every process on
+the host, so records can be matched against the guest's and QEMU's views.
+The device hands each record to its hooks; observe/ writes and counts them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class ReportRecord:
+    session: str
+    queue: int
+    seq: int
+    head: int
+    entries: int
+    bytes: int
+    ranges: list[tuple[int, int]]
+    discard: str
+    t_kick_ns: int
+    t_popped_ns: int
+    t_start_ns: int = 0  # this report's turn began (after a kick delay or earlier reports)
+    t_discard_start_ns: int = 0
+    t_discard_done_ns: int = 0
+    t_published_ns: int = 0
+    t_notified_ns: int = 0  # 0 when no notification was sent
+    discard_syscall_ns: int = 0
+    discarded_entries: int = 0
+    freed_bytes: int = 0
+    skipped_outside: int = 0
+    skipped_unaligned: int = 0
+    poison_ack: bool = False
+    injected_ns: dict[str, int] = field(default_factory=dict)  # measured, per point
+    bql_wait_ns: dict[str, int] = field(default_factory=dict)  # per BQL phase
+    settings: dict[str, Any] = field(default_factory=dict)  # LatencySettings in force
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def kick_to_notify_ns(self) -> int:
+        end = self.t_notified_ns or self.t_published_ns
+        return end - self.t_kick_ns
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
