@@ -1,20 +1,19 @@
-"""The vhost-user server: accepts front-ends, one session (and device) each.
+"""The vhost-balloon server: a vhost-user server whose devices are balloons.
 
-Sessions are independent: one ending, for whatever reason, never touches
-another. Discards of every session share one thread pool so a long
-punch-hole never blocks the event loop (it is sized for injected per-entry
-delays, which sleep in those threads). The server also owns the latency
-runtime (settings, BQL, mmap contention), the metrics and the control socket.
+It composes the rooms below it: each session gets a BalloonDevice (from the
+factory given to vhost.server), the device's records go to the trace, the
+histograms and any hooks the caller adds. It also owns what the sessions
+share: the discard thread pool (sized for injected per-entry delays, which
+sleep in those threads, so a long punch-hole never blocks the event loop),
+the latency runtime (settings, BQL, mmap contention), the metrics and the
+control socket.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
-import itertools
 import logging
-import os
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,11 +29,13 @@ from vhost_balloon.backend.libc import precise_sleeps_for_this_thread
 from vhost_balloon.backend.observe.control import close_control, serve_control
 from vhost_balloon.backend.observe.metrics import Metrics, serve_metrics
 from vhost_balloon.backend.observe.trace import TraceWriter
+from vhost_balloon.backend.vhost.server import VhostUserServer, listen_unix, socket_from_fd
 from vhost_balloon.backend.vhost.session import Session, SessionLogger
+
+__all__ = ["Server", "ServerSettings", "listen_unix", "socket_from_fd"]
 
 LOG = logging.getLogger("vhost_balloon")
 DISCARD_THREADS = 16
-ACCEPT_RETRY_S = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,19 +57,18 @@ class Server:
     ) -> None:
         self.settings = settings
         self.record_hooks = list(record_hooks)  # given every report of every session
-        self.sessions: dict[str, Session] = {}
+        self.vhost = VhostUserServer(
+            self._new_device,
+            allow_unsealed_memory=settings.allow_unsealed_memory,
+            on_session_end=self._session_ended,
+        )
         self.finished = DeviceStats()  # totals of sessions that have ended
-        self.sessions_served = 0
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=DISCARD_THREADS,
             thread_name_prefix="discard",
             initializer=precise_sleeps_for_this_thread,
         )
         self._trace = TraceWriter(settings.trace_path) if settings.trace_path else None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._ids = itertools.count(1)
-        self._accepting: asyncio.Task[None] | None = None
-        self.session_ended = asyncio.Event()
         self.runtime = Runtime(settings.latency)
         self.metrics = Metrics()
         self._services: list[asyncio.AbstractServer] = []
@@ -102,7 +102,7 @@ class Server:
                 histograms = self.metrics.session(name)
                 sessions[name] = {
                     "state": session.state.value,
-                    **_device_stats(session).as_dict(),
+                    **self.vhost.devices[name].stats.as_dict(),
                     "hold_us": histograms.percentiles("hold"),
                     "discard_us": histograms.percentiles("discard"),
                     "bql_wait_us": histograms.percentiles("bql_wait"),
@@ -116,38 +116,37 @@ class Server:
             }
         raise ValueError(f"unknown command {command!r}; accepted: stats, get, set")
 
+    @property
+    def sessions(self) -> dict[str, Session]:
+        return self.vhost.sessions
+
+    @property
+    def sessions_served(self) -> int:
+        return self.vhost.sessions_served
+
+    @property
+    def session_ended(self) -> asyncio.Event:
+        return self.vhost.session_ended
+
     def totals(self) -> DeviceStats:
         total = DeviceStats()
         total.add(self.finished)
-        for session in self.sessions.values():
-            total.add(_device_stats(session))
+        for device in self.vhost.devices.values():
+            total.add(device.stats)
         return total
 
     async def serve(self, listener: socket.socket) -> None:
         """Accept connections until cancelled."""
-        listener.setblocking(False)
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                conn, _ = await loop.sock_accept(listener)
-            except OSError as error:
-                # EMFILE, ECONNABORTED, ENOBUFS: one failed accept must not stop
-                # the server from accepting ever again.
-                LOG.error("accepting a front-end failed: %s; retrying", error)
-                await asyncio.sleep(ACCEPT_RETRY_S)
-                continue
-            self._start_session(conn)
+        await self.vhost.serve(listener)
 
     def adopt(self, conn: socket.socket) -> None:
         """Serve an already-connected front-end (a socket passed with --fd)."""
-        self._start_session(conn)
+        self.vhost.adopt(conn)
 
     def start(self, listener: socket.socket) -> None:
-        self._accepting = asyncio.create_task(self.serve(listener), name="accept")
+        self.vhost.start(listener)
 
-    def _start_session(self, conn: socket.socket) -> None:
-        name = f"s{next(self._ids)}"
-        log = SessionLogger(LOG, {"session": name})
+    def _new_device(self, name: str, log: SessionLogger) -> BalloonDevice:
         device = BalloonDevice(
             self.settings.balloon,
             self._executor,
@@ -165,50 +164,26 @@ class Server:
             )
         )
         device.record_hooks.extend(self.record_hooks)
-        session = Session(
-            name, conn, device, log, allow_unsealed_memory=self.settings.allow_unsealed_memory
-        )
-        self.sessions[name] = session
-        log.info("front-end connected")
-        task = asyncio.create_task(self._run(session), name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        return device
 
-    async def _run(self, session: Session) -> None:
-        try:
-            await session.run()
-        except Exception:  # a bug must not take the other sessions down
-            session.log.exception("session failed")
-            await session.close()
-        finally:
-            stats = _device_stats(session)
-            self.finished.add(stats)
-            self.sessions.pop(session.name, None)
-            self.metrics.end_session(session.name)
-            self.sessions_served += 1
-            session.log.info(
-                "session ended: %d reports, %d entries, %d bytes reported, %d freed, "
-                "%d skipped, %d discard errors, %d queue errors",
-                stats.reports,
-                stats.entries,
-                stats.reported_bytes,
-                stats.freed_bytes,
-                stats.skipped_outside + stats.skipped_unaligned,
-                stats.discard_errors,
-                stats.queue_errors,
-            )
-            self.session_ended.set()
+    def _session_ended(self, session: Session, device: BalloonDevice) -> None:
+        stats = device.stats
+        self.finished.add(stats)
+        self.metrics.end_session(session.name)
+        session.log.info(
+            "session ended: %d reports, %d entries, %d bytes reported, %d freed, "
+            "%d skipped, %d discard errors, %d queue errors",
+            stats.reports,
+            stats.entries,
+            stats.reported_bytes,
+            stats.freed_bytes,
+            stats.skipped_outside + stats.skipped_unaligned,
+            stats.discard_errors,
+            stats.queue_errors,
+        )
 
     async def close(self) -> None:
-        if self._accepting is not None:
-            self._accepting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._accepting
-        for session in list(self.sessions.values()):
-            with contextlib.suppress(OSError):
-                session.channel.sock.shutdown(socket.SHUT_RDWR)  # ends its run loop
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.vhost.close()
         for service in self._services:
             if service is self._control:
                 assert self.settings.control_socket is not None
@@ -225,41 +200,3 @@ class Server:
 def _device_stats(session: Session) -> DeviceStats:
     stats = getattr(session.device, "stats", None)
     return stats if isinstance(stats, DeviceStats) else DeviceStats()
-
-
-def listen_unix(path: Path) -> socket.socket:
-    """A listening socket at `path`; refuses to replace anything but a stale socket."""
-    if path.exists() or path.is_symlink():
-        if not path.is_socket():
-            raise OSError(f"{path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            path.unlink()  # stale socket from a previous run
-        else:
-            raise OSError(f"another backend is already listening on {path}")
-        finally:
-            probe.close()
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        listener.bind(str(path))
-        listener.listen(16)
-    except OSError:
-        listener.close()
-        raise
-    return listener
-
-
-def socket_from_fd(fd: int) -> tuple[socket.socket, bool]:
-    """The unix stream socket inherited from the caller (--fd), and whether it
-    is listening (accept many front-ends) or already connected (serve one)."""
-    try:
-        listener = socket.socket(fileno=fd)
-    except OSError as error:
-        raise OSError(f"fd {fd} is not a socket: {error.strerror}") from None
-    if listener.family != socket.AF_UNIX or listener.type != socket.SOCK_STREAM:
-        listener.detach()
-        raise OSError(f"fd {fd} is not a unix stream socket")
-    os.set_inheritable(fd, False)
-    return listener, bool(listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))

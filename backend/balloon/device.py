@@ -23,7 +23,7 @@ from vhost_balloon.backend.balloon.report_plan import plan_report
 from vhost_balloon.backend.balloon.stats import DeviceStats
 from vhost_balloon.backend.latency.contention import BigLock
 from vhost_balloon.backend.latency.injection import BqlPhase, Injector, LatencySettings, Point
-from vhost_balloon.backend.vhost.device import QueueContext, VirtioDevice
+from vhost_balloon.backend.vhost.device import FrontendLink, QueueHandle, VirtioDevice
 from vhost_balloon.protocol import virtio
 from vhost_balloon.protocol.virtqueue import Chain, DeviceQueue
 
@@ -89,6 +89,8 @@ class BalloonDevice(VirtioDevice):
         self.big_lock = big_lock or BigLock()
         # Each published report's record goes to these, in order (trace, metrics, ...).
         self.record_hooks: list[Callable[[ReportRecord], None]] = []
+        self.frontend: FrontendLink | None = None  # raises config changes
+        self.handles: dict[int, QueueHandle] = {}  # the started queues, by index
         self._seq = 0
         self._warned_balloon = False
         self._last_published_ns: dict[int, int] = {}  # per queue
@@ -117,9 +119,21 @@ class BalloonDevice(VirtioDevice):
         self.acked_features = 0
         self.config = virtio.BalloonConfig(num_pages=self.config.num_pages)
 
-    async def process_queue(self, context: QueueContext, kick_ns: int) -> None:
-        queue = context.queue
-        is_reporting = context.index == self.queues.reporting
+    def attach(self, frontend: FrontendLink) -> None:
+        self.frontend = frontend
+
+    def queue_started(self, handle: QueueHandle) -> None:
+        self.handles[handle.index] = handle
+
+    def queue_stopped(self, index: int) -> None:
+        self.handles.pop(index, None)
+
+    def queue_failed(self, index: int, reason: str) -> None:
+        self.stats.queue_errors += 1
+
+    async def process_queue(self, handle: QueueHandle, kick_ns: int) -> None:
+        queue = handle.queue
+        is_reporting = handle.index == self.queues.reporting
         kick_delay = 0
         kick_latency: LatencySettings | None = None
         # A pass with nothing to pop (ring start, a spurious kick) is not a
@@ -130,7 +144,7 @@ class BalloonDevice(VirtioDevice):
         first_kick_ns: int | None = kick_ns
         while True:
             queue.disable_notifications()
-            while context.running():
+            while handle.running():
                 start_ns = time.monotonic_ns()
                 # Only the first chain of a batch came with this kick. The
                 # driver posts a report only after seeing the previous one
@@ -139,7 +153,7 @@ class BalloonDevice(VirtioDevice):
                 # previous publish: its window cannot open before that.
                 report_kick_ns = max(
                     start_ns if first_kick_ns is None else first_kick_ns,
-                    self._last_published_ns.get(context.index, 0),
+                    self._last_published_ns.get(handle.index, 0),
                 )
                 if kick_latency is not None:  # the first report runs under the kick's settings
                     latency, kick_latency = kick_latency, None
@@ -153,15 +167,15 @@ class BalloonDevice(VirtioDevice):
                     break
                 if is_reporting:
                     turn = _Turn(report_kick_ns, start_ns, kick_delay, pop_wait, latency)
-                    await self._report(context, chain, turn)
+                    await self._report(handle, chain, turn)
                     kick_delay = 0  # attributed to the first report of the batch
                     first_kick_ns = None
                 else:
-                    self._ack_balloon_chain(context, chain)
+                    self._ack_balloon_chain(handle, chain)
                 # A guest that keeps the ring full must not keep the loop:
                 # every chain gives other sessions a turn.
                 await asyncio.sleep(0)
-            if not context.running() or not queue.enable_notifications():
+            if not handle.running() or not queue.enable_notifications():
                 return
 
     async def _under_bql(
@@ -176,16 +190,16 @@ class BalloonDevice(VirtioDevice):
         finally:
             self.big_lock.release()
 
-    def _notify(self, context: QueueContext) -> int:
+    def _notify(self, handle: QueueHandle) -> int:
         """Signal the driver if the policy says so; the signal's timestamp or 0."""
-        queue: DeviceQueue = context.queue
+        queue: DeviceQueue = handle.queue
         always = self.settings.notify is NotifyPolicy.ALWAYS
-        if (always or queue.needs_notify()) and context.notify():
+        if (always or queue.needs_notify()) and handle.notify():
             self.stats.notifications += 1
             return time.monotonic_ns()
         return 0
 
-    async def _report(self, context: QueueContext, chain: Chain, turn: _Turn) -> None:
+    async def _report(self, handle: QueueHandle, chain: Chain, turn: _Turn) -> None:
         popped_ns = time.monotonic_ns()
         injector = self.injector
         injected: dict[str, int] = {}
@@ -199,7 +213,7 @@ class BalloonDevice(VirtioDevice):
             self.acked_features >> virtio.BALLOON_F_PAGE_POISON & 1
         )
         strategy = self.settings.discard
-        plan = plan_report(chain, context.memory_map, discard=not poison)
+        plan = plan_report(chain, handle.memory_map, discard=not poison)
         entry_delays = injector.entry_delays(len(plan.targets)) if plan.targets else None
         if plan.targets and (strategy is not DiscardStrategy.NONE or entry_delays):
             loop = asyncio.get_running_loop()
@@ -217,14 +231,14 @@ class BalloonDevice(VirtioDevice):
             injected[Point.PUBLISH.value] = await injector.delay(Point.PUBLISH)
         latency = turn.latency
         _, publish_wait = await self._under_bql(
-            latency, BqlPhase.PUBLISH, lambda: context.queue.push(chain.head, 0)
+            latency, BqlPhase.PUBLISH, lambda: handle.publish(chain.head)
         )
         published_ns = time.monotonic_ns()
-        self._last_published_ns[context.index] = published_ns
+        self._last_published_ns[handle.index] = published_ns
         if injector.has(Point.NOTIFY):
             injected[Point.NOTIFY.value] = await injector.delay(Point.NOTIFY)
         notified_ns, notify_wait = await self._under_bql(
-            latency, BqlPhase.NOTIFY, lambda: self._notify(context)
+            latency, BqlPhase.NOTIFY, lambda: self._notify(handle)
         )
         bql_wait = {}
         if latency.bql is not None:
@@ -237,7 +251,7 @@ class BalloonDevice(VirtioDevice):
         discarded = len(plan.targets) if strategy is not DiscardStrategy.NONE else 0
         record = ReportRecord(
             session=self.session,
-            queue=context.index,
+            queue=handle.index,
             seq=self._seq,
             head=chain.head,
             entries=plan.entries,
@@ -288,10 +302,10 @@ class BalloonDevice(VirtioDevice):
         for error in record.errors:
             self.log.error("report %d: %s", record.seq, error)
 
-    def _ack_balloon_chain(self, context: QueueContext, chain: Chain) -> None:
+    def _ack_balloon_chain(self, handle: QueueHandle, chain: Chain) -> None:
         # The target (num_pages) is 0 unless set, so a Linux guest does not
         # inflate; if a driver does, its pages are acked but not discarded.
-        name = self.queues.name(context.index)
+        name = self.queues.name(handle.index)
         if name == "inflate":
             self.stats.inflate_acks += 1
         else:
@@ -303,5 +317,5 @@ class BalloonDevice(VirtioDevice):
                 "reporting discards memory)",
                 name,
             )
-        context.queue.push(chain.head, 0)
-        self._notify(context)
+        handle.publish(chain.head)
+        self._notify(handle)

@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from vhost_balloon.backend.libc import full_fence
-from vhost_balloon.backend.vhost.device import QueueContext, VirtioDevice
+from vhost_balloon.backend.vhost.device import QueueHandle, VirtioDevice
 from vhost_balloon.backend.vhost.mapping import MappedRegion, MappingError, MemoryMap
 from vhost_balloon.backend.vhost.transport import ConnectionClosed, MessageChannel, close_fds
 from vhost_balloon.backend.vhost.vring import EventFdError, Vring, check_eventfd, read_eventfd
@@ -122,6 +122,9 @@ class Session:
         self.end_reason = ""
         self._loop = asyncio.get_running_loop()
         self._workers: dict[int, QueueWorker] = {}
+        self._handles: dict[int, QueueHandle] = {}  # one per started ring
+        # The parsed queue each running batch began with: a re-parse ends it.
+        self._batch_queues: dict[int, DeviceQueue] = {}
         self._paused = False
         self._handlers: dict[FrontendRequest, Handler] = {
             FrontendRequest.GET_FEATURES: self._get_features,
@@ -148,6 +151,7 @@ class Session:
             FrontendRequest.SET_CONFIG: self._set_config,
             FrontendRequest.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
         }
+        device.attach(self)
 
     # -- main loop ---------------------------------------------------------
 
@@ -392,6 +396,8 @@ class Session:
             vring.enabled = True
         vring.started = True
         _forget_queue(vring)
+        handle = self._handles[vring.index] = self._handle(vring)
+        self.device.queue_started(handle)
         self._loop.add_reader(fd, self._on_kick, vring)
         self._set_state(SessionState.RUNNING)
         self._schedule(vring, time.monotonic_ns())  # buffers may already be waiting
@@ -419,15 +425,21 @@ class Session:
             await worker.wait_idle()
 
     def _stop_ring(self, vring: Vring) -> None:
-        if vring.started and vring.kick_fd is not None:
+        if not vring.started:
+            return
+        if vring.kick_fd is not None:
             self._loop.remove_reader(vring.kick_fd)
         vring.started = False
+        self._handles.pop(vring.index, None)
+        self._batch_queues.pop(vring.index, None)
+        self.device.queue_stopped(vring.index)
 
     def _invalidate_queues(self) -> None:
         """Drop parsed queues (rebuilt over the new mappings at the next kick),
         keeping where each one had got to."""
         for vring in self.vrings:
             _forget_queue(vring)
+        self._batch_queues.clear()
 
     # -- config ---------------------------------------------------------------
 
@@ -457,8 +469,9 @@ class Session:
             self.backend_channel.close()
         self.backend_channel = MessageChannel(sock)
 
-    async def send_config_change(self) -> bool:
-        """Tell the driver the config changed (CONFIG_CHANGE_MSG on the backend channel).
+    async def config_changed(self) -> bool:
+        """Tell the driver the config changed (CONFIG_CHANGE_MSG on the backend
+        channel): the device's FrontendLink.
 
         Returns False when the front-end gave no backend channel or refused.
         """
@@ -501,7 +514,28 @@ class Session:
             self._workers[vring.index] = worker
         worker.kick(kick_ns)
 
-    def _context(self, vring: Vring) -> QueueContext:
+    def _handle(self, vring: Vring) -> QueueHandle:
+        index = vring.index
+
+        def running() -> bool:
+            # A batch stops as soon as its ring is stopped or re-parsed.
+            return (
+                vring.started
+                and vring.enabled
+                and not self._paused
+                and vring.queue is not None
+                and vring.queue is self._batch_queues.get(index)
+            )
+
+        return QueueHandle(
+            index,
+            queue=lambda: self._parsed_queue(vring),
+            memory_map=lambda: self.memory_map,
+            notify=vring.notify,
+            running=running,
+        )
+
+    def _parsed_queue(self, vring: Vring) -> DeviceQueue:
         if vring.queue is None:
             if vring.addr is None or vring.num == 0:
                 raise QueueError(
@@ -518,20 +552,15 @@ class Session:
                 next_avail=vring.base,
                 fence=full_fence,
             )
-        queue = vring.queue
-        return QueueContext(
-            vring.index,
-            queue,
-            self.memory_map,
-            vring.notify,
-            # A batch stops as soon as its ring is stopped or re-parsed.
-            lambda: vring.started and vring.enabled and not self._paused and vring.queue is queue,
-        )
+        return vring.queue
 
     async def _process(self, vring: Vring, kick_ns: int) -> None:
         try:
-            context = self._context(vring)
-            await self.device.process_queue(context, kick_ns)
+            handle = self._handles.get(vring.index)
+            if handle is None:
+                return  # the ring stopped before this batch could run
+            self._batch_queues[vring.index] = self._parsed_queue(vring)
+            await self.device.process_queue(handle, kick_ns)
         except (QueueError, AddressError) as error:
             self._break(vring, str(error))
         except ValueError as error:
@@ -546,16 +575,11 @@ class Session:
 
     def _break(self, vring: Vring, reason: str) -> None:
         vring.broken = True
+        self.device.queue_failed(vring.index, reason)
         self._stop_ring(vring)
         vring.signal_error()
-        self._count_queue_error()
         self._set_state(SessionState.BROKEN)
         self.log.error("queue %d is broken, device needs reset: %s", vring.index, reason)
-
-    def _count_queue_error(self) -> None:
-        stats = getattr(self.device, "stats", None)
-        if stats is not None:
-            stats.queue_errors += 1
 
     @contextlib.contextmanager
     def _processing_paused(self) -> Iterator[None]:

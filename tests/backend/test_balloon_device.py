@@ -7,7 +7,7 @@ import concurrent.futures
 import logging
 
 from vhost_balloon.backend.balloon.device import BalloonDevice, BalloonSettings
-from vhost_balloon.backend.vhost.device import QueueContext
+from vhost_balloon.backend.vhost.device import QueueHandle
 from vhost_balloon.backend.vhost.mapping import MemoryMap
 from vhost_balloon.backend.vhost.session import SessionLogger
 from vhost_balloon.protocol.memory import GuestMemory, Region, RegionTable
@@ -35,7 +35,7 @@ async def test_a_ring_full_of_skipped_entries_lets_other_work_run() -> None:
         )
         device.set_features(feature_mask(BALLOON_F_REPORTING, F_INDIRECT_DESC))
         queue = DeviceQueue(memory, layout, indirect=True)
-        context = QueueContext(2, queue, MemoryMap(), lambda: True, lambda: True)
+        context = QueueHandle.fixed(2, queue, MemoryMap())
         ticks = 0
 
         async def ticker() -> None:

@@ -10,7 +10,7 @@ import time
 
 from vhost_balloon.backend.balloon.device import BalloonDevice, BalloonSettings
 from vhost_balloon.backend.balloon.records import ReportRecord
-from vhost_balloon.backend.vhost.device import QueueContext
+from vhost_balloon.backend.vhost.device import QueueHandle
 from vhost_balloon.backend.vhost.mapping import MemoryMap
 from vhost_balloon.backend.vhost.session import SessionLogger
 from vhost_balloon.backend.vhost.worker import QueueWorker
@@ -54,7 +54,7 @@ async def test_a_folded_kick_does_not_open_a_later_reports_window() -> None:
         logger = SessionLogger(logging.getLogger("test"), {"session": "t"})
         device = BalloonDevice(BalloonSettings(), executor, "t", logger)
         device.set_features(feature_mask(BALLOON_F_REPORTING))
-        context = QueueContext(REPORTING, queue, MemoryMap(), lambda: True, lambda: True)
+        context = QueueHandle.fixed(REPORTING, queue, MemoryMap())
         device.record_hooks.append(records.append)
 
         async def process(kick_ns: int) -> None:

@@ -257,8 +257,9 @@ async def test_frontend_disconnecting_mid_report_loses_nothing(start_backend: St
 async def test_config_change_reaches_the_frontend(start_backend: StartBackend) -> None:
     backend = await start_backend()
     async with MockGuest(backend.guest_options()) as guest:
-        (session,) = backend.server.sessions.values()
-        assert await session.send_config_change()
+        (device,) = backend.server.vhost.devices.values()
+        assert device.frontend is not None  # the session attached itself
+        assert await device.frontend.config_changed()
         await asyncio.wait_for(guest.frontend.config_changed.wait(), 5.0)
         assert guest.frontend.config_change_msgs == 1
         await guest.run(1)
@@ -348,3 +349,19 @@ async def test_rem_mem_reg_without_an_fd_as_qemu_sends_it(start_backend: StartBa
         assert len(session.memory_map) == 1
         summary = guest.summary(await guest.run(1))
         assert summary["reports"] == 1
+
+
+async def test_the_device_holds_its_started_queues_until_they_stop(
+    start_backend: StartBackend,
+) -> None:
+    backend = await start_backend()
+    async with MockGuest(backend.guest_options()) as guest:
+        await guest.run(1)
+        (device,) = backend.server.vhost.devices.values()
+        reporting = device.queues.reporting
+        assert reporting is not None and reporting in device.handles
+        handle = device.handles[reporting]
+        assert handle.index == reporting
+        assert handle.memory_map is backend.server.sessions[device.session].memory_map
+    await _wait_for(lambda: not backend.server.sessions)
+    assert device.handles == {}  # every ring stopped with its session
