@@ -23,7 +23,7 @@ from typing import Any
 from vhost_balloon.backend.balloon.device import BalloonDevice, BalloonSettings
 from vhost_balloon.backend.balloon.records import ReportRecord
 from vhost_balloon.backend.balloon.stats import DeviceStats
-from vhost_balloon.backend.latency.injection import LatencySettings
+from vhost_balloon.backend.latency.injection import LatencyInjection, LatencySettings
 from vhost_balloon.backend.latency.runtime import Runtime
 from vhost_balloon.backend.libc import precise_sleeps_for_this_thread
 from vhost_balloon.backend.observe.control import close_control, serve_control
@@ -152,8 +152,7 @@ class Server:
             self._executor,
             name,
             log,
-            latency=self.runtime.current,
-            big_lock=self.runtime.big_lock,
+            latency=LatencyInjection(self.runtime.current, self.runtime.big_lock),
         )
         histograms = self.metrics.session(name)
         if self._trace is not None:

@@ -15,14 +15,18 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 from vhost_balloon.backend.balloon.discard import DiscardResult, DiscardStrategy, run_discards
 from vhost_balloon.backend.balloon.records import ReportRecord
 from vhost_balloon.backend.balloon.report_plan import plan_report
 from vhost_balloon.backend.balloon.stats import DeviceStats
-from vhost_balloon.backend.latency.contention import BigLock
-from vhost_balloon.backend.latency.injection import BqlPhase, Injector, LatencySettings, Point
+from vhost_balloon.backend.latency.injection import (
+    NO_INJECTION,
+    BqlPhase,
+    LatencySettings,
+    PhaseLatency,
+    Point,
+)
 from vhost_balloon.backend.vhost.device import FrontendLink, QueueHandle, VirtioDevice
 from vhost_balloon.protocol import virtio
 from vhost_balloon.protocol.virtqueue import Chain, DeviceQueue
@@ -56,7 +60,6 @@ class _Turn:
     latency: LatencySettings
 
 
-_T = TypeVar("_T")
 _NO_LATENCY = LatencySettings()  # inflate/deflate chains: nothing injected
 
 
@@ -75,8 +78,7 @@ class BalloonDevice(VirtioDevice):
         session: str,
         logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
         *,
-        latency: Callable[[], LatencySettings] = LatencySettings,
-        big_lock: BigLock | None = None,
+        latency: PhaseLatency = NO_INJECTION,
     ) -> None:
         self.settings = settings
         self.executor = executor
@@ -85,8 +87,7 @@ class BalloonDevice(VirtioDevice):
         self.stats = DeviceStats()
         self.config = virtio.BalloonConfig()
         self.acked_features = 0
-        self.injector = Injector(latency)
-        self.big_lock = big_lock or BigLock()
+        self.injector = latency
         # Each published report's record goes to these, in order (trace, metrics, ...).
         self.record_hooks: list[Callable[[ReportRecord], None]] = []
         self.frontend: FrontendLink | None = None  # raises config changes
@@ -161,7 +162,7 @@ class BalloonDevice(VirtioDevice):
                     latency = self.injector.begin_report()
                 else:
                     latency = _NO_LATENCY
-                chain, pop_wait = await self._under_bql(latency, BqlPhase.POP, queue.pop)
+                chain, pop_wait = await self.injector.locked(latency, BqlPhase.POP, queue.pop)
                 if chain is None:
                     first_kick_ns = None  # a chain found after this is not the kick's
                     break
@@ -177,18 +178,6 @@ class BalloonDevice(VirtioDevice):
                 await asyncio.sleep(0)
             if not handle.running() or not queue.enable_notifications():
                 return
-
-    async def _under_bql(
-        self, latency: LatencySettings, phase: BqlPhase, action: Callable[[], _T]
-    ) -> tuple[_T, int]:
-        """Run a ring phase under the big lock when BQL contention is modelled."""
-        if latency.bql is None or phase not in latency.bql_phases:
-            return action(), 0
-        waited = await self.big_lock.acquire()
-        try:
-            return action(), waited
-        finally:
-            self.big_lock.release()
 
     def _notify(self, handle: QueueHandle) -> int:
         """Signal the driver if the policy says so; the signal's timestamp or 0."""
@@ -230,14 +219,14 @@ class BalloonDevice(VirtioDevice):
         if injector.has(Point.PUBLISH):
             injected[Point.PUBLISH.value] = await injector.delay(Point.PUBLISH)
         latency = turn.latency
-        _, publish_wait = await self._under_bql(
+        _, publish_wait = await self.injector.locked(
             latency, BqlPhase.PUBLISH, lambda: handle.publish(chain.head)
         )
         published_ns = time.monotonic_ns()
         self._last_published_ns[handle.index] = published_ns
         if injector.has(Point.NOTIFY):
             injected[Point.NOTIFY.value] = await injector.delay(Point.NOTIFY)
-        notified_ns, notify_wait = await self._under_bql(
+        notified_ns, notify_wait = await self.injector.locked(
             latency, BqlPhase.NOTIFY, lambda: self._notify(handle)
         )
         bql_wait = {}

@@ -10,16 +10,21 @@ which snapshot (`version`) it ran under.
 `Injector` is per session: it turns the snapshot's models into seeded
 samplers (the same seed gives every session the same sequence per point)
 and sleeps without blocking the event loop.
+
+A device sees latency only through `PhaseLatency`, an object around its
+phases: `LatencyInjection` (the settings in force, the samplers, the big
+lock) or `NO_INJECTION`, the null object, when nothing can be injected.
 """
 
 from __future__ import annotations
 
+import abc
 import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
-from vhost_balloon.backend.latency.contention import BqlSpec, MmapSpec
+from vhost_balloon.backend.latency.contention import BigLock, BqlSpec, MmapSpec
 from vhost_balloon.backend.latency.delays import DelayModel, DelaySpecError, parse_delay
 from vhost_balloon.backend.latency.timer import sleep_ns
 
@@ -103,7 +108,6 @@ class Injector:
         self._current = current
         self._version = -1
         self._samplers: dict[Point, Callable[[], int]] = {}
-        self.settings = current()
 
     def begin_report(self) -> LatencySettings:
         """Take the snapshot this report runs under."""
@@ -114,7 +118,6 @@ class Injector:
                 point: model.sampler(settings.seed, point.value)
                 for point, model in settings.delays.items()
             }
-        self.settings = settings
         return settings
 
     def has(self, point: Point) -> bool:
@@ -137,3 +140,89 @@ class Injector:
         if sampler is None:
             return None
         return [sampler() for _ in range(count)]
+
+
+_T = TypeVar("_T")
+_NOTHING_INJECTED = LatencySettings()
+
+
+class PhaseLatency(abc.ABC):
+    """What a device asks of latency injection, phase by phase of one chain."""
+
+    @abc.abstractmethod
+    def begin_report(self) -> LatencySettings:
+        """The snapshot this report runs under (read once, as it starts)."""
+
+    @abc.abstractmethod
+    def has(self, point: Point) -> bool: ...
+
+    @abc.abstractmethod
+    async def delay(self, point: Point) -> int:
+        """Sleep for the point's next delay; the ns actually slept (0 if none)."""
+
+    @abc.abstractmethod
+    def entry_delays(self, count: int) -> list[int] | None:
+        """Per-entry delays for the discard thread, or None."""
+
+    @abc.abstractmethod
+    async def locked(
+        self, latency: LatencySettings, phase: BqlPhase, action: Callable[[], _T]
+    ) -> tuple[_T, int]:
+        """Run a ring phase, under the big lock if `latency` models the BQL for
+        it; its result and the ns waited for the lock."""
+
+
+class NoInjection(PhaseLatency):
+    """The null object: nothing is delayed, no lock is taken."""
+
+    def begin_report(self) -> LatencySettings:
+        return _NOTHING_INJECTED
+
+    def has(self, point: Point) -> bool:
+        return False
+
+    async def delay(self, point: Point) -> int:
+        return 0
+
+    def entry_delays(self, count: int) -> list[int] | None:
+        return None
+
+    async def locked(
+        self, latency: LatencySettings, phase: BqlPhase, action: Callable[[], _T]
+    ) -> tuple[_T, int]:
+        return action(), 0
+
+
+NO_INJECTION = NoInjection()
+
+
+class LatencyInjection(PhaseLatency):
+    """The settings in force (read through `current`), one session's samplers,
+    and the big lock its BQL phases contend for."""
+
+    def __init__(self, current: Callable[[], LatencySettings], big_lock: BigLock) -> None:
+        self._injector = Injector(current)
+        self._big_lock = big_lock
+
+    def begin_report(self) -> LatencySettings:
+        return self._injector.begin_report()
+
+    def has(self, point: Point) -> bool:
+        return self._injector.has(point)
+
+    async def delay(self, point: Point) -> int:
+        return await self._injector.delay(point)
+
+    def entry_delays(self, count: int) -> list[int] | None:
+        return self._injector.entry_delays(count)
+
+    async def locked(
+        self, latency: LatencySettings, phase: BqlPhase, action: Callable[[], _T]
+    ) -> tuple[_T, int]:
+        if latency.bql is None or phase not in latency.bql_phases:
+            return action(), 0
+        waited = await self._big_lock.acquire()
+        try:
+            return action(), waited
+        finally:
+            self._big_lock.release()

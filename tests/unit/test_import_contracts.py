@@ -24,6 +24,10 @@ VIOLATIONS = {
     "protocol-pure": ("protocol/virtio.py", "import vhost_balloon.guest.errors"),
     "backend-rooms": ("backend/balloon/report_plan.py", "import vhost_balloon.backend.observe"),
     "vhost-generic": ("backend/vhost/worker.py", "import vhost_balloon.backend.latency.delays"),
+    "balloon-latency": (
+        "backend/balloon/device.py",
+        "import vhost_balloon.backend.latency.contention",
+    ),
 }
 
 
