@@ -26,7 +26,7 @@ import socket
 import stat
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from vhost_balloon.backend.libc import full_fence
 from vhost_balloon.backend.vhost.device import QueueHandle, VirtioDevice
@@ -41,10 +41,13 @@ from vhost_balloon.protocol.vhost_user import (
     U64,
     BackendRequest,
     ConfigPayload,
+    Empty,
     FrontendRequest,
     Header,
     MemoryTable,
+    Payload,
     ProtocolFeature,
+    RawPayload,
     Request,
     SingleMemoryRegion,
     VringAddr,
@@ -95,7 +98,26 @@ class SessionLogger(logging.LoggerAdapter[logging.Logger]):
         return f"[{self.extra['session'] if self.extra else '?'}] {msg}", kwargs
 
 
-Handler = Callable[[Request, list[int]], Awaitable[bytes | None]]
+P = TypeVar("P", bound=Payload)
+
+
+class _Route(Generic[P]):
+    """One request's handler and the payload type its RequestSpec decodes to:
+    the one place a decoded payload is checked against its handler."""
+
+    __slots__ = ("handle", "payload")
+
+    def __init__(
+        self, payload: type[P], handle: Callable[[P, list[int]], Awaitable[bytes | None]]
+    ) -> None:
+        self.payload = payload
+        self.handle = handle
+
+    async def __call__(self, request: Request, fds: list[int]) -> bytes | None:
+        payload = request.payload
+        if not isinstance(payload, self.payload):  # a spec and its route disagree: a bug
+            raise RequestRefused(f"payload decoded as {type(payload).__name__}")
+        return await self.handle(payload, fds)
 
 
 class Session:
@@ -126,30 +148,31 @@ class Session:
         # The parsed queue each running batch began with: a re-parse ends it.
         self._batch_queues: dict[int, DeviceQueue] = {}
         self._paused = False
-        self._handlers: dict[FrontendRequest, Handler] = {
-            FrontendRequest.GET_FEATURES: self._get_features,
-            FrontendRequest.SET_FEATURES: self._set_features,
-            FrontendRequest.SET_OWNER: self._set_owner,
-            FrontendRequest.RESET_OWNER: self._reset,
-            FrontendRequest.RESET_DEVICE: self._reset,
-            FrontendRequest.GET_PROTOCOL_FEATURES: self._get_protocol_features,
-            FrontendRequest.SET_PROTOCOL_FEATURES: self._set_protocol_features,
-            FrontendRequest.GET_QUEUE_NUM: self._get_queue_num,
-            FrontendRequest.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
-            FrontendRequest.SET_MEM_TABLE: self._set_mem_table,
-            FrontendRequest.ADD_MEM_REG: self._add_mem_reg,
-            FrontendRequest.REM_MEM_REG: self._rem_mem_reg,
-            FrontendRequest.SET_VRING_NUM: self._set_vring_num,
-            FrontendRequest.SET_VRING_ADDR: self._set_vring_addr,
-            FrontendRequest.SET_VRING_BASE: self._set_vring_base,
-            FrontendRequest.GET_VRING_BASE: self._get_vring_base,
-            FrontendRequest.SET_VRING_KICK: self._set_vring_kick,
-            FrontendRequest.SET_VRING_CALL: self._set_vring_call,
-            FrontendRequest.SET_VRING_ERR: self._set_vring_err,
-            FrontendRequest.SET_VRING_ENABLE: self._set_vring_enable,
-            FrontendRequest.GET_CONFIG: self._get_config,
-            FrontendRequest.SET_CONFIG: self._set_config,
-            FrontendRequest.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
+        # Each request's handler, typed by the payload its spec decodes to.
+        self.routes: dict[FrontendRequest, _Route[Any]] = {
+            FrontendRequest.GET_FEATURES: _Route(Empty, self._get_features),
+            FrontendRequest.SET_FEATURES: _Route(U64, self._set_features),
+            FrontendRequest.SET_OWNER: _Route(Empty, self._set_owner),
+            FrontendRequest.RESET_OWNER: _Route(RawPayload, self._reset),
+            FrontendRequest.RESET_DEVICE: _Route(Empty, self._reset),
+            FrontendRequest.GET_PROTOCOL_FEATURES: _Route(Empty, self._get_protocol_features),
+            FrontendRequest.SET_PROTOCOL_FEATURES: _Route(U64, self._set_protocol_features),
+            FrontendRequest.GET_QUEUE_NUM: _Route(Empty, self._get_queue_num),
+            FrontendRequest.GET_MAX_MEM_SLOTS: _Route(Empty, self._get_max_mem_slots),
+            FrontendRequest.SET_MEM_TABLE: _Route(MemoryTable, self._set_mem_table),
+            FrontendRequest.ADD_MEM_REG: _Route(SingleMemoryRegion, self._add_mem_reg),
+            FrontendRequest.REM_MEM_REG: _Route(SingleMemoryRegion, self._rem_mem_reg),
+            FrontendRequest.SET_VRING_NUM: _Route(VringState, self._set_vring_num),
+            FrontendRequest.SET_VRING_ADDR: _Route(VringAddr, self._set_vring_addr),
+            FrontendRequest.SET_VRING_BASE: _Route(VringState, self._set_vring_base),
+            FrontendRequest.GET_VRING_BASE: _Route(VringState, self._get_vring_base),
+            FrontendRequest.SET_VRING_KICK: _Route(VringFile, self._set_vring_kick),
+            FrontendRequest.SET_VRING_CALL: _Route(VringFile, self._set_vring_call),
+            FrontendRequest.SET_VRING_ERR: _Route(VringFile, self._set_vring_err),
+            FrontendRequest.SET_VRING_ENABLE: _Route(VringState, self._set_vring_enable),
+            FrontendRequest.GET_CONFIG: _Route(ConfigPayload, self._get_config),
+            FrontendRequest.SET_CONFIG: _Route(ConfigPayload, self._set_config),
+            FrontendRequest.SET_BACKEND_REQ_FD: _Route(RawPayload, self._set_backend_req_fd),
         }
         device.attach(self)
 
@@ -189,7 +212,7 @@ class Session:
                 if need_reply:
                     await self.channel.send(encode_reply(raw_request, _ERROR))
                 return
-            handler = self._handlers.get(request.request)
+            handler = self.routes.get(request.request)
             try:
                 if handler is None:
                     raise RequestRefused(f"{request.request.name} is not implemented")
@@ -208,23 +231,22 @@ class Session:
 
     # -- negotiation --------------------------------------------------------
 
-    async def _get_features(self, request: Request, fds: list[int]) -> bytes:
+    async def _get_features(self, payload: Empty, fds: list[int]) -> bytes:
         return U64(self.device.offered_features() | 1 << F_PROTOCOL_FEATURES).encode()
 
-    async def _set_features(self, request: Request, fds: list[int]) -> None:
-        assert isinstance(request.payload, U64)
-        features = request.payload.value
+    async def _set_features(self, payload: U64, fds: list[int]) -> None:
+        features = payload.value
         offered = self.device.offered_features() | 1 << F_PROTOCOL_FEATURES
         if features & ~offered:
             raise RequestRefused(f"features {features & ~offered:#x} were never offered")
         self.acked_features = features
         self.device.set_features(features & ~(1 << F_PROTOCOL_FEATURES))
 
-    async def _set_owner(self, request: Request, fds: list[int]) -> None:
+    async def _set_owner(self, payload: Empty, fds: list[int]) -> None:
         if self.state is SessionState.NEGOTIATING:
             self._set_state(SessionState.CONFIGURED)
 
-    async def _reset(self, request: Request, fds: list[int]) -> None:
+    async def _reset(self, payload: Empty | RawPayload, fds: list[int]) -> None:
         with self._processing_paused():
             for vring in self.vrings:
                 self._stop_ring(vring)
@@ -236,22 +258,21 @@ class Session:
         self.acked_features = 0
         self._set_state(SessionState.CONFIGURED)
 
-    async def _get_protocol_features(self, request: Request, fds: list[int]) -> bytes:
+    async def _get_protocol_features(self, payload: Empty, fds: list[int]) -> bytes:
         return U64(PROTOCOL_FEATURES).encode()
 
-    async def _set_protocol_features(self, request: Request, fds: list[int]) -> None:
-        assert isinstance(request.payload, U64)
-        features = request.payload.value
+    async def _set_protocol_features(self, payload: U64, fds: list[int]) -> None:
+        features = payload.value
         if features & ~PROTOCOL_FEATURES:
             raise RequestRefused(
                 f"protocol features {features & ~PROTOCOL_FEATURES:#x} were never offered"
             )
         self.acked_protocol_features = features
 
-    async def _get_queue_num(self, request: Request, fds: list[int]) -> bytes:
+    async def _get_queue_num(self, payload: Empty, fds: list[int]) -> bytes:
         return U64(self.device.max_queues).encode()
 
-    async def _get_max_mem_slots(self, request: Request, fds: list[int]) -> bytes:
+    async def _get_max_mem_slots(self, payload: Empty, fds: list[int]) -> bytes:
         return U64(MAX_MEM_SLOTS).encode()
 
     def _protocol_feature(self, feature: ProtocolFeature) -> bool:
@@ -259,11 +280,10 @@ class Session:
 
     # -- memory ---------------------------------------------------------------
 
-    async def _set_mem_table(self, request: Request, fds: list[int]) -> None:
-        assert isinstance(request.payload, MemoryTable)
+    async def _set_mem_table(self, payload: MemoryTable, fds: list[int]) -> None:
         new_regions: list[MappedRegion] = []
         try:
-            for desc in request.payload.regions:
+            for desc in payload.regions:
                 new_regions.append(
                     MappedRegion(desc, fds.pop(0), allow_unsealed=self.allow_unsealed_memory)
                 )
@@ -280,13 +300,12 @@ class Session:
             old.close()
         self._log_regions()
 
-    async def _add_mem_reg(self, request: Request, fds: list[int]) -> None:
-        assert isinstance(request.payload, SingleMemoryRegion)
+    async def _add_mem_reg(self, payload: SingleMemoryRegion, fds: list[int]) -> None:
         if len(self.memory_map) >= MAX_MEM_SLOTS:
             raise RequestRefused(f"all {MAX_MEM_SLOTS} memory slots are in use")
         try:
             region = MappedRegion(
-                request.payload.region, fds.pop(0), allow_unsealed=self.allow_unsealed_memory
+                payload.region, fds.pop(0), allow_unsealed=self.allow_unsealed_memory
             )
         except (MappingError, AddressError) as error:
             raise RequestRefused(f"region rejected: {error}") from None
@@ -300,15 +319,12 @@ class Session:
             self._invalidate_queues()
         self._log_regions()
 
-    async def _rem_mem_reg(self, request: Request, fds: list[int]) -> None:
-        assert isinstance(request.payload, SingleMemoryRegion)
+    async def _rem_mem_reg(self, payload: SingleMemoryRegion, fds: list[int]) -> None:
         with self._processing_paused():
             await self._quiesce()
-            removed = self.memory_map.remove(request.payload.region)
+            removed = self.memory_map.remove(payload.region)
             if removed is None:
-                raise RequestRefused(
-                    f"no region at gpa {request.payload.region.guest_phys_addr:#x}"
-                )
+                raise RequestRefused(f"no region at gpa {payload.region.guest_phys_addr:#x}")
             self._invalidate_queues()
             removed.close()
 
@@ -334,29 +350,25 @@ class Session:
             raise RequestRefused(f"queue index {index}, the device has {len(self.vrings)} queues")
         return self.vrings[index]
 
-    async def _set_vring_num(self, request: Request, fds: list[int]) -> None:
-        assert isinstance(request.payload, VringState)
-        vring = self._vring(request.payload.index)
-        num = request.payload.num
+    async def _set_vring_num(self, payload: VringState, fds: list[int]) -> None:
+        vring = self._vring(payload.index)
+        num = payload.num
         if not 1 <= num <= MAX_QUEUE_SIZE or num & (num - 1):
             raise RequestRefused(f"queue size {num} is not a power of two <= {MAX_QUEUE_SIZE}")
         vring.num = num
 
-    async def _set_vring_addr(self, request: Request, fds: list[int]) -> None:
-        assert isinstance(request.payload, VringAddr)
-        vring = self._vring(request.payload.index)
-        vring.addr = request.payload
+    async def _set_vring_addr(self, payload: VringAddr, fds: list[int]) -> None:
+        vring = self._vring(payload.index)
+        vring.addr = payload
 
-    async def _set_vring_base(self, request: Request, fds: list[int]) -> None:
-        assert isinstance(request.payload, VringState)
-        vring = self._vring(request.payload.index)
+    async def _set_vring_base(self, payload: VringState, fds: list[int]) -> None:
+        vring = self._vring(payload.index)
         if vring.started:
             raise RequestRefused(f"queue {vring.index} is running")
-        vring.base = request.payload.num & 0xFFFF
+        vring.base = payload.num & 0xFFFF
 
-    async def _get_vring_base(self, request: Request, fds: list[int]) -> bytes:
-        assert isinstance(request.payload, VringState)
-        index = request.payload.index
+    async def _get_vring_base(self, payload: VringState, fds: list[int]) -> bytes:
+        index = payload.index
         if not 0 <= index < len(self.vrings):
             raise RequestRefused(
                 f"queue index {index} out of range", reply=VringState(index, 0).encode()
@@ -371,10 +383,9 @@ class Session:
             self._set_state(SessionState.CONFIGURED)
         return VringState(index, vring.base).encode()
 
-    def _take_eventfd(self, request: Request, fds: list[int]) -> tuple[Vring, int | None]:
-        assert isinstance(request.payload, VringFile)
-        vring = self._vring(request.payload.index)
-        if request.payload.no_fd:
+    def _take_eventfd(self, payload: VringFile, fds: list[int]) -> tuple[Vring, int | None]:
+        vring = self._vring(payload.index)
+        if payload.no_fd:
             return vring, None
         try:
             check_eventfd(fds[0])
@@ -384,8 +395,8 @@ class Session:
         os.set_blocking(fd, False)  # a blocking read or write would stall every session
         return vring, fd
 
-    async def _set_vring_kick(self, request: Request, fds: list[int]) -> None:
-        vring, fd = self._take_eventfd(request, fds)
+    async def _set_vring_kick(self, payload: VringFile, fds: list[int]) -> None:
+        vring, fd = self._take_eventfd(payload, fds)
         self._stop_ring(vring)
         await self._wait_worker(vring)  # a batch still running must finish first
         vring.replace_fd("kick", fd)
@@ -402,20 +413,19 @@ class Session:
         self._set_state(SessionState.RUNNING)
         self._schedule(vring, time.monotonic_ns())  # buffers may already be waiting
 
-    async def _set_vring_call(self, request: Request, fds: list[int]) -> None:
-        vring, fd = self._take_eventfd(request, fds)
+    async def _set_vring_call(self, payload: VringFile, fds: list[int]) -> None:
+        vring, fd = self._take_eventfd(payload, fds)
         vring.replace_fd("call", fd)
 
-    async def _set_vring_err(self, request: Request, fds: list[int]) -> None:
-        vring, fd = self._take_eventfd(request, fds)
+    async def _set_vring_err(self, payload: VringFile, fds: list[int]) -> None:
+        vring, fd = self._take_eventfd(payload, fds)
         vring.replace_fd("err", fd)
 
-    async def _set_vring_enable(self, request: Request, fds: list[int]) -> None:
-        assert isinstance(request.payload, VringState)
-        vring = self._vring(request.payload.index)
-        if request.payload.num not in (0, 1):
-            raise RequestRefused(f"enable value {request.payload.num}")
-        vring.enabled = request.payload.num == 1
+    async def _set_vring_enable(self, payload: VringState, fds: list[int]) -> None:
+        vring = self._vring(payload.index)
+        if payload.num not in (0, 1):
+            raise RequestRefused(f"enable value {payload.num}")
+        vring.enabled = payload.num == 1
         if vring.enabled:
             self._schedule(vring, time.monotonic_ns())
 
@@ -443,9 +453,8 @@ class Session:
 
     # -- config ---------------------------------------------------------------
 
-    async def _get_config(self, request: Request, fds: list[int]) -> bytes:
-        assert isinstance(request.payload, ConfigPayload)
-        config = request.payload
+    async def _get_config(self, payload: ConfigPayload, fds: list[int]) -> bytes:
+        config = payload
         try:
             data = self.device.read_config(config.offset, config.size)
         except ValueError as error:
@@ -454,14 +463,13 @@ class Session:
             ) from None
         return ConfigPayload(config.offset, config.size, config.flags, data).encode()
 
-    async def _set_config(self, request: Request, fds: list[int]) -> None:
-        assert isinstance(request.payload, ConfigPayload)
+    async def _set_config(self, payload: ConfigPayload, fds: list[int]) -> None:
         try:
-            self.device.write_config(request.payload.offset, request.payload.data)
+            self.device.write_config(payload.offset, payload.data)
         except ValueError as error:
             raise RequestRefused(str(error)) from None
 
-    async def _set_backend_req_fd(self, request: Request, fds: list[int]) -> None:
+    async def _set_backend_req_fd(self, payload: RawPayload, fds: list[int]) -> None:
         if not stat.S_ISSOCK(os.fstat(fds[0]).st_mode):
             raise RequestRefused("backend request fd is not a socket")
         sock = socket.socket(fileno=fds.pop(0))

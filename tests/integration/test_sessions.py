@@ -15,6 +15,7 @@ from vhost_balloon.guest.frontend import FrontendOptions, VhostUserFrontend
 from vhost_balloon.guest.runner import MockGuest
 from vhost_balloon.protocol.vhost_user import (
     HEADER,
+    REQUEST_SPECS,
     U64,
     ConfigPayload,
     FrontendRequest,
@@ -365,3 +366,22 @@ async def test_the_device_holds_its_started_queues_until_they_stop(
         assert handle.memory_map is backend.server.sessions[device.session].memory_map
     await _wait_for(lambda: not backend.server.sessions)
     assert device.handles == {}  # every ring stopped with its session
+
+
+async def test_every_route_takes_the_payload_its_request_decodes_to(
+    start_backend: StartBackend,
+) -> None:
+    """A route whose payload type disagrees with REQUEST_SPECS would refuse
+    every such request: check each against a payload of the smallest size."""
+    backend = await start_backend()
+    async with MockGuest(backend.guest_options()) as guest:
+        await guest.run(1)
+        (session,) = backend.server.sessions.values()
+        assert len(session.routes) == 23
+        for request, route in session.routes.items():
+            spec = REQUEST_SPECS[request]
+            payload = bytearray(spec.sizes[0])
+            if request is FrontendRequest.SET_MEM_TABLE:
+                payload[0] = 1  # one region
+            decoded = spec.decode(bytes(payload))
+            assert isinstance(decoded, route.payload), request.name
