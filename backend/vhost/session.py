@@ -18,24 +18,21 @@ Errors, by who caused them:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 import os
 import socket
 import stat
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
-from vhost_balloon.backend.libc import full_fence
-from vhost_balloon.backend.vhost.device import QueueHandle, VirtioDevice
+from vhost_balloon.backend.vhost.device import VirtioDevice
 from vhost_balloon.backend.vhost.mapping import MappedRegion, MappingError, MemoryMap
+from vhost_balloon.backend.vhost.rings import RingSet, forget_queue
 from vhost_balloon.backend.vhost.transport import ConnectionClosed, MessageChannel, close_fds
-from vhost_balloon.backend.vhost.vring import EventFdError, Vring, check_eventfd, read_eventfd
-from vhost_balloon.backend.vhost.worker import QueueWorker
-from vhost_balloon.protocol.errors import AddressError, MessageError, QueueError, QueueErrorKind
-from vhost_balloon.protocol.memory import Space
+from vhost_balloon.backend.vhost.vring import EventFdError, Vring, check_eventfd
+from vhost_balloon.protocol.errors import AddressError, MessageError
 from vhost_balloon.protocol.vhost_user import (
     F_PROTOCOL_FEATURES,
     U64,
@@ -59,8 +56,7 @@ from vhost_balloon.protocol.vhost_user import (
     encode_reply,
     protocol_feature_mask,
 )
-from vhost_balloon.protocol.virtio import F_EVENT_IDX, F_INDIRECT_DESC, has_feature
-from vhost_balloon.protocol.virtqueue import MAX_QUEUE_SIZE, DeviceQueue, RingLayout
+from vhost_balloon.protocol.virtqueue import MAX_QUEUE_SIZE
 
 # Only what this backend implements: QEMU 11.1 sends newer requests (and
 # waits for replies) when more bits are offered.
@@ -137,17 +133,18 @@ class Session:
         self.state = SessionState.NEGOTIATING
         self.channel = MessageChannel(sock)
         self.memory_map = MemoryMap()
-        self.vrings = [Vring(i) for i in range(device.max_queues)]
+        self.rings = RingSet(
+            name,
+            device,
+            log,
+            memory_map=lambda: self.memory_map,
+            acked_features=lambda: self.acked_features,
+            on_broken=lambda: self._set_state(SessionState.BROKEN),
+        )
         self.acked_features = 0
         self.acked_protocol_features = 0
         self.backend_channel: MessageChannel | None = None
         self.end_reason = ""
-        self._loop = asyncio.get_running_loop()
-        self._workers: dict[int, QueueWorker] = {}
-        self._handles: dict[int, QueueHandle] = {}  # one per started ring
-        # The parsed queue each running batch began with: a re-parse ends it.
-        self._batch_queues: dict[int, DeviceQueue] = {}
-        self._paused = False
         # Each request's handler, typed by the payload its spec decodes to.
         self.routes: dict[FrontendRequest, _Route[Any]] = {
             FrontendRequest.GET_FEATURES: _Route(Empty, self._get_features),
@@ -247,13 +244,7 @@ class Session:
             self._set_state(SessionState.CONFIGURED)
 
     async def _reset(self, payload: Empty | RawPayload, fds: list[int]) -> None:
-        with self._processing_paused():
-            for vring in self.vrings:
-                self._stop_ring(vring)
-            await self._stop_workers()
-            for vring in self.vrings:
-                vring.close()
-            self.vrings = [Vring(i) for i in range(self.device.max_queues)]
+        await self.rings.reset()
         self.device.reset()
         self.acked_features = 0
         self._set_state(SessionState.CONFIGURED)
@@ -293,10 +284,10 @@ class Session:
             for region in new_regions:
                 region.close()
             raise RequestRefused(f"memory table rejected: {error}") from None
-        with self._processing_paused():
-            await self._quiesce()
+        with self.rings.paused():
+            await self.rings.quiesce()
             old, self.memory_map = self.memory_map, replacement
-            self._invalidate_queues()
+            self.rings.invalidate()
             old.close()
         self._log_regions()
 
@@ -309,23 +300,23 @@ class Session:
             )
         except (MappingError, AddressError) as error:
             raise RequestRefused(f"region rejected: {error}") from None
-        with self._processing_paused():
-            await self._quiesce()
+        with self.rings.paused():
+            await self.rings.quiesce()
             try:
                 self.memory_map.add(region)
             except AddressError as error:
                 region.close()
                 raise RequestRefused(f"region rejected: {error}") from None
-            self._invalidate_queues()
+            self.rings.invalidate()
         self._log_regions()
 
     async def _rem_mem_reg(self, payload: SingleMemoryRegion, fds: list[int]) -> None:
-        with self._processing_paused():
-            await self._quiesce()
+        with self.rings.paused():
+            await self.rings.quiesce()
             removed = self.memory_map.remove(payload.region)
             if removed is None:
                 raise RequestRefused(f"no region at gpa {payload.region.guest_phys_addr:#x}")
-            self._invalidate_queues()
+            self.rings.invalidate()
             removed.close()
 
     def _log_regions(self) -> None:
@@ -346,9 +337,10 @@ class Session:
     # -- vrings ---------------------------------------------------------------
 
     def _vring(self, index: int) -> Vring:
-        if not 0 <= index < len(self.vrings):
-            raise RequestRefused(f"queue index {index}, the device has {len(self.vrings)} queues")
-        return self.vrings[index]
+        vrings = self.rings.vrings
+        if not 0 <= index < len(vrings):
+            raise RequestRefused(f"queue index {index}, the device has {len(vrings)} queues")
+        return vrings[index]
 
     async def _set_vring_num(self, payload: VringState, fds: list[int]) -> None:
         vring = self._vring(payload.index)
@@ -369,17 +361,17 @@ class Session:
 
     async def _get_vring_base(self, payload: VringState, fds: list[int]) -> bytes:
         index = payload.index
-        if not 0 <= index < len(self.vrings):
+        if not 0 <= index < len(self.rings.vrings):
             raise RequestRefused(
                 f"queue index {index} out of range", reply=VringState(index, 0).encode()
             )
-        vring = self.vrings[index]
-        self._stop_ring(vring)
-        await self._wait_worker(vring)
-        _forget_queue(vring)
+        vring = self.rings.vrings[index]
+        self.rings.stop(vring)
+        await self.rings.wait_idle(vring)
+        forget_queue(vring)
         vring.replace_fd("kick", None)
         vring.broken = False
-        if not any(v.started for v in self.vrings) and self.state is SessionState.RUNNING:
+        if not self.rings.any_started and self.state is SessionState.RUNNING:
             self._set_state(SessionState.CONFIGURED)
         return VringState(index, vring.base).encode()
 
@@ -397,21 +389,16 @@ class Session:
 
     async def _set_vring_kick(self, payload: VringFile, fds: list[int]) -> None:
         vring, fd = self._take_eventfd(payload, fds)
-        self._stop_ring(vring)
-        await self._wait_worker(vring)  # a batch still running must finish first
+        self.rings.stop(vring)
+        await self.rings.wait_idle(vring)  # a batch still running must finish first
         vring.replace_fd("kick", fd)
         if fd is None:
             raise RequestRefused("polling mode (no kick fd) is not supported")
         # Without protocol features a ring is enabled as soon as it starts.
         if not self.acked_features >> F_PROTOCOL_FEATURES & 1:
             vring.enabled = True
-        vring.started = True
-        _forget_queue(vring)
-        handle = self._handles[vring.index] = self._handle(vring)
-        self.device.queue_started(handle)
-        self._loop.add_reader(fd, self._on_kick, vring)
         self._set_state(SessionState.RUNNING)
-        self._schedule(vring, time.monotonic_ns())  # buffers may already be waiting
+        self.rings.start(vring, fd)
 
     async def _set_vring_call(self, payload: VringFile, fds: list[int]) -> None:
         vring, fd = self._take_eventfd(payload, fds)
@@ -427,29 +414,7 @@ class Session:
             raise RequestRefused(f"enable value {payload.num}")
         vring.enabled = payload.num == 1
         if vring.enabled:
-            self._schedule(vring, time.monotonic_ns())
-
-    async def _wait_worker(self, vring: Vring) -> None:
-        worker = self._workers.get(vring.index)
-        if worker is not None:
-            await worker.wait_idle()
-
-    def _stop_ring(self, vring: Vring) -> None:
-        if not vring.started:
-            return
-        if vring.kick_fd is not None:
-            self._loop.remove_reader(vring.kick_fd)
-        vring.started = False
-        self._handles.pop(vring.index, None)
-        self._batch_queues.pop(vring.index, None)
-        self.device.queue_stopped(vring.index)
-
-    def _invalidate_queues(self) -> None:
-        """Drop parsed queues (rebuilt over the new mappings at the next kick),
-        keeping where each one had got to."""
-        for vring in self.vrings:
-            _forget_queue(vring)
-        self._batch_queues.clear()
+            self.rings.schedule(vring, time.monotonic_ns())
 
     # -- config ---------------------------------------------------------------
 
@@ -498,118 +463,6 @@ class Session:
         check_reply(header, BackendRequest.CONFIG_CHANGE_MSG)
         return len(payload) == 8 and U64.decode(payload).value == 0
 
-    # -- queue processing -------------------------------------------------------
-
-    def _on_kick(self, vring: Vring) -> None:
-        kick_ns = time.monotonic_ns()
-        assert vring.kick_fd is not None
-        try:
-            read_eventfd(vring.kick_fd)
-        except BlockingIOError:
-            return
-        self._schedule(vring, kick_ns)
-
-    def _schedule(self, vring: Vring, kick_ns: int) -> None:
-        if not (vring.started and vring.enabled) or vring.broken:
-            return
-        worker = self._workers.get(vring.index)
-        if worker is None:
-            worker = QueueWorker(
-                f"{self.name}-q{vring.index}",
-                lambda kick: self._process(vring, kick),
-                lambda: vring.started and vring.enabled and not vring.broken and not self._paused,
-            )
-            self._workers[vring.index] = worker
-        worker.kick(kick_ns)
-
-    def _handle(self, vring: Vring) -> QueueHandle:
-        index = vring.index
-
-        def running() -> bool:
-            # A batch stops as soon as its ring is stopped or re-parsed.
-            return (
-                vring.started
-                and vring.enabled
-                and not self._paused
-                and vring.queue is not None
-                and vring.queue is self._batch_queues.get(index)
-            )
-
-        return QueueHandle(
-            index,
-            queue=lambda: self._parsed_queue(vring),
-            memory_map=lambda: self.memory_map,
-            notify=vring.notify,
-            running=running,
-        )
-
-    def _parsed_queue(self, vring: Vring) -> DeviceQueue:
-        if vring.queue is None:
-            if vring.addr is None or vring.num == 0:
-                raise QueueError(
-                    QueueErrorKind.BAD_LAYOUT,
-                    "queue started before its size and addresses were set",
-                )
-            layout = RingLayout(vring.num, vring.addr.desc, vring.addr.avail, vring.addr.used)
-            vring.queue = DeviceQueue(
-                self.memory_map.memory,
-                layout,
-                ring_space=Space.UVA,
-                indirect=has_feature(self.acked_features, F_INDIRECT_DESC),
-                event_idx=has_feature(self.acked_features, F_EVENT_IDX),
-                next_avail=vring.base,
-                fence=full_fence,
-            )
-        return vring.queue
-
-    async def _process(self, vring: Vring, kick_ns: int) -> None:
-        try:
-            handle = self._handles.get(vring.index)
-            if handle is None:
-                return  # the ring stopped before this batch could run
-            self._batch_queues[vring.index] = self._parsed_queue(vring)
-            await self.device.process_queue(handle, kick_ns)
-        except (QueueError, AddressError) as error:
-            self._break(vring, str(error))
-        except ValueError as error:
-            # A mapping released under a running queue: memory changes wait
-            # for workers, so this is a bug; stop rather than guess a position.
-            self._break(vring, f"ring memory unavailable: {error}")
-        except Exception as error:  # e.g. EMFILE from a timerfd mid-report
-            # A popped chain may now never be published: say so loudly (err
-            # eventfd, broken queue) rather than leave the guest waiting silently.
-            self.log.exception("queue %d: report processing failed", vring.index)
-            self._break(vring, f"report processing failed: {error!r}")
-
-    def _break(self, vring: Vring, reason: str) -> None:
-        vring.broken = True
-        self.device.queue_failed(vring.index, reason)
-        self._stop_ring(vring)
-        vring.signal_error()
-        self._set_state(SessionState.BROKEN)
-        self.log.error("queue %d is broken, device needs reset: %s", vring.index, reason)
-
-    @contextlib.contextmanager
-    def _processing_paused(self) -> Iterator[None]:
-        """No new queue work starts while memory or rings are being replaced."""
-        self._paused = True
-        try:
-            yield
-        finally:
-            self._paused = False
-            for worker in self._workers.values():
-                worker.retry()
-
-    async def _quiesce(self) -> None:
-        """Wait for every queue worker: no discard may run on a mapping we unmap."""
-        for worker in list(self._workers.values()):
-            await worker.wait_idle()
-
-    async def _stop_workers(self) -> None:
-        for worker in self._workers.values():
-            await worker.stop()
-        self._workers.clear()
-
     # -- lifecycle ----------------------------------------------------------------
 
     def _set_state(self, state: SessionState) -> None:
@@ -622,21 +475,10 @@ class Session:
     async def close(self) -> None:
         if self.state is SessionState.CLOSED:
             return
-        self._paused = True
-        for vring in self.vrings:
-            self._stop_ring(vring)
-        await self._stop_workers()
-        for vring in self.vrings:
-            vring.close()
+        self.rings.pause_for_good()
+        await self.rings.close()
         self.memory_map.close()
         if self.backend_channel is not None:
             self.backend_channel.close()
         self.channel.close()
         self.state = SessionState.CLOSED
-
-
-def _forget_queue(vring: Vring) -> None:
-    """Drop a parsed queue; it is re-parsed at the next kick from where it got to."""
-    if vring.queue is not None:
-        vring.base = vring.queue.next_avail
-    vring.queue = None

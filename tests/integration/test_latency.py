@@ -202,7 +202,7 @@ async def test_a_report_that_fails_midway_breaks_its_queue_loudly(
             assert loop.time() < deadline, "the err eventfd was never signalled"
             await asyncio.sleep(0.01)
         (session,) = backend_.server.sessions.values()
-        assert session.vrings[index].broken
+        assert session.rings.vrings[index].broken
         assert await guest.frontend.get_config(0, 16)  # the session still answers
 
 

@@ -326,7 +326,7 @@ async def test_hostile_eventfds_cannot_stall_the_loop(
             os.set_blocking(fd, True)  # and the peer flips it back ...
             os.eventfd_write(fd, 0xFFFF_FFFF_FFFF_FFFE)  # ... and saturates it
             (session,) = backend.server.sessions.values()
-            session.vrings[2].notify()  # must not block the event loop
+            session.rings.vrings[2].notify()  # must not block the event loop
         os.close(fd)
         assert await _still_serving(frontend)
     finally:
