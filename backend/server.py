@@ -23,8 +23,8 @@ from typing import Any
 from vhost_balloon.backend.balloon.device import BalloonDevice, BalloonSettings
 from vhost_balloon.backend.balloon.records import ReportRecord
 from vhost_balloon.backend.balloon.stats import DeviceStats
+from vhost_balloon.backend.latency.in_force import LatencyInForce
 from vhost_balloon.backend.latency.injection import LatencyInjection, LatencySettings
-from vhost_balloon.backend.latency.runtime import Runtime
 from vhost_balloon.backend.libc import precise_sleeps_for_this_thread
 from vhost_balloon.backend.observe.control import close_control, serve_control
 from vhost_balloon.backend.observe.metrics import Metrics, serve_metrics
@@ -69,7 +69,7 @@ class Server:
             initializer=precise_sleeps_for_this_thread,
         )
         self._trace = TraceWriter(settings.trace_path) if settings.trace_path else None
-        self.runtime = Runtime(settings.latency)
+        self.runtime = LatencyInForce(settings.latency)
         self.metrics = Metrics()
         self._services: list[asyncio.AbstractServer] = []
         self._control: asyncio.AbstractServer | None = None

@@ -9,6 +9,7 @@ import pytest
 
 from vhost_balloon.backend.latency.contention import MmapContention
 from vhost_balloon.backend.latency.delays import DelaySpecError, parse_delay
+from vhost_balloon.backend.latency.in_force import LatencyInForce
 from vhost_balloon.backend.latency.injection import (
     ALL_BQL_PHASES,
     BqlPhase,
@@ -18,7 +19,6 @@ from vhost_balloon.backend.latency.injection import (
     parse_bql_phases,
     parse_delay_option,
 )
-from vhost_balloon.backend.latency.runtime import Runtime
 
 
 def test_delay_option_names_a_point_and_a_model() -> None:
@@ -89,7 +89,7 @@ def test_describe_is_what_the_trace_shows() -> None:
 
 
 def test_runtime_updates_merge_replace_and_remove() -> None:
-    runtime = Runtime(LatencySettings(delays={Point.KICK: parse_delay("const:1ms")}))
+    runtime = LatencyInForce(LatencySettings(delays={Point.KICK: parse_delay("const:1ms")}))
     merged = runtime.updated({"delay": {"publish": "const:2ms"}})
     assert set(merged.delays) == {Point.KICK, Point.PUBLISH} and merged.version == 1
     replaced = runtime.updated({"delay": {"publish": "const:2ms"}, "replace": True})
@@ -113,14 +113,14 @@ def test_runtime_updates_merge_replace_and_remove() -> None:
 )
 def test_runtime_refuses_bad_updates(request_: dict[str, object]) -> None:
     with pytest.raises(ValueError):
-        Runtime().updated(request_)
+        LatencyInForce().updated(request_)
 
 
 async def test_concurrent_updates_never_orphan_contention_threads() -> None:
     def bql_threads() -> int:
         return sum(t.name.startswith("bql-") for t in threading.enumerate())
 
-    runtime = Runtime()
+    runtime = LatencyInForce()
     await runtime.start()
     try:
         await asyncio.gather(
@@ -143,7 +143,7 @@ async def test_a_failed_contention_change_leaves_honest_settings(
     def refuse(self: object) -> None:
         raise TimeoutError("thread did not stop")
 
-    runtime = Runtime()
+    runtime = LatencyInForce()
     await runtime.start()
     stuck = None
     try:

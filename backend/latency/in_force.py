@@ -1,6 +1,6 @@
 """The latency settings in force and the contention threads they start.
 
-One `Runtime` per server: it holds the current `LatencySettings` snapshot
+One `LatencyInForce` per server: it holds the current `LatencySettings` snapshot
 (read by every report as it starts), the process-wide BigLock, and the BQL
 and mmap contention threads, which it restarts when their settings change.
 Changes come from the command line at start and from the control socket
@@ -27,7 +27,7 @@ from vhost_balloon.backend.latency.injection import LatencySettings, Point, pars
 _OFF = ("", "none", "off")
 
 
-class Runtime:
+class LatencyInForce:
     def __init__(self, settings: LatencySettings | None = None) -> None:
         self.settings = settings or LatencySettings()
         self.big_lock = BigLock()
