@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from vhost_balloon.backend.balloon.discard import DiscardResult, DiscardStrategy, run_discards
 from vhost_balloon.backend.balloon.records import ReportRecord
-from vhost_balloon.backend.balloon.report_plan import plan_report
+from vhost_balloon.backend.balloon.report_plan import ReportPlan, plan_report
 from vhost_balloon.backend.balloon.stats import DeviceStats
 from vhost_balloon.backend.latency.injection import (
     NO_INJECTION,
@@ -50,14 +50,26 @@ class NotifyPolicy(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
-class _Turn:
-    """What a report inherits from the kick that woke its queue."""
+class _ReportStart:
+    """What a report starts with: its window's opening (the kick, or the
+    previous publish), when its turn began, the kick delay and the BQL wait
+    before its pop, and the latency snapshot it runs under."""
 
     kick_ns: int
     start_ns: int
     kick_delay_ns: int
     pop_wait_ns: int
     latency: LatencySettings
+
+
+@dataclass(frozen=True, slots=True)
+class _Published:
+    """When a report was published and notified (0: not notified), and the
+    BQL waits of its phases."""
+
+    published_ns: int
+    notified_ns: int
+    bql_wait_ns: dict[str, int]
 
 
 _NO_LATENCY = LatencySettings()  # inflate/deflate chains: nothing injected
@@ -167,8 +179,8 @@ class BalloonDevice(VirtioDevice):
                     first_kick_ns = None  # a chain found after this is not the kick's
                     break
                 if is_reporting:
-                    turn = _Turn(report_kick_ns, start_ns, kick_delay, pop_wait, latency)
-                    await self._report(handle, chain, turn)
+                    start = _ReportStart(report_kick_ns, start_ns, kick_delay, pop_wait, latency)
+                    await self._report(handle, chain, start)
                     kick_delay = 0  # attributed to the first report of the batch
                     first_kick_ns = None
                 else:
@@ -188,12 +200,14 @@ class BalloonDevice(VirtioDevice):
             return time.monotonic_ns()
         return 0
 
-    async def _report(self, handle: QueueHandle, chain: Chain, turn: _Turn) -> None:
+    async def _report(self, handle: QueueHandle, chain: Chain, start: _ReportStart) -> None:
+        """One report: its delays, its discards, then (and only then) its
+        publish and notify, and its record."""
         popped_ns = time.monotonic_ns()
         injector = self.injector
         injected: dict[str, int] = {}
-        if turn.kick_delay_ns or injector.has(Point.KICK):
-            injected[Point.KICK.value] = turn.kick_delay_ns
+        if start.kick_delay_ns or injector.has(Point.KICK):
+            injected[Point.KICK.value] = start.kick_delay_ns
         if injector.has(Point.REPORT):
             injected[Point.REPORT.value] = await injector.delay(Point.REPORT)
         # QEMU acks without discarding when the guest poisons freed pages with
@@ -201,9 +215,49 @@ class BalloonDevice(VirtioDevice):
         poison = self.config.poison_val != 0 and bool(
             self.acked_features >> virtio.BALLOON_F_PAGE_POISON & 1
         )
-        strategy = self.settings.discard
         plan = plan_report(chain, handle.memory_map, discard=not poison)
-        entry_delays = injector.entry_delays(len(plan.targets)) if plan.targets else None
+        result = await self._discard(plan, injected)
+        # Every discard of this report has returned: only now may the guest
+        # get its pages back.
+        published = await self._publish(handle, chain.head, start, injected)
+        self._seq += 1
+        strategy = self.settings.discard
+        record = ReportRecord(
+            session=self.session,
+            queue=handle.index,
+            seq=self._seq,
+            head=chain.head,
+            entries=plan.entries,
+            bytes=plan.reported_bytes,
+            ranges=plan.ranges,
+            discard=strategy.value,
+            t_kick_ns=start.kick_ns,
+            t_start_ns=start.start_ns,
+            t_popped_ns=popped_ns,
+            t_discard_start_ns=result.started_ns,
+            t_discard_done_ns=result.done_ns,
+            t_published_ns=published.published_ns,
+            t_notified_ns=published.notified_ns,
+            discard_syscall_ns=result.syscall_ns,
+            discarded_entries=len(plan.targets) if strategy is not DiscardStrategy.NONE else 0,
+            freed_bytes=result.freed_bytes,
+            skipped_outside=plan.skipped_outside,
+            skipped_unaligned=plan.skipped_unaligned,
+            poison_ack=poison,
+            injected_ns=injected,
+            bql_wait_ns=published.bql_wait_ns,
+            settings=start.latency.describe(),
+            errors=result.errors,
+        )
+        self._account(record)
+        for hook in self.record_hooks:
+            hook(record)
+
+    async def _discard(self, plan: ReportPlan, injected: dict[str, int]) -> DiscardResult:
+        """Every target of the plan, in one hop to a discard thread (with the
+        per-entry delays, measured into `injected`); none when there is nothing to do."""
+        strategy = self.settings.discard
+        entry_delays = self.injector.entry_delays(len(plan.targets)) if plan.targets else None
         if plan.targets and (strategy is not DiscardStrategy.NONE or entry_delays):
             loop = asyncio.get_running_loop()
             result = await loop.run_in_executor(
@@ -214,60 +268,35 @@ class BalloonDevice(VirtioDevice):
             result = DiscardResult(started_ns=now, done_ns=now)
         if entry_delays is not None:
             injected[Point.ENTRY.value] = result.entry_delay_ns
-        # Every discard of this report has returned: only now may the guest
-        # get its pages back.
+        return result
+
+    async def _publish(
+        self, handle: QueueHandle, head: int, start: _ReportStart, injected: dict[str, int]
+    ) -> _Published:
+        """The publish and notify phases, each after its delay and under the
+        big lock where the BQL is modelled."""
+        injector = self.injector
+        latency = start.latency
         if injector.has(Point.PUBLISH):
             injected[Point.PUBLISH.value] = await injector.delay(Point.PUBLISH)
-        latency = turn.latency
-        _, publish_wait = await self.injector.locked(
-            latency, BqlPhase.PUBLISH, lambda: handle.publish(chain.head)
+        _, publish_wait = await injector.locked(
+            latency, BqlPhase.PUBLISH, lambda: handle.publish(head)
         )
         published_ns = time.monotonic_ns()
         self._last_published_ns[handle.index] = published_ns
         if injector.has(Point.NOTIFY):
             injected[Point.NOTIFY.value] = await injector.delay(Point.NOTIFY)
-        notified_ns, notify_wait = await self.injector.locked(
+        notified_ns, notify_wait = await injector.locked(
             latency, BqlPhase.NOTIFY, lambda: self._notify(handle)
         )
         bql_wait = {}
         if latency.bql is not None:
             bql_wait = {
-                BqlPhase.POP.value: turn.pop_wait_ns,
+                BqlPhase.POP.value: start.pop_wait_ns,
                 BqlPhase.PUBLISH.value: publish_wait,
                 BqlPhase.NOTIFY.value: notify_wait,
             }
-        self._seq += 1
-        discarded = len(plan.targets) if strategy is not DiscardStrategy.NONE else 0
-        record = ReportRecord(
-            session=self.session,
-            queue=handle.index,
-            seq=self._seq,
-            head=chain.head,
-            entries=plan.entries,
-            bytes=plan.reported_bytes,
-            ranges=plan.ranges,
-            discard=strategy.value,
-            t_kick_ns=turn.kick_ns,
-            t_start_ns=turn.start_ns,
-            t_popped_ns=popped_ns,
-            t_discard_start_ns=result.started_ns,
-            t_discard_done_ns=result.done_ns,
-            t_published_ns=published_ns,
-            t_notified_ns=notified_ns,
-            discard_syscall_ns=result.syscall_ns,
-            discarded_entries=discarded,
-            freed_bytes=result.freed_bytes,
-            skipped_outside=plan.skipped_outside,
-            skipped_unaligned=plan.skipped_unaligned,
-            poison_ack=poison,
-            injected_ns=injected,
-            bql_wait_ns=bql_wait,
-            settings=latency.describe(),
-            errors=result.errors,
-        )
-        self._account(record)
-        for hook in self.record_hooks:
-            hook(record)
+        return _Published(published_ns, notified_ns, bql_wait)
 
     def _account(self, record: ReportRecord) -> None:
         stats = self.stats
