@@ -17,7 +17,6 @@ Errors, by who caused them:
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import logging
 import os
@@ -27,6 +26,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
+from vhost_balloon.backend.vhost.backend_channel import BackendChannel
 from vhost_balloon.backend.vhost.device import VirtioDevice
 from vhost_balloon.backend.vhost.mapping import MappedRegion, MappingError, MemoryMap
 from vhost_balloon.backend.vhost.rings import RingSet, forget_queue
@@ -36,7 +36,6 @@ from vhost_balloon.protocol.errors import AddressError, MessageError
 from vhost_balloon.protocol.vhost_user import (
     F_PROTOCOL_FEATURES,
     U64,
-    BackendRequest,
     ConfigPayload,
     Empty,
     FrontendRequest,
@@ -50,9 +49,7 @@ from vhost_balloon.protocol.vhost_user import (
     VringAddr,
     VringFile,
     VringState,
-    check_reply,
     decode_request,
-    encode_backend_request,
     encode_reply,
     protocol_feature_mask,
 )
@@ -68,7 +65,6 @@ PROTOCOL_FEATURES = protocol_feature_mask(
     ProtocolFeature.CONFIGURE_MEM_SLOTS,
 )
 MAX_MEM_SLOTS = 32
-BACKEND_REPLY_TIMEOUT_S = 5.0
 _ERROR = U64(1).encode()
 _OK = U64(0).encode()
 
@@ -143,7 +139,7 @@ class Session:
         )
         self.acked_features = 0
         self.acked_protocol_features = 0
-        self.backend_channel: MessageChannel | None = None
+        self.backend_channel = BackendChannel()
         self.end_reason = ""
         # Each request's handler, typed by the payload its spec decodes to.
         self.routes: dict[FrontendRequest, _Route[Any]] = {
@@ -437,10 +433,7 @@ class Session:
     async def _set_backend_req_fd(self, payload: RawPayload, fds: list[int]) -> None:
         if not stat.S_ISSOCK(os.fstat(fds[0]).st_mode):
             raise RequestRefused("backend request fd is not a socket")
-        sock = socket.socket(fileno=fds.pop(0))
-        if self.backend_channel is not None:
-            self.backend_channel.close()
-        self.backend_channel = MessageChannel(sock)
+        self.backend_channel.replace(socket.socket(fileno=fds.pop(0)))
 
     async def config_changed(self) -> bool:
         """Tell the driver the config changed (CONFIG_CHANGE_MSG on the backend
@@ -448,20 +441,11 @@ class Session:
 
         Returns False when the front-end gave no backend channel or refused.
         """
-        if self.backend_channel is None or not self._protocol_feature(ProtocolFeature.CONFIG):
+        if not self._protocol_feature(ProtocolFeature.CONFIG):
             return False
-        need_reply = self._protocol_feature(ProtocolFeature.REPLY_ACK)
-        await self.backend_channel.send(
-            encode_backend_request(BackendRequest.CONFIG_CHANGE_MSG, need_reply=need_reply)
+        return await self.backend_channel.config_changed(
+            need_reply=self._protocol_feature(ProtocolFeature.REPLY_ACK)
         )
-        if not need_reply:
-            return True
-        header, payload, fds = await asyncio.wait_for(
-            self.backend_channel.receive(), BACKEND_REPLY_TIMEOUT_S
-        )
-        close_fds(fds)
-        check_reply(header, BackendRequest.CONFIG_CHANGE_MSG)
-        return len(payload) == 8 and U64.decode(payload).value == 0
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -478,7 +462,6 @@ class Session:
         self.rings.pause_for_good()
         await self.rings.close()
         self.memory_map.close()
-        if self.backend_channel is not None:
-            self.backend_channel.close()
+        self.backend_channel.close()
         self.channel.close()
         self.state = SessionState.CLOSED

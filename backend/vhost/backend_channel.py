@@ -1,0 +1,57 @@
+"""The back-end's own channel to the front-end (SET_BACKEND_REQ_FD).
+
+Requests go from the back-end to the front-end on it; today the only one is
+CONFIG_CHANGE_MSG, which a device raises through its FrontendLink.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from vhost_balloon.backend.vhost.transport import MessageChannel, close_fds
+from vhost_balloon.protocol.vhost_user import (
+    U64,
+    BackendRequest,
+    check_reply,
+    encode_backend_request,
+)
+
+REPLY_TIMEOUT_S = 5.0
+
+
+class BackendChannel:
+    """Owns the socket the front-end gave (invariant 4); a new one replaces it."""
+
+    def __init__(self) -> None:
+        self._channel: MessageChannel | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._channel is not None
+
+    def replace(self, sock: socket.socket) -> None:
+        self.close()
+        self._channel = MessageChannel(sock)
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    async def config_changed(self, *, need_reply: bool) -> bool:
+        """Send CONFIG_CHANGE_MSG; with REPLY_ACK, wait for the front-end's ack.
+
+        False when there is no channel or the front-end refused.
+        """
+        if self._channel is None:
+            return False
+        await self._channel.send(
+            encode_backend_request(BackendRequest.CONFIG_CHANGE_MSG, need_reply=need_reply)
+        )
+        if not need_reply:
+            return True
+        header, payload, fds = await asyncio.wait_for(self._channel.receive(), REPLY_TIMEOUT_S)
+        close_fds(fds)
+        check_reply(header, BackendRequest.CONFIG_CHANGE_MSG)
+        return len(payload) == 8 and U64.decode(payload).value == 0
