@@ -26,6 +26,8 @@ from pathlib import Path
 
 import harness
 
+from vhost_balloon.protocol.samples import percentiles
+
 POINTS = ("kick", "report", "entry", "publish", "notify")
 DELAYS_US = (100, 1_000, 10_000, 100_000)
 ENTRIES = 32
@@ -49,11 +51,6 @@ def holds_us(delay: str | None, reports: int, workdir: Path) -> list[float]:
             "60",
         )
     return [json.loads(line)["hold_ns"] / 1000 for line in log.read_text().splitlines()]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
 
 
 def main() -> int:
@@ -95,9 +92,10 @@ def main() -> int:
     )
     for (point, delay_us), values in errors.items():
         injected = delay_us * (ENTRIES if point == "entry" else 1)
+        errors_us = percentiles(values)
         print(
             f"{point:<8} {delay_us:>7}us {injected:>8}us {len(values):>5} "
-            f"{percentile(values, 0.5):>11.0f} {percentile(values, 0.99):>11.0f}"
+            f"{errors_us['p50']:>11.0f} {errors_us['p99']:>11.0f}"
         )
     return 0
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import harness
 
+from vhost_balloon.backend.balloon.records import hold_window_ns
 from vhost_balloon.backend.libc import punch_hole
 
 ENTRY = 2 << 20
@@ -94,8 +95,14 @@ def backend_run(discard: str, reports: int, workdir: Path) -> dict[str, float]:
     with harness.backend(sock, "--discard", discard, "--trace", str(trace)):
         summary = harness.run_guest(sock, "--memory", "512M", "--reports", str(reports))
     records = [json.loads(line) for line in trace.read_text().splitlines()]
-    kick_to_notify = [(r["t_notified_ns"] - r["t_kick_ns"]) / 1000 for r in records]
-    syscall = [r["discard_syscall_ns"] / 1000 for r in records]
+    measured = [
+        (hold_ns / 1000, r["discard_syscall_ns"] / 1000)
+        for r in records
+        if (hold_ns := hold_window_ns(r["t_kick_ns"], r["t_published_ns"], r["t_notified_ns"]))
+        is not None
+    ]
+    kick_to_notify = [hold_us for hold_us, _ in measured]
+    syscall = [syscall_us for _, syscall_us in measured]
     return {
         "kick_to_notify_us": statistics.median(kick_to_notify),
         "syscall_us": statistics.median(syscall),

@@ -49,6 +49,7 @@ from vhost_balloon.protocol.virtio import (
     balloon_queues,
     describe_features,
     feature_mask,
+    feature_name,
     has_feature,
 )
 from vhost_balloon.protocol.virtqueue import Buffer, DriverQueue
@@ -176,6 +177,11 @@ class Submitted:
     calls: int
     kicked: bool
 
+    @property
+    def hold_ns(self) -> int:
+        """The hold window as the driver sees it: chain made available .. used entry seen."""
+        return self.used_ns - self.available_ns
+
 
 @dataclass(slots=True)
 class RunResult:
@@ -244,10 +250,11 @@ class ReportingDriver:
 
     def negotiate(self, offered: int) -> int:
         """Accept what the driver wants and the device offers (VERSION_1, REPORTING needed)."""
-        for bit, name in ((F_VERSION_1, "VERSION_1"), (BALLOON_F_REPORTING, "REPORTING")):
+        for bit in (F_VERSION_1, BALLOON_F_REPORTING):
             if not has_feature(offered, bit):
                 raise DriverError(
-                    f"the device does not offer {name} (it offers {describe_features(offered)})"
+                    f"the device does not offer {feature_name(bit)} "
+                    f"(it offers {describe_features(offered)})"
                 )
         if self.config.page_poison and not has_feature(offered, BALLOON_F_PAGE_POISON):
             # virtballoon_validate: a guest that poisons or inits freed pages
@@ -345,8 +352,7 @@ class ReportingDriver:
         indirect = self.use_indirect and len(buffers) > 1
         before = self.ram.allocated_bytes()
         submitted = await self.submit(buffers)
-        available_ns, used_ns = submitted.available_ns, submitted.used_ns
-        hold_ns = used_ns - available_ns
+        available_ns, hold_ns = submitted.available_ns, submitted.hold_ns
         used_len, calls, kicked = submitted.used_len, submitted.calls, submitted.kicked
 
         after = self.ram.allocated_bytes()

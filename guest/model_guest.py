@@ -44,6 +44,7 @@ from vhost_balloon.guest.freelists import (
 )
 from vhost_balloon.guest.page_reporting import PageReporting, ReportingConfig
 from vhost_balloon.guest.runner import GuestOptions, MockGuest
+from vhost_balloon.protocol.units import two_columns
 from vhost_balloon.protocol.virtqueue import Buffer
 
 FILL = 0x5A
@@ -105,8 +106,13 @@ class HeldReport:
     def bytes(self) -> int:
         return sum(pageblocks(order) for _, order in self.pageblocks) * PAGEBLOCK_BYTES
 
+    @property
+    def hold_ns(self) -> int:
+        """The hold window as the driver saw it: chain made available .. used entry seen."""
+        return self.t_used_ns - self.t_available_ns
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"bytes": self.bytes, "hold_ns": self.t_used_ns - self.t_available_ns}
+        return asdict(self) | {"bytes": self.bytes, "hold_ns": self.hold_ns}
 
 
 @dataclass(slots=True)
@@ -355,7 +361,7 @@ class ModelGuest:
         for item in attempts:
             by_outcome[item.outcome] = by_outcome.get(item.outcome, 0) + 1
         span = max(self.t_end_ns - self.t_start_ns, 1)
-        holds = [r.t_used_ns - r.t_available_ns for r in self.reports if r.t_used_ns]
+        holds = [r.hold_ns for r in self.reports if r.t_used_ns]
         return {
             "model": "freelists",
             "duration_s": round(span / 1e9, 3),
@@ -483,5 +489,4 @@ def format_model(summary: dict[str, Any]) -> str:
         ("report hold p50", f"{p50:.2f} ms"),
         ("passes", str(summary["passes"])),
     ]
-    width = max(len(label) for label, _ in rows)
-    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+    return two_columns(rows)

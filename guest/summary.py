@@ -1,42 +1,18 @@
-"""Percentiles and the JSON summary of a mocked-guest run.
+"""The JSON summary of a mocked-guest run, and its table.
 
-Percentiles are nearest-rank on the sorted samples (no interpolation, no
-numpy): the p-th percentile of n samples is the ceil(p/100 * n)-th smallest.
+Percentiles are nearest-rank (protocol/samples.py), as in the backend's
+launch summary.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from vhost_balloon.guest.driver import RunResult
-from vhost_balloon.protocol.virtio import FEATURE_NAMES
-
-PERCENTILES = (50, 90, 99)
-
-
-def nearest_rank(sorted_samples: Sequence[float], percent: float) -> float:
-    """The nearest-rank percentile of already sorted samples (0.0 when empty)."""
-    if not sorted_samples:
-        return 0.0
-    if not 0 < percent <= 100:
-        raise ValueError(f"percentile {percent} outside (0, 100]")
-    rank = max(1, math.ceil(percent / 100 * len(sorted_samples)))
-    return float(sorted_samples[rank - 1])
-
-
-def percentiles(samples: Sequence[float]) -> dict[str, float]:
-    """{"p50", "p90", "p99", "max"} of the samples (all 0.0 when empty)."""
-    ordered = sorted(samples)
-    summary = {f"p{p}": nearest_rank(ordered, p) for p in PERCENTILES}
-    summary["max"] = float(ordered[-1]) if ordered else 0.0
-    return summary
-
-
-def feature_names(features: int) -> list[str]:
-    return [FEATURE_NAMES.get(bit, f"bit{bit}") for bit in range(64) if features >> bit & 1]
+from vhost_balloon.protocol.samples import format_percentiles, percentiles
+from vhost_balloon.protocol.units import two_columns
+from vhost_balloon.protocol.virtio import feature_names
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,11 +76,7 @@ def format_table(summary: dict[str, Any]) -> str:
         ("reported", _mib(summary["reported_bytes"])),
         ("freed (memfd blocks)", _mib(summary["freed_bytes"])),
         ("read back as zero", _mib(summary["zeroed_bytes"])),
-        (
-            "hold window (us)",
-            f"p50 {hold['p50']:.1f}  p90 {hold['p90']:.1f}  "
-            f"p99 {hold['p99']:.1f}  max {hold['max']:.1f}",
-        ),
+        ("hold window (us)", format_percentiles(hold, digits=1, separator="  ")),
         ("discard", summary["discard"] or "unknown"),
         ("capacity / order", f"{summary['capacity']} / {summary['order']}"),
         ("memory", f"{_mib(summary['memory_bytes'])} in {summary['regions']} region(s)"),
@@ -119,5 +91,4 @@ def format_table(summary: dict[str, Any]) -> str:
         ),
         ("duration", f"{summary['duration_s']:.3f} s"),
     ]
-    width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+    return two_columns(rows)

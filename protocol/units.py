@@ -1,10 +1,11 @@
-"""Parsing of the sizes and counts users type (`512M`, `1G`), shared by the CLIs."""
+"""What the command lines share: parsing the sizes and counts users type
+(`512M`, `1G`), and the two-column tables they print."""
 
 from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
@@ -41,3 +42,9 @@ def argument_type(parse: Callable[[str], ParsedT]) -> Callable[[str], ParsedT]:
 
     convert.__name__ = getattr(parse, "__name__", "value")
     return convert
+
+
+def two_columns(rows: Sequence[tuple[str, str]]) -> str:
+    """Label/value rows as a table: labels padded to the longest, two spaces, the value."""
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)

@@ -54,13 +54,22 @@ FEATURE_NAMES: dict[int, str] = {
     F_ACCESS_PLATFORM: "ACCESS_PLATFORM",
     F_RING_PACKED: "RING_PACKED",
     F_IN_ORDER: "IN_ORDER",
-    30: "PROTOCOL_FEATURES",
+    30: "PROTOCOL_FEATURES",  # vhost_user.F_PROTOCOL_FEATURES (that module imports this one)
 }
 
 
+def feature_name(bit: int) -> str:
+    """The bit's name in FEATURE_NAMES, or "bitN" for one it does not know."""
+    return FEATURE_NAMES.get(bit, f"bit{bit}")
+
+
+def feature_names(features: int) -> list[str]:
+    """The names of the bits set in a 64-bit feature mask, lowest bit first."""
+    return [feature_name(bit) for bit in range(64) if has_feature(features, bit)]
+
+
 def describe_features(features: int) -> str:
-    names = [FEATURE_NAMES.get(bit, f"bit{bit}") for bit in range(64) if features >> bit & 1]
-    return "|".join(names) or "none"
+    return "|".join(feature_names(features)) or "none"
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
+def hold_window_ns(t_kick_ns: int, t_published_ns: int, t_notified_ns: int) -> int | None:
+    """A report's hold window as the backend measures it: from the kick it
+    was seen at to the notification, or to the publish when no notification
+    was sent (kick-to-notify). None when the kick or that end is missing (0):
+    no window to measure. Takes a record's fields or a trace line's."""
+    end_ns = t_notified_ns or t_published_ns
+    if not t_kick_ns or not end_ns:
+        return None
+    return end_ns - t_kick_ns
+
+
 @dataclass(slots=True)
 class ReportRecord:
     session: str
@@ -41,9 +52,9 @@ class ReportRecord:
     errors: list[str] = field(default_factory=list)
 
     @property
-    def kick_to_notify_ns(self) -> int:
-        end = self.t_notified_ns or self.t_published_ns
-        return end - self.t_kick_ns
+    def kick_to_notify_ns(self) -> int | None:
+        """This report's hold window (hold_window_ns)."""
+        return hold_window_ns(self.t_kick_ns, self.t_published_ns, self.t_notified_ns)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))

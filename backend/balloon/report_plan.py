@@ -23,7 +23,6 @@ class ReportPlan:
     files: dict[FileIdentity, int] = field(default_factory=dict)  # identity -> an fd
     skipped_outside: int = 0
     skipped_unaligned: int = 0
-    ignored_readable: int = 0
 
     @property
     def entries(self) -> int:
@@ -46,7 +45,6 @@ def plan_report(chain: Chain, memory_map: MemoryMap, *, discard: bool) -> Report
     """
     plan = ReportPlan()
     writable = chain.writable
-    plan.ignored_readable = len(chain.descriptors) - len(writable)
     regions = memory_map.regions
     table = memory_map.memory.table if regions else None
     cached: MappedRegion | None = None

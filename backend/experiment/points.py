@@ -26,15 +26,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vhost_balloon.backend.balloon.records import hold_window_ns
 from vhost_balloon.backend.experiment.spec import Point, Value
 from vhost_balloon.backend.latency.delays import parse_duration
 from vhost_balloon.backend.observe.trace import read_trace
+from vhost_balloon.backend.qemu.command import DEFAULT_APPEND
 from vhost_balloon.protocol.units import parse_size
 
 SOCKET_WAIT_S = 10.0
 STOP_WAIT_S = 60.0
 RESULT = "result.json"
-GIGANTIC_APPEND = "nokaslr init_on_alloc=0"  # see FACTS.md and docs/qemu.md
+GIGANTIC_APPEND = DEFAULT_APPEND["gigantic"]  # launch's own default, see docs/qemu.md
 
 
 class PointError(Exception):
@@ -185,7 +187,12 @@ def backend_figures(trace: Path) -> dict[str, Any]:
     with contextlib.suppress(OSError, ValueError):
         records = list(read_trace(trace))
     injected = [sum(r["injected_ns"].values()) for r in records]
-    k2n = [(r["t_notified_ns"] or r["t_published_ns"]) - r["t_kick_ns"] for r in records]
+    k2n = [
+        ns
+        for r in records
+        if (ns := hold_window_ns(r["t_kick_ns"], r["t_published_ns"], r["t_notified_ns"]))
+        is not None
+    ]
     if not records:  # no backend (a control) or no report: nothing measured
         return {
             "backend_reports": 0,

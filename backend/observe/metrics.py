@@ -24,13 +24,14 @@ from hdrh.histogram import HdrHistogram
 
 from vhost_balloon.backend.balloon.records import ReportRecord
 from vhost_balloon.backend.observe.linger import linger
+from vhost_balloon.protocol.samples import PERCENTILE_KEYS, PERCENTILES
 
 LOG = logging.getLogger("vhost_balloon.metrics")
 
 LOWEST_US = 1
 HIGHEST_US = 60_000_000  # 60 s; longer values are counted as 60 s (exact max kept)
 SIGNIFICANT_DIGITS = 3
-QUANTILES = (0.5, 0.9, 0.99)
+QUANTILES = tuple(p / 100 for p in PERCENTILES)  # 0.5, 0.9, 0.99
 FIXED = ("hold", "discard", "bql_wait")
 INJECTED_PREFIX = "injected:"  # + the injection point, e.g. "injected:publish"
 TOTAL_SESSION = "all"  # the session label of the totals over every session
@@ -63,11 +64,9 @@ class Summary:
     quantiles_us: tuple[float, ...]  # in QUANTILES order; 0.0 when count == 0
 
     def percentiles(self) -> dict[str, float]:
-        p50, p90, p99 = self.quantiles_us
+        """The keys of protocol.samples.percentiles(), and "count"."""
         return {
-            "p50": p50,
-            "p90": p90,
-            "p99": p99,
+            **dict(zip(PERCENTILE_KEYS, self.quantiles_us, strict=True)),
             "max": self.max_ns / 1000,
             "count": float(self.count),
         }
@@ -120,9 +119,9 @@ class Histograms:
     ) -> None:
         """Add one report. bql_wait_ns is recorded for every report (0 when no
         lock is modelled), so its count matches the report count."""
-        end_ns = record.t_notified_ns or record.t_published_ns
-        if record.t_kick_ns and end_ns:
-            self._series["hold"].add(end_ns - record.t_kick_ns)
+        hold_ns = record.kick_to_notify_ns
+        if hold_ns is not None:
+            self._series["hold"].add(hold_ns)
         if record.t_discard_start_ns and record.t_discard_done_ns:
             self._series["discard"].add(record.t_discard_done_ns - record.t_discard_start_ns)
         self._series["bql_wait"].add(bql_wait_ns)

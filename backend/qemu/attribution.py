@@ -286,74 +286,32 @@ def summarize_gigantic(
 
     `backend` is the backend's trace in trace order (None without a backend:
     QEMU's built-in device or no balloon device); report i of the guest is
-    matched to record i + offset (see `align`)."""
-    attempts = run.attempts if run.attempts is not None else len(run.attempt_list)
-    failures = (
-        run.failures if run.failures is not None else sum(1 for a in run.attempt_list if not a.ok)
-    )
+    matched to record i + offset (see `align`). Without the guest's trace of
+    its attempts (`traced`), only the loop's own counts are known."""
+    attempts, failures = _attempt_counts(run)
     traced = bool(run.attempt_list)
-
-    # Report windows on the guest's clock, with the backend's ranges when the
-    # two sequences align.
-    alignment: Alignment | None = None
-    usable: Alignment | None = None
-    if backend is not None:
-        alignment = align(sorted(report_starts), [r.t_popped_s for r in backend])
-        usable = alignment if alignment is not None and alignment.plausible else None
-    windows = report_windows(
-        report_starts,
-        report_durations_us,
-        [r.ranges for r in backend] if backend is not None else None,
-        usable,
-    )
-    if not traced:
-        method = "none"
-    elif usable is not None:
-        method = "report-ranges"
-    elif windows:
-        method = "window-only"
-    else:
-        method = "none"
-
+    matched = match_windows(report_starts, report_durations_us, backend)
+    windows, usable = matched.windows, matched.usable
     start, end = _loop_span(run)
-    in_loop = [w for w in windows if w.end >= start and w.start <= end]
     loop_passes = passes_between(reporting_passes(windows), start, end) if traced else []
     target = most_common_range([(e.start_pfn, e.end_pfn) for e in run.events])
-
-    by_attempt: dict[int, list[IsolationEvent]] = {}
-    for event in run.events:
-        by_attempt.setdefault(event.attempt, []).append(event)
-    details: list[dict[str, Any]] = []
-    isolation_failures = not_tried = attributed = 0
-    for attempt in run.attempt_list:
-        if attempt.ok:
-            continue
-        detail = _failure_detail(attempt, by_attempt.get(attempt.index, []), windows, slack_s)
-        detail["pass"] = pass_at(loop_passes, detail["t_mono"], slack_s)
-        if detail["test"] == "fail":
-            isolation_failures += 1
-            attributed += detail["report"] is not None
-        elif detail["test"] == "none":
-            not_tried += 1
-        details.append(detail)
-
-    failed_passes = {d["pass"] for d in details if d["test"] == "fail" and d["pass"] is not None}
+    details = failure_details(run, windows, loop_passes, slack_s)
+    tally = _FailureTally.of(details)
     duration = end - start if traced else None
+    in_loop = [w for w in windows if w.end >= start and w.start <= end]
     return {
         "attempts": attempts,
         "failures": failures,
         "failure_rate": round(failures / attempts, 4) if attempts else None,
         "isolation_tests": len(run.events) if traced else None,
-        "isolation_failures": isolation_failures if traced else None,
-        "not_tried": not_tried if traced else None,
-        "attributed": attributed if traced else None,
-        "unattributed": isolation_failures - attributed if traced else None,
-        "in_window": sum(1 for d in details if d["test"] == "fail" and d["in_window"])
-        if traced
-        else None,
-        "attribution": method,
+        "isolation_failures": tally.isolation_failures if traced else None,
+        "not_tried": tally.not_tried if traced else None,
+        "attributed": tally.attributed if traced else None,
+        "unattributed": tally.isolation_failures - tally.attributed if traced else None,
+        "in_window": tally.in_window if traced else None,
+        "attribution": matched.method if traced else "none",
         "passes": len(loop_passes) if traced else None,
-        "passes_with_failures": len(failed_passes) if traced else None,
+        "passes_with_failures": len(tally.failed_passes) if traced else None,
         "duration_s": round(duration, 3) if duration is not None else run.duration_s,
         "settle_s": run.settle_s,
         "target_pfns": list(target) if target is not None else None,
@@ -369,19 +327,110 @@ def summarize_gigantic(
         "target_reports": sum(1 for w in in_loop if w.overlaps_pfns(*target))
         if traced and target is not None and usable is not None
         else None,
-        "alignment": None
-        if alignment is None
-        else {
-            "offset": alignment.offset,
-            "rate": round(alignment.rate, 6),
-            "residual_s": round(alignment.residual_s, 6),
-            "outliers": alignment.outliers,
-            "pairs": alignment.pairs,
-            "plausible": alignment.plausible,
-        },
+        "alignment": None if matched.alignment is None else _alignment_fields(matched.alignment),
         "slack_s": slack_s,
         "trace": run.trace,
         "failures_detail": details,
+    }
+
+
+def _attempt_counts(run: GiganticRun) -> tuple[int, int]:
+    """Attempts and failures: the loop's own counts, else its traced attempts."""
+    attempts = run.attempts if run.attempts is not None else len(run.attempt_list)
+    failures = (
+        run.failures if run.failures is not None else sum(1 for a in run.attempt_list if not a.ok)
+    )
+    return attempts, failures
+
+
+@dataclass(frozen=True, slots=True)
+class MatchedWindows:
+    """The guest's report windows, with the backend's ranges when the two
+    sequences align plausibly (`usable`)."""
+
+    windows: list[Window]
+    alignment: Alignment | None  # None without a backend or when nothing aligns
+    usable: Alignment | None  # the alignment, when plausible
+
+    @property
+    def method(self) -> str:
+        """How failures can be attributed: by the reports' ranges, by their
+        windows only, or not at all (no report)."""
+        if self.usable is not None:
+            return "report-ranges"
+        return "window-only" if self.windows else "none"
+
+
+def match_windows(
+    report_starts: Sequence[float],
+    report_durations_us: Sequence[float],
+    backend: Sequence[BackendReport] | None,
+) -> MatchedWindows:
+    """Report windows on the guest's clock, with the backend's ranges when the
+    two sequences align."""
+    alignment: Alignment | None = None
+    usable: Alignment | None = None
+    if backend is not None:
+        alignment = align(sorted(report_starts), [r.t_popped_s for r in backend])
+        usable = alignment if alignment is not None and alignment.plausible else None
+    windows = report_windows(
+        report_starts,
+        report_durations_us,
+        [r.ranges for r in backend] if backend is not None else None,
+        usable,
+    )
+    return MatchedWindows(windows, alignment, usable)
+
+
+def failure_details(
+    run: GiganticRun,
+    windows: Sequence[Window],
+    passes: Sequence[Pass],
+    slack_s: float = SLACK_S,
+) -> list[dict[str, Any]]:
+    """One entry per failed attempt: its isolation test, the report that
+    held the first busy page (if any) and the reporting pass running then."""
+    by_attempt: dict[int, list[IsolationEvent]] = {}
+    for event in run.events:
+        by_attempt.setdefault(event.attempt, []).append(event)
+    details: list[dict[str, Any]] = []
+    for attempt in run.attempt_list:
+        if attempt.ok:
+            continue
+        detail = _failure_detail(attempt, by_attempt.get(attempt.index, []), windows, slack_s)
+        detail["pass"] = pass_at(passes, detail["t_mono"], slack_s)
+        details.append(detail)
+    return details
+
+
+@dataclass(frozen=True, slots=True)
+class _FailureTally:
+    isolation_failures: int  # the isolation test failed
+    not_tried: int  # the attempt never reached the test
+    attributed: int  # failed on a page a report held
+    in_window: int  # failed while a report was in flight
+    failed_passes: frozenset[int]  # passes during which a test failed
+
+    @classmethod
+    def of(cls, details: Sequence[dict[str, Any]]) -> _FailureTally:
+        failed = [d for d in details if d["test"] == "fail"]
+        return cls(
+            isolation_failures=len(failed),
+            not_tried=sum(1 for d in details if d["test"] == "none"),
+            attributed=sum(1 for d in failed if d["report"] is not None),
+            in_window=sum(1 for d in failed if d["in_window"]),
+            failed_passes=frozenset(d["pass"] for d in failed if d["pass"] is not None),
+        )
+
+
+def _alignment_fields(alignment: Alignment) -> dict[str, Any]:
+    return {
+        "offset": alignment.offset,
+        "rate": round(alignment.rate, 6),
+        "residual_s": round(alignment.residual_s, 6),
+        "outliers": alignment.outliers,
+        "pairs": alignment.pairs,
+        "plausible": alignment.plausible,
     }
 
 

@@ -3,17 +3,16 @@ for each balloon device, and the summary rows (no QEMU needed)."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 from vhost_balloon.backend.qemu.attribution import summarize_gigantic
+from vhost_balloon.backend.qemu.command import LaunchOptions, run_guest_command
 from vhost_balloon.backend.qemu.console import GiganticAttempt, GiganticRun, IsolationEvent
-from vhost_balloon.backend.qemu.launch import Launch, LaunchOptions, format_summary
+from vhost_balloon.backend.qemu.summary_table import format_launch_summary
 
 
 def _command(options: LaunchOptions, socket_path: Path | None) -> list[str]:
-    run = Launch(options, None, lambda _text: None, io.StringIO())
-    return run._command(socket_path)
+    return run_guest_command(options, socket_path)
 
 
 def _value(command: list[str], flag: str) -> str | None:
@@ -90,7 +89,7 @@ def test_the_summary_table_shows_the_gigantic_rows() -> None:
         "accel_reason": None,
         "duration_s": 50.0,
     }
-    text = format_summary(summary)
+    text = format_launch_summary(summary)
     assert "1 GiB attempts            2 in 2.0 s (after a 20 s settle)" in text
     assert "1 GiB failures            1 (50.0 %)" in text
     assert "isolation test failed   1 (0 attributed to a report, 1 while a report" in text

@@ -34,8 +34,8 @@ from vhost_balloon.guest.frontend import FrontendOptions, VhostUserFrontend
 from vhost_balloon.guest.layout import plan_layout
 from vhost_balloon.guest.ram import GuestRam
 from vhost_balloon.guest.runner import GuestOptions, MockGuest, run_guest
-from vhost_balloon.guest.summary import nearest_rank, percentiles
 from vhost_balloon.protocol.memory import GuestMemory, Region, RegionTable, Space
+from vhost_balloon.protocol.samples import nearest_rank, percentiles
 from vhost_balloon.protocol.vhost_user import (
     HEADER,
     HEADER_SIZE,

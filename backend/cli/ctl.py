@@ -1,0 +1,71 @@
+"""`vhost-balloon ctl`: one request to a running backend's control socket
+(stats, get, set), its JSON reply printed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from vhost_balloon.backend.cli.options import UsageError
+from vhost_balloon.backend.observe.control import ControlError, control_request
+
+
+def add_parser(commands: Any) -> None:
+    ctl = commands.add_parser("ctl", help="read statistics or change latency settings live")
+    ctl.add_argument("--control-socket", type=Path, required=True, metavar="PATH")
+    ctl_commands = ctl.add_subparsers(dest="ctl_command", required=True)
+    ctl_commands.add_parser("stats", help="counters, per-session histograms, settings")
+    ctl_commands.add_parser("get", help="the latency settings in force")
+    change = ctl_commands.add_parser("set", help="change settings from the next report on")
+    change.add_argument(
+        "--delay",
+        action="append",
+        default=[],
+        metavar="POINT=MODEL|none",
+        help="set (or with =none remove) one point's delay; repeatable",
+    )
+    change.add_argument("--replace", action="store_true", help="drop every delay not given here")
+    change.add_argument("--bql", metavar="SPEC|none")
+    change.add_argument("--bql-phases", metavar="pop,publish,notify")
+    change.add_argument("--mmap-contention", metavar="SPEC|none")
+    change.add_argument("--seed", type=int)
+
+
+def control_request_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The control socket request the ctl arguments ask for."""
+    request: dict[str, Any] = {"cmd": args.ctl_command}
+    if args.ctl_command == "set":
+        delays: dict[str, str] = {}
+        for item in args.delay:
+            point, sep, model = item.partition("=")
+            if not sep:
+                raise UsageError(f"--delay '{item}': expected POINT=MODEL or POINT=none")
+            delays[point.strip()] = model.strip()
+        request["delay"] = delays
+        if args.replace:
+            request["replace"] = True
+        for key, value in (
+            ("bql", args.bql),
+            ("bql_phases", args.bql_phases),
+            ("mmap_contention", args.mmap_contention),
+            ("seed", args.seed),
+        ):
+            if value is not None:
+                request[key] = value
+    return request
+
+
+def run(args: argparse.Namespace) -> int:
+    request = control_request_of(args)
+    try:
+        reply = control_request(args.control_socket, request)
+    except ControlError as error:
+        raise UsageError(str(error)) from None
+    if not reply.get("ok"):
+        print(f"vhost-balloon ctl: {reply.get('error', 'refused')}", file=sys.stderr)
+        return 1
+    print(json.dumps(reply, indent=2))
+    return 0

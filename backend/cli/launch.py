@@ -1,0 +1,176 @@
+"""`vhost-balloon launch` (the backend beside a real QEMU and Linux guest)
+and `vhost-balloon setup-qemu` (provisioning what launch runs)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from vhost_balloon.backend.cli.options import (
+    UsageError,
+    add_backend_options,
+    add_latency_options,
+    add_service_options,
+    count,
+    server_settings,
+)
+from vhost_balloon.backend.qemu import provisioning
+from vhost_balloon.backend.qemu.command import WORKLOADS, LaunchOptions
+from vhost_balloon.backend.qemu.launch import Launch
+from vhost_balloon.backend.qemu.provisioning import LaunchError
+from vhost_balloon.backend.qemu.summary_table import format_launch_summary
+
+
+def add_parser(commands: Any) -> None:
+    launch = commands.add_parser(
+        "launch",
+        help="the backend beside a real QEMU and Linux guest (qemu-configs/)",
+        description="Start the backend and QEMU (through qemu-configs/run-guest.sh) with the "
+        "project's test guest or your own kernel/initrd, stream the console with host "
+        "timestamps, stop both when the guest powers off or on Ctrl-C, print a summary. "
+        "Arguments after -- go to QEMU.",
+    )
+    launch.add_argument(
+        "--json", action="store_true", help="print one JSON summary (console goes to stderr)"
+    )
+    add_backend_options(launch)
+    add_latency_options(launch)
+    add_service_options(launch)
+    guest = launch.add_argument_group("guest and QEMU")
+    guest.add_argument(
+        "--workload",
+        choices=WORKLOADS,
+        default="fill",
+        help="fill: fill/free rounds; gigantic: allocate and free a 1 GiB page in a loop (fill)",
+    )
+    guest.add_argument("--rounds", type=count, default=2, help="fill/free rounds (2)")
+    guest.add_argument("--size", type=count, default=300, metavar="MIB", help="MiB/round (300)")
+    guest.add_argument("--pause", type=int, default=5, metavar="S", help="wait after a free (5)")
+    guest.add_argument(
+        "--settle",
+        type=int,
+        metavar="S",
+        help="fill: wait before the end (0); gigantic: wait before the loop (20)",
+    )
+    guest.add_argument(
+        "--duration", type=count, default=30, metavar="S", help="gigantic: loop length (30)"
+    )
+    guest.add_argument("--mem", metavar="SIZE", help="guest RAM (fill 512M, gigantic 2560M)")
+    guest.add_argument("--kernel", type=Path, metavar="FILE", help="your own guest kernel")
+    guest.add_argument("--initrd", type=Path, metavar="FILE", help="your own initrd")
+    guest.add_argument(
+        "--append",
+        metavar="STR",
+        help="more kernel command line (gigantic: 'nokaslr init_on_alloc=0' unless given)",
+    )
+    guest.add_argument(
+        "--baseline",
+        action="store_true",
+        help="QEMU's built-in virtio-balloon-pci,free-page-reporting=on instead of the backend",
+    )
+    guest.add_argument(
+        "--no-balloon",
+        action="store_true",
+        help="no balloon device at all (gigantic workload's control; no backend)",
+    )
+    guest.add_argument("--console-log", type=Path, metavar="FILE", help="also write it here")
+    guest.add_argument("--timeout", type=count, default=900, metavar="S", help="kill QEMU after")
+    guest.add_argument("--accel", choices=("auto", "tcg", "kvm"), default="auto")
+    guest.add_argument(
+        "--mem-path", type=Path, metavar="DIR", help="guest RAM in a file in DIR (hugetlbfs)"
+    )
+    guest.add_argument(
+        "--share", choices=("on", "off"), default="on", help="off: see QEMU's error only"
+    )
+    guest.add_argument("--qemu", metavar="BIN", help="another QEMU than the provisioned one")
+    guest.add_argument(
+        "--socket-path", type=Path, help="the backend's socket (default VB_RUN_DIR/launch-PID.sock)"
+    )
+    launch.add_argument("qemu_args", nargs="*", metavar="-- QEMU_ARG", help=argparse.SUPPRESS)
+
+
+def add_setup_parser(commands: Any) -> None:
+    setup = commands.add_parser(
+        "setup-qemu", help="provision QEMU >= 10.2, the guest kernel and busybox (cached; root)"
+    )
+    setup.add_argument("--refresh", action="store_true", help="redo every step")
+
+
+def default_args() -> argparse.Namespace:
+    """`vhost-balloon launch` as parsed with no option given."""
+    parser = argparse.ArgumentParser(prog="vhost-balloon")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["launch"])
+
+
+def run(args: argparse.Namespace) -> int:
+    return asyncio.run(launch(args))
+
+
+def launch_options(args: argparse.Namespace) -> LaunchOptions:
+    """The launch options in args, checked against each other."""
+    if args.mem_path is not None and not args.mem_path.is_dir():
+        raise UsageError(f"--mem-path {args.mem_path} is not a directory")
+    if args.baseline and args.no_balloon:
+        raise UsageError("--baseline and --no-balloon exclude each other")
+    if args.no_balloon and args.workload != "gigantic":
+        raise UsageError("--no-balloon is a control for --workload gigantic")
+    if args.settle is not None and args.settle < 0:
+        raise UsageError(f"--settle takes seconds >= 0, not {args.settle}")
+    return LaunchOptions(
+        workload=args.workload,
+        rounds=args.rounds,
+        size_mib=args.size,
+        pause_s=args.pause,
+        settle_s=args.settle,
+        duration_s=args.duration,
+        mem=args.mem,
+        kernel=args.kernel,
+        initrd=args.initrd,
+        append=args.append,
+        baseline=args.baseline,
+        no_balloon=args.no_balloon,
+        console_log=args.console_log,
+        timeout_s=args.timeout,
+        accel=args.accel,
+        mem_path=args.mem_path,
+        share=args.share,
+        qemu=args.qemu,
+        socket_path=args.socket_path,
+        qemu_args=tuple(a for a in args.qemu_args if a != "--"),
+        console_to_stderr=args.json,
+    )
+
+
+async def launch(args: argparse.Namespace) -> int:
+    options = launch_options(args)
+    settings = None if args.baseline or args.no_balloon else server_settings(args)
+
+    def note(text: str) -> None:
+        print(f"launch: {text}", file=sys.stderr, flush=True)
+
+    run = Launch(options, settings, note, sys.stderr if args.json else sys.stdout)
+    try:
+        summary = await run.run()
+    except LaunchError as error:
+        raise UsageError(str(error)) from None
+    failure = run.failure()
+    if failure is not None:
+        summary["error"] = failure
+    print(json.dumps(summary, indent=2) if args.json else format_launch_summary(summary))
+    if failure is not None:
+        raise UsageError(failure)
+    return 130 if run.interrupted else 0
+
+
+def run_setup(args: argparse.Namespace) -> int:
+    script = provisioning.configs_dir() / "provision.sh"
+    failure = provisioning.run_provision(script, *(["--refresh"] if args.refresh else []))
+    if failure is not None:
+        raise UsageError(failure)
+    print(provisioning.cache_dir() / "env.sh")
+    return 0

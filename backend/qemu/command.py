@@ -1,0 +1,123 @@
+"""What a launch is asked for (LaunchOptions) and the run-guest.sh command
+line that asks qemu-configs/run-guest.sh for it.
+
+run-guest.sh builds the initramfs, picks the accelerator and writes QEMU's
+command line; the balloon device is the backend's socket (default), QEMU's
+built-in device (`baseline`), or none (`no_balloon`, a control for the
+gigantic workload).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from vhost_balloon.backend.balloon.device import OFFERED_FEATURES
+from vhost_balloon.backend.qemu.provisioning import configs_dir
+from vhost_balloon.protocol.virtio import balloon_queues
+
+WORKLOADS = ("fill", "gigantic")
+# Per workload: guest RAM and kernel command line when the user gives none.
+# The gigantic workload needs a 1 GiB-aligned range that is all RAM (2560M
+# leaves GPA 1-2 GiB), the kernel image out of it (nokaslr), and no zeroing
+# of the whole 1 GiB on every allocation (init_on_alloc=0: 2.5-4 s per
+# attempt under TCG otherwise). See docs/qemu.md.
+DEFAULT_MEM = {"fill": "512M", "gigantic": "2560M"}
+DEFAULT_APPEND = {"fill": "", "gigantic": "nokaslr init_on_alloc=0"}
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchOptions:
+    """None for settle_s, mem and append means the workload's default
+    (settle: the guest's, 0 for fill and 20 for gigantic; DEFAULT_MEM,
+    DEFAULT_APPEND); an append given replaces the workload's default."""
+
+    workload: str = "fill"
+    rounds: int = 2
+    size_mib: int = 300
+    pause_s: int = 5
+    settle_s: int | None = None
+    duration_s: int = 30
+    mem: str | None = None
+    kernel: Path | None = None
+    initrd: Path | None = None
+    append: str | None = None
+    baseline: bool = False
+    no_balloon: bool = False
+    console_log: Path | None = None
+    timeout_s: int = 900
+    accel: str = "auto"
+    mem_path: Path | None = None
+    share: str = "on"
+    qemu: str | None = None
+    socket_path: Path | None = None
+    qemu_args: tuple[str, ...] = ()
+    console_to_stderr: bool = False
+
+    @property
+    def guest_mem(self) -> str:
+        return self.mem if self.mem is not None else DEFAULT_MEM[self.workload]
+
+    @property
+    def kernel_append(self) -> str:
+        return self.append if self.append is not None else DEFAULT_APPEND[self.workload]
+
+    @property
+    def mode(self) -> str:
+        if self.no_balloon:
+            return "none"
+        return "builtin" if self.baseline else "vhost-user"
+
+
+def run_guest_command(
+    options: LaunchOptions, socket_path: Path | None, features: int = OFFERED_FEATURES
+) -> list[str]:
+    """`bash run-guest.sh ...` for these options: the backend's socket as the
+    balloon device (or `--builtin` without one, `--no-balloon`), `features`
+    the backend offers (they decide how many queues the device has), and
+    the user's QEMU arguments last."""
+    o = options
+    command = [
+        "bash",
+        str(configs_dir() / "run-guest.sh"),
+        "--workload",
+        o.workload,
+        "--rounds",
+        str(o.rounds),
+        "--size",
+        str(o.size_mib),
+        "--pause",
+        str(o.pause_s),
+        "--duration",
+        str(o.duration_s),
+        "--mem",
+        o.guest_mem,
+        "--accel",
+        o.accel,
+        "--timeout",
+        str(o.timeout_s),
+        "--share",
+        o.share,
+        # The guest driver creates one queue per offered feature that has one.
+        "--num-vqs",
+        str(balloon_queues(features).count),
+    ]
+    if o.settle_s is not None:
+        command += ["--settle", str(o.settle_s)]
+    if o.kernel_append:
+        command += ["--append", o.kernel_append]
+    for flag, value in (
+        ("--kernel", o.kernel),
+        ("--initrd", o.initrd),
+        ("--mem-path", o.mem_path),
+        ("--qemu", o.qemu),
+    ):
+        if value is not None:
+            command += [flag, str(value)]
+    if o.no_balloon:
+        command.append("--no-balloon")
+    elif socket_path is None:
+        command.append("--builtin")
+    else:
+        command.append(str(socket_path))
+    return command + list(o.qemu_args)

@@ -1,0 +1,97 @@
+"""A launch summary as a readable table (what `vhost-balloon launch` prints
+without --json)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vhost_balloon.protocol.samples import format_percentiles
+from vhost_balloon.protocol.units import two_columns
+
+MiB = 1 << 20
+GIGANTIC_ROWS = 5  # failures shown; --json has them all
+
+
+def format_launch_summary(summary: dict[str, Any]) -> str:
+    """A readable table of a launch summary."""
+
+    def pct(values: dict[str, float] | None) -> str:
+        return format_percentiles(values) if values else "-"
+
+    rows: list[tuple[str, str]] = [("mode", summary["mode"])]
+    if "workload" in summary:
+        rows.append(("workload", summary["workload"]))
+    if "reports" in summary:
+        rows += [
+            ("discard strategy", str(summary["discard"])),
+            ("reports (backend)", f"{summary['reports']} ({summary['entries']} entries)"),
+            ("reported", f"{summary['reported_bytes'] / MiB:.0f} MiB"),
+            ("freed, backend's view", f"{summary['freed_bytes'] / MiB:.0f} MiB"),
+            ("kick-to-notify (us)", pct(summary["hold_us"])),
+        ]
+    rows += [
+        ("reports (guest ftrace)", str(summary["guest_reports"])),
+        ("guest report (us)", pct(summary["guest_hold_us"])),
+    ]
+    for item in summary["memfd_freed"]:
+        if "given_back_bytes" in item:
+            rows.append(
+                (
+                    f"round {item['round']} given back",
+                    f"{item['given_back_bytes'] / MiB:.0f} MiB of {item['freed_mib']} MiB freed "
+                    f"(lowest after {item['seconds_to_low']:.1f} s)",
+                )
+            )
+    if summary.get("gigantic"):
+        rows += _gigantic_rows(summary["gigantic"])
+    features = summary["features"]
+    rows += [
+        ("features", "-" if features is None else ",".join(features["names"])),
+        ("page_reporting_order", str(summary["page_reporting_order"])),
+        ("integrity", {True: "ok", False: "FAILED", None: "-"}[summary["integrity_ok"]]),
+        ("QEMU", str(summary["qemu_version"])),
+        ("guest kernel", str(summary["guest_kernel"])),
+        ("accelerator", f"{summary['accel']} ({summary['accel_reason'] or 'asked for'})"),
+        ("duration", f"{summary['duration_s']:.1f} s"),
+    ]
+    return two_columns(rows)
+
+
+def _gigantic_rows(g: dict[str, Any]) -> list[tuple[str, str]]:
+    def fraction(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.1f} %"
+
+    rate = "-" if g["failure_rate"] is None else f"{100 * g['failure_rate']:.1f} %"
+    rows = [
+        (
+            "1 GiB attempts",
+            f"{g['attempts']} in {g['duration_s'] or 0:.1f} s (after a {g['settle_s']} s settle)",
+        ),
+        ("1 GiB failures", f"{g['failures']} ({rate})"),
+    ]
+    if g["isolation_failures"] is not None:
+        rows += [
+            (
+                "  isolation test failed",
+                f"{g['isolation_failures']} ({g['attributed']} attributed to a report, "
+                f"{g['in_window']} while a report was in flight)",
+            ),
+            ("  never reached the test", str(g["not_tried"])),
+            ("reporting passes", f"{g['passes']} ({g['passes_with_failures']} with failures)"),
+            ("target range held", fraction(g["held_fraction"])),
+            ("a report in flight", fraction(g["in_flight_fraction"])),
+        ]
+    for item in g["failures_detail"][:GIGANTIC_ROWS]:
+        pfn = "-" if item["fin_pfn"] is None else f"{item['fin_pfn']:#x}"
+        report = "-" if item["report"] is None else str(item["report"])
+        rows.append(
+            (
+                f"  failure at {item['t_mono']:.3f}",
+                f"test {item['test']}, first busy pfn {pfn}, report {report}, "
+                f"pass {'-' if item['pass'] is None else item['pass']}",
+            )
+        )
+    more = len(g["failures_detail"]) - GIGANTIC_ROWS
+    if more > 0:
+        rows.append(("  ...", f"{more} more failures (--json for all)"))
+    return rows
