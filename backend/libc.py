@@ -1,11 +1,15 @@
 """Syscalls the standard library lacks, through cffi in ABI mode (no compiler).
 
-cffi releases the GIL around each call, so a long punch-hole running in a
-worker thread does not stall the event loop.
+The only place in the project that loads libc: every other module calls the
+typed functions below. cffi releases the GIL around each call, so a long
+punch-hole running in a worker thread does not stall the event loop, and
+mmap_lock contention threads hold the GIL only between their syscalls.
+Each wrapper reads errno right after its call and raises OSError with it.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
@@ -15,17 +19,38 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 MADV_DONTNEED = 4
 MADV_REMOVE = 9
+MADV_POPULATE_WRITE = 23  # Linux >= 5.14; the stdlib mmap module lacks it on 3.11
+CLOCK_MONOTONIC = 1
+TFD_TIMER_ABSTIME = 1
+# timerfd's flags are defined as the O_ ones (they differ on a few architectures).
+TFD_NONBLOCK = os.O_NONBLOCK
+TFD_CLOEXEC = os.O_CLOEXEC
+_NS_PER_S = 1_000_000_000
+_PR_SET_TIMERSLACK = 29
+_MAP_FAILED = -1
 
 _ffi = cffi.FFI()
 _ffi.cdef(
     """
+    struct timespec { long tv_sec; long tv_nsec; };
+    struct itimerspec { struct timespec it_interval; struct timespec it_value; };
     int fallocate(int fd, int mode, long offset, long len);
     int madvise(void *addr, size_t length, int advice);
     int prctl(int option, unsigned long arg2, unsigned long arg3, unsigned long arg4,
               unsigned long arg5);
+    void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset);
+    int munmap(void *addr, size_t length);
+    int mprotect(void *addr, size_t length, int prot);
+    int timerfd_create(int clockid, int flags);
+    int timerfd_settime(int fd, int flags, const struct itimerspec *new_value,
+                        struct itimerspec *old_value);
     """
 )
 _libc: Any = _ffi.dlopen(None)
+_DISARM: Any = _ffi.new("struct itimerspec *")  # all zero: it_value 0 disarms
+
+
+# ------------------------------------------------------------------ discards
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
@@ -41,7 +66,70 @@ def madvise(address: int, length: int, advice: int) -> None:
         raise OSError(errno, f"madvise({advice}) at {address:#x}+{length:#x} failed")
 
 
-_PR_SET_TIMERSLACK = 29
+# ------------------------------------------------------------ raw mappings
+
+
+def mmap(length: int, prot: int, flags: int, fd: int = -1, offset: int = 0) -> int:
+    """mmap(NULL, ...): the mapping's start address; OSError on MAP_FAILED."""
+    address = _libc.mmap(_ffi.NULL, length, prot, flags, fd, offset)
+    if int(_ffi.cast("intptr_t", address)) == _MAP_FAILED:
+        errno = _ffi.errno
+        raise OSError(errno, f"mmap of {length:#x} bytes failed")
+    return int(_ffi.cast("uintptr_t", address))
+
+
+def munmap(address: int, length: int) -> None:
+    if _libc.munmap(_ffi.cast("void *", address), length) != 0:
+        errno = _ffi.errno
+        raise OSError(errno, f"munmap at {address:#x}+{length:#x} failed")
+
+
+def mprotect(address: int, length: int, prot: int) -> None:
+    if _libc.mprotect(_ffi.cast("void *", address), length, prot) != 0:
+        errno = _ffi.errno
+        raise OSError(errno, f"mprotect({prot}) at {address:#x}+{length:#x} failed")
+
+
+def memory_at(address: int, length: int) -> memoryview:
+    """The bytes at a live mapping (from `mmap`), writable; unusable after munmap."""
+    return memoryview(_ffi.buffer(_ffi.cast("char *", address), length))
+
+
+def buffer_address(buffer: object) -> int:
+    """Start address of a writable buffer (an mmap); holds no export afterwards."""
+    pointer = _ffi.from_buffer(buffer, require_writable=True)  # type: ignore[call-overload]
+    try:
+        return int(_ffi.cast("uintptr_t", pointer))
+    finally:
+        _ffi.release(pointer)
+
+
+# ------------------------------------------------------------------ timers
+
+
+def timerfd_create(clockid: int, flags: int) -> int:
+    fd = int(_libc.timerfd_create(clockid, flags))
+    if fd < 0:
+        errno = _ffi.errno
+        raise OSError(errno, f"timerfd_create failed: {os.strerror(errno)}")
+    return fd
+
+
+def timerfd_settime(fd: int, flags: int, expiry_ns: int) -> None:
+    """Arm a one-shot expiry at `expiry_ns` (no interval), or disarm with 0.
+
+    With TFD_TIMER_ABSTIME `expiry_ns` is a time on the timer's clock (a past
+    one fires at once); without, it is relative. The old value is not read.
+    """
+    value: Any
+    if expiry_ns == 0:
+        value = _DISARM
+    else:
+        value = _ffi.new("struct itimerspec *")
+        value.it_value.tv_sec, value.it_value.tv_nsec = divmod(expiry_ns, _NS_PER_S)
+    if _libc.timerfd_settime(fd, flags, value, _ffi.NULL) != 0:
+        errno = _ffi.errno
+        raise OSError(errno, f"timerfd_settime failed: {os.strerror(errno)}")
 
 
 def precise_sleeps_for_this_thread() -> None:
@@ -53,14 +141,7 @@ def precise_sleeps_for_this_thread() -> None:
     _libc.prctl(_PR_SET_TIMERSLACK, 1, 0, 0, 0)
 
 
-def buffer_address(buffer: object) -> int:
-    """Start address of a writable buffer (an mmap); holds no export afterwards."""
-    pointer = _ffi.from_buffer(buffer, require_writable=True)  # type: ignore[call-overload]
-    try:
-        return int(_ffi.cast("uintptr_t", pointer))
-    finally:
-        _ffi.release(pointer)
-
+# ------------------------------------------------------------------ fences
 
 _FENCE = threading.Lock()
 

@@ -2,13 +2,13 @@
 
 Sends a frame with its fds as SCM_RIGHTS; receives whole frames (12-byte
 header validated by `protocol.vhost_user.decode_header`, then the payload)
-together with any fds that came along. Every wait has a timeout, and a peer
-that closes the socket gives `BackendClosedError`, never a hang.
+together with any fds that came along. The framing is `protocol.framing`'s
+`FrameReader`; this module only moves bytes. Every wait has a timeout, and a
+peer that closes the socket gives `BackendClosedError`, never a hang.
 """
 
 from __future__ import annotations
 
-import array
 import asyncio
 import os
 import socket
@@ -16,15 +16,15 @@ from collections.abc import Sequence
 
 from vhost_balloon.guest.errors import BackendClosedError, BadReplyError, ReplyTimeoutError
 from vhost_balloon.protocol.errors import MessageError
-from vhost_balloon.protocol.vhost_user import (
-    HEADER_SIZE,
-    MAX_FDS_PER_MESSAGE,
-    Header,
-    decode_header,
+from vhost_balloon.protocol.framing import (
+    ANCILLARY_SIZE,
+    Frame,
+    FrameReader,
+    fds_from_ancillary,
+    fds_to_ancillary,
 )
 
 _RECV_CHUNK = 65536
-_FD_SIZE = array.array("i").itemsize
 
 
 class Channel:
@@ -34,8 +34,7 @@ class Channel:
         sock.setblocking(False)
         self.sock = sock
         self.name = name
-        self._buffer = bytearray()
-        self._fds: list[int] = []
+        self._reader = FrameReader()  # bytes and fds received, not yet handed out
         self._eof = False
         self._closed = False
 
@@ -54,9 +53,7 @@ class Channel:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         view = memoryview(data)
-        ancillary = (
-            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
-        )
+        ancillary = fds_to_ancillary(fds)
         while view:
             try:
                 sent = self.sock.sendmsg([view], ancillary)
@@ -82,24 +79,7 @@ class Channel:
         """
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        await self._fill(HEADER_SIZE, deadline, waiting_for)
-        header = self._peek_header(waiting_for)
-        await self._fill(HEADER_SIZE + header.size, deadline, waiting_for)
-        frame = bytes(self._buffer[: HEADER_SIZE + header.size])
-        del self._buffer[: HEADER_SIZE + header.size]
-        fds, self._fds = self._fds, []
-        return frame, fds
-
-    def _peek_header(self, waiting_for: str) -> Header:
-        try:
-            return decode_header(bytes(self._buffer[:HEADER_SIZE]))
-        except MessageError as error:
-            raise BadReplyError(
-                f"malformed message on the {self.name} while waiting for {waiting_for}: {error}"
-            ) from None
-
-    async def _fill(self, count: int, deadline: float | None, waiting_for: str) -> None:
-        while len(self._buffer) < count:
+        while (frame := self._next_frame(waiting_for)) is None:
             if self._eof:
                 raise BackendClosedError(
                     f"the back-end closed the {self.name} while the front-end was waiting "
@@ -107,25 +87,28 @@ class Channel:
                 )
             if not self._recv_some():
                 await self._wait_io(writable=False, deadline=deadline, what=waiting_for)
+        return frame.data, frame.fds
+
+    def _next_frame(self, waiting_for: str) -> Frame | None:
+        try:
+            return self._reader.next_frame()
+        except MessageError as error:
+            raise BadReplyError(
+                f"malformed message on the {self.name} while waiting for {waiting_for}: {error}"
+            ) from None
 
     def _recv_some(self) -> bool:
         """Read what is there; False if nothing was (would block)."""
         try:
-            data, ancdata, _flags, _addr = self.sock.recvmsg(
-                _RECV_CHUNK, socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * _FD_SIZE)
-            )
+            data, ancdata, _flags, _addr = self.sock.recvmsg(_RECV_CHUNK, ANCILLARY_SIZE)
         except BlockingIOError:
             return False
         except ConnectionResetError:
             self._eof = True
             return True
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                usable = len(payload) - len(payload) % _FD_SIZE
-                self._fds.extend(array.array("i", payload[:usable]))
         if not data:
             self._eof = True
-        self._buffer += data
+        self._reader.receive_data(data, fds_from_ancillary(ancdata))
         return True
 
     def peek_eof(self) -> bool:
@@ -149,7 +132,7 @@ class Channel:
         deadline = loop.time() + timeout
         while not self._eof:
             if self._recv_some():
-                self._buffer.clear()
+                self._reader.discard_data()
                 self.close_received_fds()
                 continue
             try:
@@ -187,9 +170,9 @@ class Channel:
                 loop.remove_reader(fd)
 
     def close_received_fds(self) -> None:
-        for fd in self._fds:
+        for fd in self._reader.pending_fds:
             os.close(fd)
-        self._fds = []
+        self._reader.take_fds()
 
     def close(self) -> None:
         if self._closed:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import errno
 import logging
 import math
@@ -28,10 +29,8 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
 
-import cffi
-
+from vhost_balloon.backend import libc
 from vhost_balloon.backend.latency.delays import DelayModel, DelaySpecError, parse_delay
 from vhost_balloon.backend.libc import precise_sleeps_for_this_thread
 
@@ -44,22 +43,6 @@ _BACKOFF_S = 0.01  # after a failed mmap or populate (e.g. ENOMEM)
 
 class ContentionSpecError(ValueError):
     """A --bql or --mmap-contention value that cannot be used; says which part and why."""
-
-
-# Syscalls through cffi in ABI mode, which releases the GIL around each call.
-_MADV_POPULATE_WRITE = 23  # Linux >= 5.14; the stdlib mmap module lacks it on 3.11
-
-_ffi = cffi.FFI()
-_ffi.cdef(
-    """
-    void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset);
-    int munmap(void *addr, size_t length);
-    int mprotect(void *addr, size_t length, int prot);
-    int madvise(void *addr, size_t length, int advice);
-    """
-)
-_libc: Any = _ffi.dlopen(None)
-_MAP_FAILED = -1
 
 
 # ---------------------------------------------------------------- BQL stand-in
@@ -365,44 +348,55 @@ class MmapContention:
         prot_rw = mmap.PROT_READ | mmap.PROT_WRITE
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
         while not stop.is_set():
-            address = _libc.mmap(_ffi.NULL, size, prot_rw, flags, -1, 0)
-            if int(_ffi.cast("intptr_t", address)) == _MAP_FAILED:
+            try:
+                address = libc.mmap(size, prot_rw, flags)
+            except OSError:  # MAP_FAILED
                 self._failures[index] += 1
                 stop.wait(_BACKOFF_S)
                 continue
             try:
-                ok = self._populate(address, size) and (
-                    _libc.mprotect(address, size, mmap.PROT_READ) == 0
-                )
+                ok = self._populate(address, size) and _protect_read_only(address, size)
             finally:
-                _libc.munmap(address, size)
+                with contextlib.suppress(OSError):
+                    libc.munmap(address, size)
             if ok:
                 self._iterations[index] += 1
             else:
                 self._failures[index] += 1
                 stop.wait(_BACKOFF_S)
 
-    def _populate(self, address: Any, size: int) -> bool:
+    def _populate(self, address: int, size: int) -> bool:
         if self._populate_with_madvise:
-            if _libc.madvise(address, size, _MADV_POPULATE_WRITE) == 0:
+            try:
+                libc.madvise(address, size, libc.MADV_POPULATE_WRITE)
+            except OSError as error:
+                if error.errno != errno.EINVAL:
+                    return False
+            else:
                 return True
-            if _ffi.errno != errno.EINVAL:
-                return False
             self._populate_with_madvise = False  # kernel < 5.14
             LOG.info("MADV_POPULATE_WRITE unsupported; mmap contention touches pages instead")
         _touch_pages(address, size)
         return True
 
 
-def _touch_pages(address: Any, size: int) -> None:
+def _protect_read_only(address: int, size: int) -> bool:
+    try:
+        libc.mprotect(address, size, mmap.PROT_READ)
+    except OSError:
+        return False
+    return True
+
+
+def _touch_pages(address: int, size: int) -> None:
     """Fault every page in by writing one byte to it (the pre-5.14 fallback).
 
     Unlike the madvise, this loop holds the GIL (dropped every switch
     interval), so on old kernels the contention also competes for the GIL.
     """
-    pages = _ffi.buffer(address, size)
+    pages = libc.memory_at(address, size)
     for offset in range(0, size, mmap.PAGESIZE):
-        pages[offset] = b"\x01"
+        pages[offset] = 0x01
 
 
 # ------------------------------------------------------------------- helpers

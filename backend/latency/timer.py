@@ -20,54 +20,30 @@ import contextlib
 import os
 import threading
 import time
-from typing import Any
 
-import cffi
+from vhost_balloon.backend.libc import (
+    CLOCK_MONOTONIC,
+    TFD_CLOEXEC,
+    TFD_NONBLOCK,
+    TFD_TIMER_ABSTIME,
+    timerfd_create,
+    timerfd_settime,
+)
 
-CLOCK_MONOTONIC = 1
-TFD_TIMER_ABSTIME = 1
-# timerfd's flags are defined as the O_ ones (they differ on a few architectures).
-TFD_NONBLOCK = os.O_NONBLOCK
-TFD_CLOEXEC = os.O_CLOEXEC
 NS_PER_S = 1_000_000_000
 _MAX_IDLE = 256  # idle timerfds kept; a burst of more sleepers closes the surplus
-
-_ffi = cffi.FFI()
-_ffi.cdef(
-    """
-    struct timespec { long tv_sec; long tv_nsec; };
-    struct itimerspec { struct timespec it_interval; struct timespec it_value; };
-    int timerfd_create(int clockid, int flags);
-    int timerfd_settime(int fd, int flags, const struct itimerspec *new_value,
-                        struct itimerspec *old_value);
-    """
-)
-_libc: Any = _ffi.dlopen(None)
-_DISARM: Any = _ffi.new("struct itimerspec *")  # all zero: it_value 0 disarms
 
 _pool_lock = threading.Lock()  # loops in several threads may share the pool
 _idle: list[int] = []
 
 
 def _create() -> int:
-    fd = int(_libc.timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC))
-    if fd < 0:
-        errno = _ffi.errno
-        raise OSError(errno, f"timerfd_create failed: {os.strerror(errno)}")
-    return fd
-
-
-def _settime(fd: int, flags: int, value: Any) -> None:
-    if _libc.timerfd_settime(fd, flags, value, _ffi.NULL) != 0:
-        errno = _ffi.errno
-        raise OSError(errno, f"timerfd_settime failed: {os.strerror(errno)}")
+    return timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC)
 
 
 def _arm(fd: int, deadline_ns: int) -> None:
     """One-shot expiry at an absolute CLOCK_MONOTONIC time (a past one fires at once)."""
-    spec: Any = _ffi.new("struct itimerspec *")
-    spec.it_value.tv_sec, spec.it_value.tv_nsec = divmod(deadline_ns, NS_PER_S)
-    _settime(fd, TFD_TIMER_ABSTIME, spec)
+    timerfd_settime(fd, TFD_TIMER_ABSTIME, deadline_ns)
 
 
 def _acquire() -> int:
@@ -81,7 +57,7 @@ def _release(fd: int, clean: bool) -> None:
     """Back to the pool; unless the expiry was consumed, disarm and drain it first."""
     if not clean:
         try:
-            _settime(fd, 0, _DISARM)
+            timerfd_settime(fd, 0, 0)  # an expiry of 0 disarms
             with contextlib.suppress(BlockingIOError):
                 os.read(fd, 8)  # an expiry that fired but was never read
         except OSError:

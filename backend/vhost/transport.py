@@ -1,28 +1,28 @@
 """Framed vhost-user I/O with file descriptors on a non-blocking unix socket.
 
 asyncio's streams cannot carry SCM_RIGHTS, so this reads with recvmsg when
-the loop says the socket is readable. Every fd received is handed to the
-caller with its message or, on any error, closed here.
+the loop says the socket is readable. The framing (header, payload, fds) is
+`protocol.framing.FrameReader`'s; this module only moves bytes. It receives
+no more than the frame in progress still needs, so a frame's fds are the
+ones its own bytes brought. Every fd received is handed to the caller with
+its message or, on any error, closed here.
 """
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import os
 import socket
 from collections.abc import Sequence
 
-from vhost_balloon.protocol.errors import MessageError
-from vhost_balloon.protocol.vhost_user import (
-    HEADER_SIZE,
-    MAX_FDS_PER_MESSAGE,
-    Header,
-    decode_header,
+from vhost_balloon.protocol.framing import (
+    ANCILLARY_SIZE,
+    FrameReader,
+    fds_from_ancillary,
+    fds_to_ancillary,
 )
-
-_ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
+from vhost_balloon.protocol.vhost_user import HEADER_SIZE, Header
 
 
 class ConnectionClosed(Exception):
@@ -35,13 +35,17 @@ def close_fds(fds: Sequence[int]) -> None:
             os.close(fd)
 
 
-def _fds_from_ancillary(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(data) - len(data) % array.array("i").itemsize
-            fds.extend(array.array("i", data[:usable]))
-    return fds
+def _closed(reader: FrameReader) -> ConnectionClosed:
+    """What the peer's end of stream cut short: the header or the payload."""
+    if reader.header is None:
+        got, size = reader.buffered, HEADER_SIZE
+    else:
+        got, size = reader.buffered - HEADER_SIZE, reader.header.size
+    # As before the framing moved to protocol/: a part of HEADER_SIZE bytes of
+    # which nothing arrived counts as a clean close (a 12-byte payload too).
+    if got == 0 and size == HEADER_SIZE:
+        return ConnectionClosed("connection closed")
+    return ConnectionClosed(f"connection closed mid-message ({got} of {size} bytes)")
 
 
 class MessageChannel:
@@ -72,44 +76,37 @@ class MessageChannel:
             else:
                 self._loop.remove_reader(fileno)
 
-    async def _receive(self, size: int, fds: list[int]) -> bytes:
-        chunks: list[bytes] = []
-        remaining = size
-        while remaining:
+    async def _receive_into(self, reader: FrameReader) -> None:
+        """One recvmsg of at most what the frame in progress still needs."""
+        while True:
             try:
-                data, ancillary, flags, _ = self.sock.recvmsg(remaining, _ANCILLARY_SIZE)
+                data, ancillary, flags, _ = self.sock.recvmsg(reader.bytes_needed, ANCILLARY_SIZE)
             except (BlockingIOError, InterruptedError):
                 await self._wait(writable=False)
                 continue
-            fds.extend(_fds_from_ancillary(ancillary))
-            if flags & socket.MSG_CTRUNC:
-                raise MessageError(None, f"more than {MAX_FDS_PER_MESSAGE} fds in one message")
+            reader.receive_data(
+                data,
+                fds_from_ancillary(ancillary),
+                fds_truncated=bool(flags & socket.MSG_CTRUNC),
+            )
             if not data:
-                raise ConnectionClosed(
-                    "connection closed"
-                    if remaining == size and not chunks and size == HEADER_SIZE
-                    else f"connection closed mid-message ({size - remaining} of {size} bytes)"
-                )
-            chunks.append(data)
-            remaining -= len(data)
-        return b"".join(chunks)
+                raise _closed(reader)
+            return
 
     async def receive(self) -> tuple[Header, bytes, list[int]]:
         """One frame. On any error the fds received so far are closed."""
-        fds: list[int] = []
+        reader = FrameReader()
         try:
-            header = decode_header(await self._receive(HEADER_SIZE, fds))
-            payload = await self._receive(header.size, fds)
+            while (frame := reader.next_frame()) is None:
+                await self._receive_into(reader)
         except BaseException:
-            close_fds(fds)
+            close_fds(reader.take_fds())
             raise
-        return header, payload, fds
+        return frame.header, frame.payload, frame.fds
 
     async def send(self, frame: bytes, fds: Sequence[int] = ()) -> None:
         view = memoryview(frame)
-        ancillary = (
-            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
-        )
+        ancillary = fds_to_ancillary(fds)
         while view:
             try:
                 sent = self.sock.sendmsg([view], ancillary)
