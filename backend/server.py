@@ -69,7 +69,7 @@ class Server:
             initializer=precise_sleeps_for_this_thread,
         )
         self._trace = TraceWriter(settings.trace_path) if settings.trace_path else None
-        self.runtime = LatencyInForce(settings.latency)
+        self.latency = LatencyInForce(settings.latency)
         self.metrics = Metrics()
         self._services: list[asyncio.AbstractServer] = []
         self._control: asyncio.AbstractServer | None = None
@@ -77,7 +77,7 @@ class Server:
     async def start_services(self) -> None:
         """Contention threads, the control socket and the metrics endpoint."""
         precise_sleeps_for_this_thread()  # the event loop's thread: timer wake-ups
-        await self.runtime.start()
+        await self.latency.start()
         if self.settings.control_socket is not None:
             self._control = await serve_control(self.settings.control_socket, self.handle_control)
             self._services.append(self._control)
@@ -92,10 +92,10 @@ class Server:
         """The control socket's commands: stats, get, set."""
         command = request.get("cmd")
         if command == "get":
-            return {"ok": True, "settings": self.runtime.describe()}
+            return {"ok": True, "settings": self.latency.describe()}
         if command == "set":
-            await self.runtime.update(request)
-            return {"ok": True, "settings": self.runtime.describe()}
+            await self.latency.update(request)
+            return {"ok": True, "settings": self.latency.describe()}
         if command == "stats":
             sessions = {}
             for name, session in self.sessions.items():
@@ -112,7 +112,7 @@ class Server:
                 "totals": self.totals().as_dict(),
                 "sessions_served": self.sessions_served,
                 "sessions": sessions,
-                "settings": self.runtime.describe(),
+                "settings": self.latency.describe(),
             }
         raise ValueError(f"unknown command {command!r}; accepted: stats, get, set")
 
@@ -152,7 +152,7 @@ class Server:
             self._executor,
             name,
             log,
-            latency=LatencyInjection(self.runtime.current, self.runtime.big_lock),
+            latency=LatencyInjection(self.latency.current, self.latency.big_lock),
         )
         histograms = self.metrics.session(name)
         if self._trace is not None:
@@ -190,7 +190,7 @@ class Server:
             else:
                 service.close()
                 await service.wait_closed()
-        await self.runtime.close()
+        await self.latency.close()
         self._executor.shutdown(wait=True)
         if self._trace is not None:
             self._trace.close()

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from vhost_balloon.backend.latency.contention import MmapContention, parse_mmap_contention
 from vhost_balloon.backend.libc import (
     MADV_DONTNEED,
+    MADV_POPULATE_WRITE,
     MADV_REMOVE,
     buffer_address,
     madvise,
@@ -43,7 +44,6 @@ from vhost_balloon.backend.libc import (
 MiB = 1 << 20
 REGION = 64 * MiB
 CHUNK = 2 * MiB
-MADV_POPULATE_WRITE = 23
 METHODS = ("madv-dontneed", "madv-remove", "punch-hole")
 
 

@@ -122,7 +122,7 @@ async def _demo_with_mock(args: argparse.Namespace) -> int:
     summary: dict[str, Any] = json.loads(out)
     totals = server.totals()
     summary["discard"] = args.discard
-    summary["injected"] = server.runtime.settings.describe()
+    summary["injected"] = server.latency.settings.describe()
     summary["backend"] = {
         **totals.counters(),
         "discard_syscall_us_mean": (

@@ -93,7 +93,7 @@ async def serve(args: argparse.Namespace) -> int:
             "serving virtio-balloon on %s (discard %s, latency %s)",
             where,
             args.discard,
-            json.dumps(server.runtime.describe()),
+            json.dumps(server.latency.describe()),
         )
         await stop.wait()
     finally:

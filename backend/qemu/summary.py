@@ -32,7 +32,7 @@ def backend_summary(server: Server, records: Sequence[ReportRecord]) -> dict[str
         "freed_bytes": sum(r.freed_bytes for r in records),
         "hold_us": percentiles(holds_us),
         "discard": server.settings.balloon.discard.value,
-        "injected": server.runtime.settings.describe(),
+        "injected": server.latency.settings.describe(),
         "backend": {
             "sessions": server.sessions_served,
             "skipped_entries": totals.skipped_outside + totals.skipped_unaligned,

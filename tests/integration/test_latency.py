@@ -84,7 +84,7 @@ async def test_a_two_second_delay_does_not_hold_up_another_session(
         if vq.kick_needed():
             slow.frontend.kick(index)
         await asyncio.sleep(0.1)  # slow's report is now asleep in its kick delay
-        await backend.server.runtime.apply(LatencySettings().changed())
+        await backend.server.latency.apply(LatencySettings().changed())
         loop = asyncio.get_running_loop()
         began = loop.time()
         summary = fast.summary(await fast.run(5))
@@ -122,7 +122,7 @@ async def test_mmap_contention_threads_start_stop_and_show_in_the_trace(
         summary = guest.summary(await guest.run(3))
     assert summary["freed_bytes"] == summary["reported_bytes"]
     assert all(r["settings"]["mmap_contention"] == "2,size=16M" for r in backend.trace())
-    await backend.server.runtime.apply(backend.server.runtime.settings.changed(mmap=None))
+    await backend.server.latency.apply(backend.server.latency.settings.changed(mmap=None))
     assert contention_threads() == []
 
 

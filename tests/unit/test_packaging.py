@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -36,9 +37,24 @@ def test_the_checkout_names_match_the_installed_names() -> None:
         assert link.resolve() == (ROOT / folder).resolve()
 
 
+def _copy_checkout(target: Path) -> Path:
+    """The files a clean checkout has: a build in the checkout itself would
+    leave build/ behind, whose stale modules a later wheel would pick up."""
+    shutil.copy(ROOT / "pyproject.toml", target)
+    shutil.copy(ROOT / "README.md", target)
+    for folder in FOLDERS:
+        shutil.copytree(
+            ROOT / folder, target / folder, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    shutil.copytree(ROOT / "vhost_balloon", target / "vhost_balloon", symlinks=True)
+    return target
+
+
 def test_a_wheel_installs_only_vhost_balloon(tmp_path: Path) -> None:
+    (tmp_path / "source").mkdir()
+    source = _copy_checkout(tmp_path / "source")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", tmp_path, ROOT],
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", tmp_path, source],
         check=True,
         capture_output=True,
     )
@@ -47,9 +63,13 @@ def test_a_wheel_installs_only_vhost_balloon(tmp_path: Path) -> None:
         names = archive.namelist()
     top = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top == {"vhost_balloon"}
-    for folder in FOLDERS:  # every module of the checkout made it in
-        for module in (ROOT / folder).rglob("*.py"):
-            assert f"vhost_balloon/{module.relative_to(ROOT).as_posix()}" in names
+    modules = {name for name in names if name.endswith(".py")}
+    expected = {"vhost_balloon/__init__.py"} | {  # every module of the checkout, and only those
+        f"vhost_balloon/{module.relative_to(ROOT).as_posix()}"
+        for folder in FOLDERS
+        for module in (ROOT / folder).rglob("*.py")
+    }
+    assert modules == expected
     assert "vhost_balloon/backend/py.typed" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     with zipfile.ZipFile(wheel) as archive:
