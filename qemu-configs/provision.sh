@@ -325,14 +325,33 @@ else
     else
         DL=$GUEST/debs; DL_IN=$DL
     fi
-    rm -rf "$DL"; mkdir -p "$DL"; chmod 777 "$DL"
+    # The download folder is root's alone (0700, like every folder above it
+    # not writable by others): what is unpacked below, as root, must be what
+    # apt fetched. apt downloads as root here (APT::Sandbox::User=root), so
+    # its sandbox user needs no write access either.
+    rm -rf "$DL"; install -d -m 0700 -o root -g root "$DL" || fail "cannot create $DL"
     KPKG=$(apt_guest apt-cache depends linux-image-amd64 2>>"$LOGS/guest-packages.log" | awk '/Depends: linux-image-/ { print $2; exit }')
     [ -n "$KPKG" ] || fail "cannot resolve linux-image-amd64 to a kernel package: $(why_from_log "$LOGS/guest-packages.log")"
     say "[$CURRENT_STEP] apt-get download $KPKG busybox-static"
-    apt_guest /bin/sh -c "cd '$DL_IN' && apt-get download '$KPKG' busybox-static" >>"$LOGS/guest-packages.log" 2>&1 ||
+    apt_guest /bin/sh -c "cd '$DL_IN' && apt-get -o APT::Sandbox::User=root download '$KPKG' busybox-static" >>"$LOGS/guest-packages.log" 2>&1 ||
         fail "apt-get download $KPKG busybox-static failed: $(why_from_log "$LOGS/guest-packages.log")"
+    # Unpack exactly the two packages asked for, each a regular file whose
+    # SHA256 is the one apt's signed index gives for the candidate version.
+    debs=()
+    for pkg in "$KPKG" busybox-static; do
+        found=( "$DL/${pkg}"_*.deb )
+        [ "${#found[@]}" -eq 1 ] && [ -f "${found[0]}" ] && [ ! -L "${found[0]}" ] ||
+            fail "expected one regular file ${pkg}_*.deb in $DL, found: ${found[*]}"
+        want=$(apt_guest apt-cache show --no-all-versions "$pkg" 2>>"$LOGS/guest-packages.log" | awk '/^SHA256:/ { print $2; exit }')
+        got=$(sha256sum "${found[0]}" | cut -d' ' -f1)
+        [ -n "$want" ] && [ "$want" = "$got" ] ||
+            fail "$(basename "${found[0]}"): SHA256 $got is not apt's ${want:-(none)} for $pkg"
+        debs+=( "${found[0]}" )
+    done
+    others=$(find "$DL" -mindepth 1 -maxdepth 1 ! -name "${KPKG}_*.deb" ! -name 'busybox-static_*.deb' | head -n 3)
+    [ -z "$others" ] || fail "unexpected files in the download folder $DL: $others"
     rm -rf "$GUEST/root.new"; mkdir -p "$GUEST/root.new"
-    for deb in "$DL"/*.deb; do
+    for deb in "${debs[@]}"; do
         say "[$CURRENT_STEP] unpacking $(basename "$deb")"
         dpkg-deb -x "$deb" "$GUEST/root.new" >>"$LOGS/guest-packages.log" 2>&1 || fail "dpkg-deb -x $deb failed"
     done
@@ -361,6 +380,20 @@ GUEST_KERNEL_VERSION=$(cat "$GUEST/kernel-version")
 KERNEL=$GUEST/root/boot/vmlinuz-$GUEST_KERNEL_VERSION
 MODULES=$GUEST/root/lib/modules/$GUEST_KERNEL_VERSION
 BUSYBOX=$GUEST/root/bin/busybox
+
+# ------------------------------------------------------------- ownership
+# What root runs from this cache (QEMU, busybox in build-initramfs.sh, the
+# guest kernel) must be root's: the chroot (whose /tmp and apt folders are
+# writable by others or owned by _apt, as in any Debian root) is closed to
+# other users, and nothing else that others can reach may be writable by
+# them or owned by anyone but root.
+step ownership "checking that nothing in $CACHE that others can reach is theirs to write"
+[ ! -d "$ROOT" ] || chmod 0700 "$ROOT" || fail "cannot close $ROOT to other users"
+chmod go-w "$CACHE" || fail "cannot make $CACHE writable by root only"
+bad=$(find "$CACHE" -xdev \( ! -type l ! -type c ! -type b \( -perm -o+w -o ! -user root \) -print \) \
+    -o \( -type d ! -perm -o+x -prune \) 2>&1 | head -n 5)
+[ -z "$bad" ] || fail "other users can write or own what root runs from $CACHE: $(echo "$bad" | tr '\n' ' ')"
+step_done
 
 # ------------------------------------------------------------------ env.sh
 step env "writing $CACHE/env.sh"

@@ -1,8 +1,10 @@
 """One vhost-user session: a connection from one front-end, one device.
 
-The session decodes requests, keeps the negotiated state, the memory map and
-the vrings, and runs one worker per kicked queue. It knows nothing about
-reports: those belong to the device behind `VirtioDevice`.
+The session decodes requests and routes each to a handler typed by its
+payload; it keeps the negotiated state, the memory map and the vrings'
+configuration. The rings run in its `RingSet` (workers, parsing, breaking),
+the back-end's own requests go through its `BackendChannel`. It knows nothing
+about reports: those belong to the device behind `VirtioDevice`.
 
 Errors, by who caused them:
 - a frame that cannot be parsed, or a known request with the wrong payload
