@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -184,6 +185,7 @@ QEMU_KEYS: dict[str, tuple[Normaliser, Value]] = {
 }
 GUESTS = {"mock": MOCK_KEYS, "qemu": QEMU_KEYS}
 EXPERIMENT_KEYS = {"name", "guest", "repeats", "seed"}
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]+")
 MAX_REPEATS = 1000
 MAX_POINTS = 100_000
 TABLES = {"experiment", "settings", "sweep", "controls", "model"}
@@ -309,8 +311,12 @@ def parse_spec(text: str, path: Path | None = None) -> ExperimentSpec:
         )
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise SpecError(f"[experiment] seed: expected an integer, got {seed!r}")
-    if not isinstance(name, str) or not name or "/" in name:
-        raise SpecError(f"[experiment] name: {name!r} is not a plain name")
+    # The name is a folder under results/: nothing that could leave it.
+    if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name) or name in (".", ".."):
+        raise SpecError(
+            f"[experiment] name: {name!r} is not a plain name "
+            "(letters, digits, '.', '_' and '-' only; not '.' or '..')"
+        )
     keys = GUESTS[guest]
     settings = {key: default for key, (_parse, default) in keys.items()}
     settings |= _normalise("settings", _table(data, "settings"), keys, guest)

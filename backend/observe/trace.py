@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 from typing import TextIO
 
@@ -15,7 +17,7 @@ class TraceWriter:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._file: TextIO | None = path.open("a", encoding="utf-8")
+        self._file: TextIO | None = open_for_append(path)
 
     def write(self, record: ReportRecord) -> None:
         if self._file is None:
@@ -27,6 +29,30 @@ class TraceWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def open_for_append(path: Path) -> TextIO:
+    """Open (or create, mode 0644) a trace for appending, as the backend's user.
+
+    The backend often runs as root and the docs suggest /tmp: never follow a
+    symbolic link (O_NOFOLLOW), and refuse a file someone else owns, so that
+    a local user cannot point root's trace at a file of their choosing.
+    """
+    try:
+        fd = os.open(
+            path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+        )
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise OSError(error.errno, f"trace {path} is a symbolic link: refused") from None
+        raise OSError(error.errno, f"cannot open trace {path}: {error.strerror}") from None
+    owner = os.fstat(fd).st_uid
+    if owner != os.geteuid():
+        os.close(fd)
+        raise OSError(
+            errno.EPERM, f"trace {path} belongs to uid {owner}, not to this user: refused"
+        )
+    return os.fdopen(fd, "a", encoding="utf-8")
 
 
 def read_trace(path: Path) -> list[dict[str, object]]:

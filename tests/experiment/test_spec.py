@@ -3,6 +3,7 @@ spec that cannot run is refused before anything starts."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,16 @@ def test_model_points_beside_a_real_guest_label_only_their_own_keys() -> None:
     model = [p for p in spec.points() if p.kind == "model"]
     # The model does not have `settle`: one model setting, labelled without it.
     assert [p.label for p in model] == ["delay=none"]
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "../up", "a\u0000b", "spaced name", "", "é"])
+def test_a_name_that_could_leave_results_is_refused(name: str) -> None:
+    """A name is a folder under results/: `..` once wrote report.md one level up."""
+    text = f"[experiment]\nname = {json.dumps(name)}\n[sweep]\ndelay = ['none']\n"
+    with pytest.raises(SpecError, match="not a plain name"):
+        parse_spec(text)
+
+
+@pytest.mark.parametrize("name", ["delay-sweep", "v1.2_final", "A.b-c"])
+def test_plain_names_are_accepted(name: str) -> None:
+    assert parse_spec(f'[experiment]\nname = "{name}"\n[sweep]\ndelay = ["none"]\n').name == name
