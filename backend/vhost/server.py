@@ -31,7 +31,7 @@ DeviceFactory = Callable[[str, SessionLogger], DeviceT]
 class VhostUserServer(Generic[DeviceT]):
     def __init__(
         self,
-        device_factory: Callable[[str, SessionLogger], DeviceT],
+        device_factory: DeviceFactory[DeviceT],
         *,
         allow_unsealed_memory: bool = False,
         on_session_end: Callable[[Session, DeviceT], None] | None = None,
