@@ -31,6 +31,8 @@ ROUNDS = 2
 SIZE_MIB = 200
 PAUSE_S = 5
 RUN_TIMEOUT_S = 240
+# Per test, fixtures included: the first one provisions QEMU and the guest.
+E2E_TIMEOUT_S = 1800
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -38,6 +40,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if here in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.e2e)
+            item.add_marker(pytest.mark.timeout(E2E_TIMEOUT_S))
 
 
 @dataclass

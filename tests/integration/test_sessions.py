@@ -385,3 +385,60 @@ async def test_every_route_takes_the_payload_its_request_decodes_to(
                 payload[0] = 1  # one region
             decoded = spec.decode(bytes(payload))
             assert isinstance(decoded, route.payload), request.name
+
+
+def _file_of(fd: int) -> tuple[int, int] | None:
+    try:
+        info = os.fstat(fd)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _fds_of(files: set[tuple[int, int] | None]) -> set[int]:
+    """The fds of this process (guest's and backend's) that refer to these files."""
+    return {fd for fd in open_fds() if _file_of(fd) in files}
+
+
+@pytest.mark.parametrize("regions", [1, 2])
+@pytest.mark.parametrize("route", ["SET_MEM_TABLE", "ADD_MEM_REG"])
+async def test_each_mapped_region_owns_exactly_the_fd_it_was_sent(
+    start_backend: StartBackend, route: str, regions: int
+) -> None:
+    """Invariant 4 for the memory table: every received fd is kept by exactly
+    one region (never closed under it, never closed twice) or closed."""
+    backend = await start_backend()
+    baseline = open_fds()
+    options = backend.guest_options(
+        memory=128 * MiB, regions=regions, configure_mem_slots=route == "ADD_MEM_REG"
+    )
+    async with MockGuest(options) as guest:
+        (session,) = backend.server.sessions.values()
+        files = {_file_of(fd) for fd in guest.ram.region_fds()}
+
+        def owned() -> set[int]:
+            mapped = session.memory_map.regions
+            assert len(mapped) == regions
+            for region in mapped:
+                assert region.fd is not None
+                identity = (region.identity.device, region.identity.inode)
+                assert _file_of(region.fd) == identity, "a region's fd was closed under it"
+            return {region.fd for region in mapped if region.fd is not None}
+
+        regions_fds = owned()
+        assert len(regions_fds) == regions
+        # Python's mmap keeps a dup of its fd, so count rather than name them.
+        ram_fds = len(_fds_of(files))
+        if route == "SET_MEM_TABLE":  # a second table: its fds replace the first one's
+            await guest.frontend.set_request(
+                FrontendRequest.SET_MEM_TABLE,
+                MemoryTable(tuple(guest.ram.descs())),
+                guest.ram.region_fds(),
+            )
+            regions_fds = owned()
+            assert len(_fds_of(files)) == ram_fds, "the old table's fds were not all closed"
+        summary = guest.summary(await guest.run(2))
+        assert summary["reports"] == 2 and summary["freed_bytes"] == summary["reported_bytes"]
+        assert owned() == regions_fds
+    await _wait_for(lambda: not backend.server.sessions)
+    assert open_fds() == baseline
