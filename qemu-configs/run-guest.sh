@@ -68,6 +68,9 @@ SOCK='' BUILTIN=0 NO_BALLOON=0
 
 note() { echo "run-guest: $*" >&2; }
 fail() { echo "run-guest: FAILED: $*" >&2; exit 1; }
+# A value inside a QEMU option string: QEMU reads ',' as the next option's
+# start, and ',,' as a literal comma.
+qemu_opt() { printf '%s' "${1//,/,,}"; }
 usage() { sed -n '2,/^set -u/p' "$0" | sed '/shellcheck/d; $d; s/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
@@ -107,6 +110,7 @@ case $WORKLOAD in fill|gigantic) ;; *) fail "--workload must be fill or gigantic
     fail "--no-balloon is a control for --workload gigantic (the fill workload needs a balloon device)"
 case $ACCEL in auto|tcg|kvm) ;; *) fail "--accel must be auto, tcg or kvm, not '$ACCEL'" ;; esac
 case $SHARE in on|off) ;; *) fail "--share must be on or off, not '$SHARE'" ;; esac
+case $MEM in ''|*[!0-9.KMGTPEkmgtpeBb]*) fail "--mem must be a size such as 512M, not '$MEM'" ;; esac
 
 [ -r "$CACHE/env.sh" ] || fail "$CACHE/env.sh not found: run qemu-configs/provision.sh first"
 . "$CACHE/env.sh"
@@ -222,7 +226,7 @@ ARGS=(
 )
 if [ -n "$MEM_PATH" ]; then
     # A file in MEM_PATH (hugetlbfs: huge pages), unlinked by QEMU once open.
-    ARGS+=(-object "memory-backend-file,id=mem,size=$MEM,mem-path=$MEM_PATH,share=$SHARE")
+    ARGS+=(-object "memory-backend-file,id=mem,size=$MEM,mem-path=$(qemu_opt "$MEM_PATH"),share=$SHARE")
 else
     ARGS+=(-object "memory-backend-memfd,id=mem,size=$MEM,share=$SHARE")
 fi
@@ -233,7 +237,7 @@ elif [ "$BUILTIN" = 1 ]; then
     WHAT="QEMU's built-in virtio-balloon-pci,free-page-reporting=on"
 else
     ARGS+=(
-        -chardev "socket,id=vub,path=$SOCK"
+        -chardev "socket,id=vub,path=$(qemu_opt "$SOCK")"
         -device "vhost-user-test-device-pci,chardev=vub,virtio-id=5,num_vqs=$NUM_VQS,config_size=16,vq_size=64"
     )
     WHAT="vhost-user balloon at $SOCK"

@@ -19,10 +19,15 @@ from vhost_balloon.backend.cli.options import (
     server_settings,
 )
 from vhost_balloon.backend.qemu import provisioning
-from vhost_balloon.backend.qemu.command import WORKLOADS, LaunchOptions
+from vhost_balloon.backend.qemu.command import (
+    WORKLOADS,
+    LaunchOptions,
+    check_qemu_option_values,
+)
 from vhost_balloon.backend.qemu.launch import Launch
 from vhost_balloon.backend.qemu.provisioning import LaunchError
 from vhost_balloon.backend.qemu.summary_table import format_launch_summary
+from vhost_balloon.backend.vhost.server import check_unix_path
 
 
 def add_parser(commands: Any) -> None:
@@ -121,7 +126,7 @@ def launch_options(args: argparse.Namespace) -> LaunchOptions:
         raise UsageError("--no-balloon is a control for --workload gigantic")
     if args.settle is not None and args.settle < 0:
         raise UsageError(f"--settle takes seconds >= 0, not {args.settle}")
-    return LaunchOptions(
+    options = LaunchOptions(
         workload=args.workload,
         rounds=args.rounds,
         size_mib=args.size,
@@ -144,10 +149,17 @@ def launch_options(args: argparse.Namespace) -> LaunchOptions:
         qemu_args=tuple(a for a in args.qemu_args if a != "--"),
         console_to_stderr=args.json,
     )
+    try:  # before provisioning and QEMU: a user's mistake is found at once
+        check_qemu_option_values(options)
+    except LaunchError as error:
+        raise UsageError(str(error)) from None
+    return options
 
 
 async def launch(args: argparse.Namespace) -> int:
     options = launch_options(args)
+    if args.control_socket is not None:  # else bind() says only "AF_UNIX path too long"
+        check_unix_path(args.control_socket)
     settings = None if args.baseline or args.no_balloon else server_settings(args)
 
     def note(text: str) -> None:

@@ -52,8 +52,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _terminate)
     try:
         return COMMANDS[args.command](args)
-    except (UsageError, OSError) as error:
+    except UsageError as error:
         print(f"vhost-balloon {args.command}: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"vhost-balloon {args.command}: {describe_os_error(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -65,6 +68,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def describe_os_error(error: OSError) -> str:
+    """ "PATH: reason" rather than "[Errno 13] Permission denied: 'PATH'"; a
+    message made by this project (no errno) as it is."""
+    if error.errno is None or not error.strerror:
+        return str(error)
+    if error.filename is None:
+        return error.strerror
+    names = [error.filename] + ([error.filename2] if error.filename2 is not None else [])
+    return f"{' -> '.join(map(str, names))}: {error.strerror}"
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -20,7 +19,15 @@ from vhost_balloon.backend.cli.options import (
     add_service_options,
     server_settings,
 )
-from vhost_balloon.backend.server import Server, listen_unix, socket_from_fd
+from vhost_balloon.backend.server import Server
+from vhost_balloon.backend.vhost.server import (
+    DEFAULT_SOCKET_MODE,
+    UnixListener,
+    bind_unix,
+    check_unix_path,
+    socket_from_fd,
+)
+from vhost_balloon.protocol.units import argument_type
 
 LOG = logging.getLogger("vhost_balloon")
 
@@ -29,15 +36,42 @@ def add_parser(commands: Any) -> None:
     serve = commands.add_parser("serve", help="serve QEMU (or the mocked guest) on a socket")
     where = serve.add_mutually_exclusive_group()
     where.add_argument("--socket-path", type=Path, help="unix socket to listen on")
-    where.add_argument("--fd", type=int, help="an already-listening unix socket to accept on")
+    where.add_argument(
+        "--fd",
+        type=argument_type(parse_fd),
+        help="an inherited unix socket: listening (accept front-ends) or connected (serve one)",
+    )
     where.add_argument(
         "--print-capabilities",
         action="store_true",
         help="print the backend's capabilities as JSON and exit",
     )
+    serve.add_argument(
+        "--socket-mode",
+        type=argument_type(parse_socket_mode),
+        metavar="OCTAL",
+        help=f"permissions of the --socket-path socket (default {DEFAULT_SOCKET_MODE:04o}: "
+        "this user only; e.g. 0660 for a QEMU running as another user of the group)",
+    )
     add_backend_options(serve)
     add_latency_options(serve)
     add_service_options(serve)
+
+
+def parse_fd(text: str) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"--fd takes a file descriptor number (0 or more), not {text!r}")
+    return int(text)
+
+
+def parse_socket_mode(text: str) -> int:
+    """An octal mode such as 0600 or 660, permission bits only."""
+    digits = text.removeprefix("0o")
+    if not digits or any(c not in "01234567" for c in digits) or int(digits, 8) > 0o777:
+        raise ValueError(
+            f"--socket-mode takes octal permissions 0000-0777 (e.g. 0660), not {text!r}"
+        )
+    return int(digits, 8)
 
 
 def capabilities() -> dict[str, Any]:
@@ -54,9 +88,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def serve(args: argparse.Namespace) -> int:
+    if args.fd is None and args.socket_path is None:
+        raise UsageError("serve needs --socket-path PATH or --fd N")
+    if args.fd is not None and args.socket_mode is not None:
+        raise UsageError("--socket-mode applies to --socket-path, not to an inherited --fd")
+    if args.control_socket is not None:  # else bind() says only "AF_UNIX path too long"
+        check_unix_path(args.control_socket)
     server = Server(server_settings(args))
     stop = asyncio.Event()
     stopper: asyncio.Task[None] | None = None
+    bound: UnixListener | None = None  # the socket file this process made
     if args.fd is not None:
         listener, listening = socket_from_fd(args.fd)
         where = f"fd {args.fd}"
@@ -64,12 +105,13 @@ async def serve(args: argparse.Namespace) -> int:
             server.adopt(listener)
             server.session_ended.clear()
             stopper = asyncio.get_running_loop().create_task(_stop_when(server.session_ended, stop))
-    elif args.socket_path is not None:
-        listener = listen_unix(args.socket_path)
-        where = str(args.socket_path)
-        listening = True
     else:
-        raise UsageError("serve needs --socket-path PATH or --fd N")
+        mode = DEFAULT_SOCKET_MODE if args.socket_mode is None else args.socket_mode
+        if mode & 0o002:
+            LOG.warning("socket mode %04o: every local user can connect as a front-end", mode)
+        bound = bind_unix(args.socket_path, mode)
+        listener, listening = bound.sock, True
+        where = str(args.socket_path)
     loop = asyncio.get_running_loop()
 
     def on_signal() -> None:
@@ -78,9 +120,8 @@ async def serve(args: argparse.Namespace) -> int:
             return
         # A second signal: the user will not wait out an injected delay.
         LOG.warning("second signal: exiting now, without waiting for the report in flight")
-        if args.socket_path is not None:
-            with contextlib.suppress(OSError):
-                args.socket_path.unlink()
+        if bound is not None:
+            bound.remove()
         os._exit(130)
 
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -101,9 +142,8 @@ async def serve(args: argparse.Namespace) -> int:
             stopper.cancel()
         await server.close()
         listener.close()
-        if args.socket_path is not None:
-            with contextlib.suppress(OSError):
-                args.socket_path.unlink()
+        if bound is not None:
+            bound.remove()  # only if still ours: not a newer backend's socket
         totals = server.totals()
         LOG.info(
             "stopped after %d sessions: %d reports, %d bytes freed",

@@ -5,20 +5,27 @@ digits: every value is kept to within 0.1%). Each also keeps the exact sum
 and maximum in nanoseconds, because a summary's `_sum` from HDR's mean would
 be an approximation and HDR's mean walks the whole counts array.
 
-Everything here runs on the event loop thread; nothing is locked.
+The histograms are used on the event loop thread only; nothing is locked.
+The HTTP endpoint serves from a thread of its own and asks that loop for
+the text (see serve_metrics).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import ipaddress
 import logging
 import math
 import re
+import socket
+import threading
+import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
@@ -182,10 +189,17 @@ class Metrics:
         while len(self._ended) > ENDED_KEPT:
             self._ended.popitem(last=False)
 
-    def render(self, counters: Mapping[str, int], sessions_live: int) -> str:
+    def render(
+        self,
+        counters: Mapping[str, int],
+        sessions_live: int,
+        extra_counters: Sequence[tuple[str, str, int]] = (),
+    ) -> str:
         """The exposition text. counters must hold every key of COUNTERS;
         skipped_entries may instead be given as skipped_outside + skipped_unaligned
-        (as DeviceStats.as_dict() has them)."""
+        (as DeviceStats.as_dict() has them). extra_counters: (name, help, value)
+        of counters that are not the device's (the trace's), printed as
+        vhost_balloon_NAME_total."""
         values = dict(counters)
         if "skipped_entries" not in values and "skipped_outside" in values:
             values["skipped_entries"] = values["skipped_outside"] + values.get(
@@ -199,6 +213,10 @@ class Metrics:
             name = f"vhost_balloon_{key}_total"
             out += _header(name, "counter", help_text)
             out.append(f"{name} {int(values[key])}")
+        for key, help_text, value in extra_counters:
+            name = f"vhost_balloon_{key}_total"
+            out += _header(name, "counter", help_text)
+            out.append(f"{name} {int(value)}")
         out += _header("vhost_balloon_sessions", "gauge", "Front-ends connected now.")
         out.append(f"vhost_balloon_sessions {int(sessions_live)}")
 
@@ -263,9 +281,23 @@ def _number(value: float) -> str:
 
 
 # --- the HTTP endpoint -------------------------------------------------------
+#
+# The endpoint runs on a thread of its own with its own event loop, so that
+# whatever clients do to it (a flood of connections, slow clients, accept()
+# failing for want of fds) costs that loop, never the one serving the
+# vhost-user sessions. render() reads state the caller's loop owns and
+# mutates unlocked (the HDR histograms, the session tables), so it is called
+# on that loop, one call at a time, its text shared by every request waiting.
 
 MAX_REQUEST = 8192  # request line + headers
 READ_TIMEOUT = 10.0  # a client that never finishes its request is dropped
+WRITE_TIMEOUT = 10.0  # ... and one that never reads its answer
+RENDER_TIMEOUT = 5.0  # the caller's loop did not render in time: 503
+MAX_CONNECTIONS = 16  # served at once; more wait in the kernel's backlog
+IDLE_GRACE_S = 1.0  # at the cap, a connection this old without a request is dropped
+BACKLOG = 64  # beyond it the kernel refuses connections: no fd of ours is spent
+ACCEPT_RETRY_S = 0.1
+LOG_EVERY_S = 10.0  # a repeated failure is logged at most this often
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _REQUEST_LINE = re.compile(rb"([A-Z]+) (\S+) HTTP/1\.[01]")
 _HEADER = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:.*")
@@ -275,6 +307,7 @@ _REASONS = {
     404: "Not Found",
     405: "Method Not Allowed",
     500: "Internal Server Error",
+    503: "Service Unavailable",
 }
 
 
@@ -282,37 +315,281 @@ class _BadRequest(Exception):
     pass
 
 
-async def serve_metrics(host: str, port: int, render: Callable[[], str]) -> asyncio.Server:
-    """A minimal HTTP/1.1 server: GET (or HEAD) /metrics -> render(); one
-    request per connection. Never lets a client's bytes raise out of it."""
+class _Throttled:
+    """One log line that may repeat (accept failures, render failures):
+    logged at most once per LOG_EVERY_S, with how many were left out."""
 
-    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # Cancelled (loop shutdown mid-request): end quietly; Python 3.11's
-        # streams callback would report a cancelled handler as an error.
-        with contextlib.suppress(asyncio.CancelledError):
+    def __init__(self, level: int, message: str) -> None:
+        self._level = level
+        self._message = message
+        self._next = 0.0
+        self._dropped = 0
+
+    def __call__(self, detail: object, exc_info: BaseException | None = None) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._dropped += 1
+            return
+        more = f" ({self._dropped} more since the last)" if self._dropped else ""
+        LOG.log(self._level, "%s: %s%s", self._message, detail, more, exc_info=exc_info)
+        self._next, self._dropped = now + LOG_EVERY_S, 0
+
+
+class MetricsServer(asyncio.AbstractServer):
+    """The /metrics endpoint on its own thread and event loop (see above).
+    close() and wait_closed() are called from the caller's loop."""
+
+    def __init__(self, listeners: list[socket.socket], render: Callable[[], str]) -> None:
+        self._listeners = listeners
+        self._render = render
+        self._caller = asyncio.get_running_loop()  # render() runs there
+        self._loop: asyncio.AbstractEventLoop | None = None  # the endpoint's, once started
+        self._stop: asyncio.Event | None = None
+        self._started: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._stopped: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._connections: set[asyncio.Task[None]] = set()
+        # Connections still reading their request, oldest first: when accepted.
+        self._idle: dict[asyncio.Task[None], float] = {}
+        self._slot_freed: asyncio.Event | None = None
+        self._rendering: asyncio.Future[str] | None = None
+        self._accept_failed = _Throttled(logging.ERROR, "metrics: accepting a connection failed")
+        self._at_cap = _Throttled(
+            logging.WARNING,
+            "metrics: connections over the cap wait in the backlog",
+        )
+        self._failed = _Throttled(logging.ERROR, "metrics request failed")
+        self._loop_error = _Throttled(logging.ERROR, "metrics event loop")
+        self._thread = threading.Thread(target=self._run, name="metrics", daemon=True)
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return tuple(self._listeners)
+
+    async def start(self) -> None:
+        self._thread.start()
+        await asyncio.wrap_future(self._started)
+
+    def close(self) -> None:
+        loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None:
+            with contextlib.suppress(RuntimeError):  # its loop has ended already
+                loop.call_soon_threadsafe(stop.set)
+
+    async def wait_closed(self) -> None:
+        await asyncio.wrap_future(self._stopped)
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._caller
+
+    def is_serving(self) -> bool:
+        return self._thread.is_alive() and not self._stopped.done()
+
+    async def start_serving(self) -> None:
+        """Serving already: start() did it."""
+
+    async def serve_forever(self) -> None:
+        await self.wait_closed()
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as error:  # never silently: the endpoint is gone
+            LOG.exception("metrics endpoint stopped")
+            if not self._started.done():
+                self._started.set_exception(error)
+        finally:
+            for listener in self._listeners:
+                listener.close()
+            self._stopped.set_result(None)
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop.set_exception_handler(
+            lambda _, context: self._loop_error(context.get("message"), context.get("exception"))
+        )
+        self._stop = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        accepting = [asyncio.create_task(self._accept(sock)) for sock in self._listeners]
+        self._started.set_result(None)
+        try:
+            await self._stop.wait()
+        finally:
+            tasks = [*accepting, *self._connections]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wait_for_slot()
             try:
-                await _handle(reader, writer, render)
-            except (OSError, TimeoutError):
-                pass  # the client went away or stalled; nothing to answer
-            except Exception:
-                LOG.exception("metrics request failed")
-            finally:
-                writer.close()
-                with contextlib.suppress(Exception):
-                    await writer.wait_closed()
+                conn, _ = await loop.sock_accept(listener)
+            except OSError as error:  # EMFILE, ENFILE, ENOBUFS: retry, quietly
+                self._accept_failed(error)
+                await asyncio.sleep(ACCEPT_RETRY_S)
+                continue
+            task = asyncio.create_task(self._connection(conn))
+            self._connections.add(task)
+            self._idle[task] = time.monotonic()
+            task.add_done_callback(self._connection_done)
 
-    return await asyncio.start_server(on_client, host, port)
+    async def _wait_for_slot(self) -> None:
+        # At the cap, accept nothing: the kernel holds the next ones (and
+        # refuses them past BACKLOG), so a flood costs no fd here and little
+        # CPU. A connection that has sent no request IDLE_GRACE_S after it
+        # was accepted makes room, so a scrape queued behind a flood of idle
+        # connections waits about BACKLOG / MAX_CONNECTIONS seconds.
+        assert self._slot_freed is not None
+        while len(self._connections) >= MAX_CONNECTIONS:
+            self._at_cap(f"{MAX_CONNECTIONS} open")
+            wait = IDLE_GRACE_S
+            oldest = next(iter(self._idle.items()), None)
+            if oldest is not None:
+                task, accepted = oldest
+                wait = accepted + IDLE_GRACE_S - time.monotonic()
+                if wait <= 0:
+                    del self._idle[task]
+                    task.cancel()  # its slot is freed when it has ended
+                    wait = IDLE_GRACE_S
+            self._slot_freed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._slot_freed.wait()
+
+    def _connection_done(self, task: asyncio.Task[None]) -> None:
+        self._connections.discard(task)
+        self._idle.pop(task, None)
+        assert self._slot_freed is not None
+        self._slot_freed.set()
+
+    def _request_read(self) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._idle.pop(task, None)  # busy now: never dropped to make room
+
+    async def _connection(self, conn: socket.socket) -> None:
+        try:
+            reader, writer = await asyncio.open_connection(sock=conn)
+        except OSError:
+            conn.close()
+            return
+        try:
+            await _handle(reader, writer, self._render_on_caller, self._request_read)
+        except (OSError, TimeoutError):
+            pass  # the client went away or stalled; nothing to answer
+        except Exception as error:
+            self._failed(repr(error), error)
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _render_on_caller(self) -> str:
+        """render() on the caller's loop; requests arriving while one call is
+        in flight share its text. TimeoutError if it takes RENDER_TIMEOUT."""
+        if self._rendering is None:
+            try:
+                done = asyncio.run_coroutine_threadsafe(self._render_once(), self._caller)
+            except RuntimeError:  # the caller's loop is closed: shutting down
+                raise TimeoutError("the backend's event loop has stopped") from None
+            self._rendering = asyncio.wrap_future(done)
+            self._rendering.add_done_callback(self._render_done)
+        async with asyncio.timeout(RENDER_TIMEOUT):
+            return await asyncio.shield(self._rendering)
+
+    async def _render_once(self) -> str:
+        return self._render()
+
+    def _render_done(self, future: asyncio.Future[str]) -> None:
+        self._rendering = None
+        if not future.cancelled() and future.exception() is not None:
+            self._failed(f"render: {future.exception()!r}", future.exception())
+
+
+async def serve_metrics(host: str, port: int, render: Callable[[], str]) -> MetricsServer:
+    """A minimal HTTP/1.1 server: GET (or HEAD) /metrics -> render(); one
+    request per connection, at most MAX_CONNECTIONS at once. Never lets a
+    client's bytes raise out of it. Binds before returning (an OSError
+    naming the address if it cannot) and logs where it listens, warning
+    when that is reachable from other hosts."""
+    listeners = await _listen_tcp(host, port)
+    for listener in listeners:
+        address = _address(listener.getsockname())
+        LOG.info("metrics at http://%s/metrics", address)
+        if not ipaddress.ip_address(listener.getsockname()[0]).is_loopback:
+            LOG.warning(
+                "metrics on %s are reachable from other hosts, by anyone who can reach "
+                "this one; give 127.0.0.1:PORT to keep them local",
+                address,
+            )
+    server = MetricsServer(listeners, render)
+    try:
+        await server.start()
+    except BaseException:
+        for listener in listeners:
+            listener.close()
+        raise
+    return server
+
+
+async def _listen_tcp(host: str, port: int) -> list[socket.socket]:
+    """A listening socket on each address `host` resolves to, all on the same
+    port (the first one's, when port is 0)."""
+    where = _address((host, port))
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as error:  # socket.gaierror: "Name or service not known"
+        raise OSError(f"metrics address {where}: {error.strerror or error}") from None
+    listeners: list[socket.socket] = []
+    try:
+        for family, _, _, _, resolved in dict.fromkeys(infos):
+            address = resolved
+            if listeners and port == 0:
+                address = (resolved[0], listeners[0].getsockname()[1], *resolved[2:])
+            listeners.append(_listen_one(family, address))
+    except OSError as error:
+        for listener in listeners:
+            listener.close()
+        raise OSError(f"cannot serve metrics on {where}: {error.strerror or error}") from None
+    return listeners
+
+
+def _listen_one(family: int, address: tuple[Any, ...]) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:  # as asyncio does: "::" is not also 0.0.0.0
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _address(sockname: tuple[Any, ...]) -> str:
+    host, port = sockname[0], sockname[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def _handle(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, render: Callable[[], str]
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    render: Callable[[], Awaitable[str]],
+    request_read: Callable[[], None],
 ) -> None:
     try:
         async with asyncio.timeout(READ_TIMEOUT):
             head = await _read_head(reader)
+        request_read()
         method, path = _parse(head)
     except _BadRequest as error:
-        await _respond(writer, 400, f"{error}\n")
+        async with asyncio.timeout(WRITE_TIMEOUT):
+            await _respond(writer, 400, f"{error}\n")
         await linger(reader, writer)
         return
     if path != "/metrics":
@@ -321,11 +598,13 @@ async def _handle(
         status, body = 405, "only GET and HEAD\n"
     else:
         try:
-            status, body = 200, render()
-        except Exception:
-            LOG.exception("rendering metrics failed")
+            status, body = 200, await render()
+        except TimeoutError:
+            status, body = 503, "the backend did not render its metrics in time\n"
+        except Exception:  # logged where the render finished
             status, body = 500, "rendering failed\n"
-    await _respond(writer, status, body, include_body=method != "HEAD")
+    async with asyncio.timeout(WRITE_TIMEOUT):
+        await _respond(writer, status, body, include_body=method != "HEAD")
 
 
 async def _read_head(reader: asyncio.StreamReader) -> bytes:

@@ -9,11 +9,13 @@ gigantic workload).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from vhost_balloon.backend.balloon.device import OFFERED_FEATURES
-from vhost_balloon.backend.qemu.provisioning import configs_dir
+from vhost_balloon.backend.qemu.provisioning import LaunchError, configs_dir
+from vhost_balloon.protocol.units import parse_guest_memory
 from vhost_balloon.protocol.virtio import balloon_queues
 
 WORKLOADS = ("fill", "gigantic")
@@ -24,6 +26,8 @@ WORKLOADS = ("fill", "gigantic")
 # attempt under TCG otherwise). See docs/qemu.md.
 DEFAULT_MEM = {"fill": "512M", "gigantic": "2560M"}
 DEFAULT_APPEND = {"fill": "", "gigantic": "nokaslr init_on_alloc=0"}
+# What QEMU's -m and size= take: a number and an optional unit (qemu_strtosz).
+_QEMU_SIZE = re.compile(r"[0-9]+(\.[0-9]+)?[BKMGTPEbkmgtpe]?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +71,19 @@ class LaunchOptions:
         if self.no_balloon:
             return "none"
         return "builtin" if self.baseline else "vhost-user"
+
+
+def check_qemu_option_values(options: LaunchOptions) -> None:
+    """Refuse a --mem that is not a plain size: run-guest.sh puts it in `-m MEM`
+    and `size=MEM`, where anything after a ',' would be another option.
+    (Paths are escaped there instead: QEMU reads ',,' as a literal comma.)"""
+    if options.mem is not None and not _QEMU_SIZE.fullmatch(options.mem):
+        raise LaunchError(f"--mem {options.mem!r} is not a size such as 512M or 2G")
+    if options.mem is not None and "." not in options.mem:  # QEMU takes 1.5G; we do not parse it
+        try:
+            parse_guest_memory(options.mem)
+        except ValueError as error:
+            raise LaunchError(f"--mem: {error}") from None
 
 
 def run_guest_command(

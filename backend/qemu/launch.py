@@ -17,7 +17,6 @@ control for the gigantic workload).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -25,7 +24,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from vhost_balloon.backend.balloon.records import ReportRecord
-from vhost_balloon.backend.qemu.command import LaunchOptions, run_guest_command
+from vhost_balloon.backend.qemu.command import (
+    LaunchOptions,
+    check_qemu_option_values,
+    run_guest_command,
+)
 from vhost_balloon.backend.qemu.console import GuestConsole
 from vhost_balloon.backend.qemu.notes import RunGuestNotes
 from vhost_balloon.backend.qemu.process import QemuProcess
@@ -42,7 +45,8 @@ from vhost_balloon.backend.qemu.summary import (
     guest_summary,
     launch_failure,
 )
-from vhost_balloon.backend.server import Server, ServerSettings, listen_unix
+from vhost_balloon.backend.server import Server, ServerSettings
+from vhost_balloon.backend.vhost.server import UnixListener, bind_unix
 
 
 class Launch:
@@ -86,17 +90,18 @@ class Launch:
             self.options.kernel.name if self.options.kernel else env.get("GUEST_KERNEL_VERSION")
         )
         socket_path = self._socket_path(env)
-        listener = None
+        check_qemu_option_values(self.options)
+        listener: UnixListener | None = None
         console_log: TextIO | None = None
         try:
             if self.options.console_log is not None:
                 console_log = self.options.console_log.open("w", encoding="utf-8")
             if self.settings is not None and socket_path is not None:
                 self.server = Server(self.settings, record_hooks=[self.records.append])
-                listener = listen_unix(socket_path)
+                listener = bind_unix(socket_path)
             if self.server is not None and listener is not None:
                 await self.server.start_services()
-                self.server.start(listener)
+                self.server.start(listener.sock)
                 self.note(f"backend listening on {socket_path}")
             features = (self.settings or ServerSettings()).balloon.features
             self.process = QemuProcess(
@@ -113,10 +118,8 @@ class Launch:
         finally:
             if self.server is not None:
                 await self.server.close()
-            if listener is not None and socket_path is not None:
-                listener.close()
-                with contextlib.suppress(OSError):
-                    socket_path.unlink()  # only a socket this run created
+            if listener is not None:
+                listener.close()  # and its file, unless another backend took the path
             if console_log is not None:
                 console_log.close()
         return self.summary()

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import logging
 import os
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -110,39 +112,148 @@ class VhostUserServer(Generic[DeviceT]):
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-def listen_unix(path: Path) -> socket.socket:
-    """A listening socket at `path`; refuses to replace anything but a stale socket."""
-    if path.exists() or path.is_symlink():
-        if not path.is_socket():
-            raise OSError(f"{path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+# sun_path is 108 bytes on Linux, with the terminating NUL.
+MAX_UNIX_PATH = 107
+# Only the owner (the backend's user, who runs QEMU) may connect by default:
+# whoever connects is handed the guest's RAM as a front-end would hand it.
+DEFAULT_SOCKET_MODE = 0o600
+Identity = tuple[int, int]  # (st_dev, st_ino) of a socket file
+
+
+@dataclass(frozen=True, slots=True)
+class UnixListener:
+    """A listening socket and the file bind() made for it: remove() deletes
+    that file, never one another backend bound at the same path since."""
+
+    sock: socket.socket
+    path: Path
+    identity: Identity
+
+    def remove(self) -> bool:
+        return unlink_if_ours(self.path, self.identity)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.remove()
+
+
+def listen_unix(path: Path, mode: int = DEFAULT_SOCKET_MODE) -> socket.socket:
+    """A listening socket at `path` (see bind_unix) for a caller that never
+    removes the file itself (its directory is temporary)."""
+    return bind_unix(path, mode).sock
+
+
+def bind_unix(path: Path, mode: int = DEFAULT_SOCKET_MODE) -> UnixListener:
+    """Listen at `path`, created with `mode` whatever the umask; refuses to
+    replace anything but a stale socket. Every error names the path."""
+    check_unix_path(path)
+    _remove_stale(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        _bind_private(listener, path)
+        identity = socket_identity(path)
+        os.chmod(path, mode)  # before listen(): nobody has connected yet
+        listener.listen(16)
+    except OSError as error:
+        listener.close()
+        raise OSError(f"cannot listen on {path}: {_reason(error)}") from None
+    if identity is None:  # removed between bind and lstat: not ours to serve
+        listener.close()
+        raise OSError(f"cannot listen on {path}: the socket file vanished at once")
+    return UnixListener(listener, path, identity)
+
+
+def check_unix_path(path: Path) -> None:
+    """Refuse a path that does not fit in sockaddr_un, naming it."""
+    size = len(os.fsencode(path))
+    if size > MAX_UNIX_PATH:
+        raise OSError(
+            f"socket path {path} is {size} bytes, over the {MAX_UNIX_PATH} a unix socket "
+            "allows: choose a shorter one"
+        )
+
+
+def _remove_stale(path: Path) -> None:
+    try:
+        if not (path.exists() or path.is_symlink()):
+            return
+    except OSError as error:
+        raise OSError(f"cannot use socket path {path}: {_reason(error)}") from None
+    if not path.is_socket():
+        raise OSError(f"{path} exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         try:
             probe.connect(str(path))
         except OSError:
-            path.unlink()  # stale socket from a previous run
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # stale socket from a previous run
         else:
             raise OSError(f"another backend is already listening on {path}")
-        finally:
-            probe.close()
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+
+
+def _bind_private(listener: socket.socket, path: Path) -> None:
+    # The umask is the process's: bind() under 0177 makes the file 0600 from
+    # its first instant, so no client connects while its mode is too open.
+    # Nothing else of ours creates files here (services start after this).
+    previous = os.umask(0o177)
     try:
         listener.bind(str(path))
-        listener.listen(16)
+    finally:
+        os.umask(previous)
+
+
+def socket_identity(path: Path) -> Identity | None:
+    """(st_dev, st_ino) of the file at `path` itself (not a link's target)."""
+    try:
+        info = path.lstat()
     except OSError:
-        listener.close()
-        raise
-    return listener
+        return None
+    return info.st_dev, info.st_ino
+
+
+def unlink_if_ours(path: Path, identity: Identity) -> bool:
+    """Remove `path` only if it is still the file with `identity`: after
+    `rm x.sock`, another backend may have bound x.sock, and it stays."""
+    if socket_identity(path) != identity:
+        return False
+    try:
+        path.unlink()
+    except OSError:
+        return False
+    return True
+
+
+def _reason(error: OSError) -> str:
+    return error.strerror or str(error)
 
 
 def socket_from_fd(fd: int) -> tuple[socket.socket, bool]:
     """The unix stream socket inherited from the caller (--fd), and whether it
-    is listening (accept many front-ends) or already connected (serve one)."""
+    is listening (accept many front-ends) or already connected (serve one).
+    Anything else (a negative or closed fd, a file, a TCP or datagram socket,
+    a socket neither listening nor connected) is refused, naming the fd."""
+    if fd < 0:
+        raise OSError(f"fd {fd} is not a file descriptor (must be 0 or more)")
     try:
-        listener = socket.socket(fileno=fd)
+        sock = socket.socket(fileno=fd)
     except OSError as error:
-        raise OSError(f"fd {fd} is not a socket: {error.strerror}") from None
-    if listener.family != socket.AF_UNIX or listener.type != socket.SOCK_STREAM:
-        listener.detach()
+        if error.errno == errno.EBADF:
+            raise OSError(f"fd {fd} is not open in this process") from None
+        raise OSError(f"fd {fd} is not a socket: {_reason(error)}") from None
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        sock.detach()  # the caller's fd: leave it open
         raise OSError(f"fd {fd} is not a unix stream socket")
+    listening = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    if not listening and not _connected(sock):
+        sock.detach()
+        raise OSError(f"fd {fd} is a unix socket neither listening nor connected")
     os.set_inheritable(fd, False)
-    return listener, bool(listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    return sock, listening
+
+
+def _connected(sock: socket.socket) -> bool:
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True

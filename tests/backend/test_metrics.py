@@ -5,6 +5,10 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import threading
+import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -480,3 +484,57 @@ async def test_a_stalled_client_is_dropped(
     finally:
         writer.close()
     assert (await endpoint.get("/metrics"))[0] == 200
+
+
+async def test_render_runs_on_the_callers_loop_thread(endpoint: Endpoint) -> None:
+    threads = []
+
+    def render() -> str:
+        threads.append(threading.get_ident())
+        return "ok 1\n"
+
+    endpoint.render = render
+    assert (await endpoint.get("/metrics"))[0] == 200
+    assert threads == [threading.get_ident()]  # the endpoint's own thread never calls it
+
+
+async def test_a_busy_caller_loop_is_a_503_not_a_hang(
+    endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(metrics_module, "RENDER_TIMEOUT", 0.1)
+    statuses = []
+
+    def scrape() -> None:
+        url = f"http://127.0.0.1:{endpoint.port}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as reply:
+                statuses.append(reply.status)
+        except urllib.error.HTTPError as error:
+            statuses.append(error.code)
+
+    client = threading.Thread(target=scrape)
+    client.start()
+    deadline = time.monotonic() + 10
+    while client.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)  # blocks this loop, where render() would run
+    client.join()
+    assert statuses == [503]
+    assert (await endpoint.get("/metrics"))[0] == 200  # and the next one is served
+
+
+async def test_idle_connections_make_room_for_a_scrape_at_the_cap(
+    endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(metrics_module, "IDLE_GRACE_S", 0.2)
+    idle = [
+        await asyncio.open_connection("127.0.0.1", endpoint.port)
+        for _ in range(metrics_module.MAX_CONNECTIONS + 4)
+    ]
+    try:
+        status, _, _ = await asyncio.wait_for(endpoint.get("/metrics"), 10)
+        assert status == 200
+        # The oldest idle ones were dropped, unanswered, to make room.
+        assert await asyncio.wait_for(idle[0][0].read(), 5) == b""
+    finally:
+        for _, writer in idle:
+            writer.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -13,6 +14,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from vhost_balloon.backend.qemu.command import (
+    LaunchOptions,
+    check_qemu_option_values,
+    run_guest_command,
+)
 
 CLI = [sys.executable, "-m", "vhost_balloon.backend"]
 GUEST = [sys.executable, "-m", "vhost_balloon.guest"]
@@ -65,17 +72,41 @@ def test_print_capabilities() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["serve", "--socket-path", "/nonexistent/dir/sock"], "No such file or directory"),
-        (["serve", "--fd", "97"], "fd 97"),
+        (
+            ["serve", "--socket-path", "/nonexistent/dir/sock"],
+            "/nonexistent/dir/sock: No such file or directory",
+        ),
+        (["serve", "--fd", "97"], "fd 97 is not open"),
+        (["serve", "--fd", "-1"], "--fd takes a file descriptor number (0 or more), not '-1'"),
+        (["serve", "--fd", "x"], "not 'x'"),
+        (["serve", "--socket-path", "/tmp/" + "s" * 110], "/tmp/sss"),
+        (["serve", "--socket-path", "/tmp/" + "s" * 110], "over the 107"),
+        (
+            ["serve", "--socket-path", "/tmp/never.sock", "--metrics", "nosuchhost.invalid:9464"],
+            "metrics address nosuchhost.invalid:9464:",
+        ),
+        (["serve", "--fd", "0", "--socket-mode", "0600"], "--socket-mode"),
+        (
+            ["serve", "--socket-path", "/tmp/never.sock", "--control-socket", "/tmp/" + "c" * 110],
+            "/tmp/ccc",
+        ),
         (["serve"], "needs --socket-path"),
         (["demo", "--memory", "lots"], "memory"),
         (["demo", "--reports", "-3"], "reports"),
+        (["demo", "--reports", "99999999999"], "larger than 10000000"),
+        (["launch", "--mem", "2T"], "--mem: guest memory '2T' is not between 1 byte and 1T"),
+        (
+            ["serve", "--socket-path", "/tmp/never.sock", "--control-socket", "/nonexistent/c"],
+            "cannot listen on control socket /nonexistent/c: No such file or directory",
+        ),
     ],
 )
 def test_user_errors_are_one_sentence_not_a_traceback(args: list[str], message: str) -> None:
     result = _run(*args, timeout=60)
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert "Traceback" not in result.stderr
+    assert "internal error" not in result.stderr
+    assert "[Errno" not in result.stderr
     assert message in result.stderr
 
 
@@ -441,3 +472,164 @@ def test_a_second_ctrl_c_does_not_wait_out_an_injected_delay(tmp_path: Path) -> 
     assert server.returncode == 130
     assert "second signal" in stderr
     assert not sock.exists()
+
+
+def _serve_with_fd(fd: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, "serve", "--fd", str(fd)],
+        pass_fds=[fd],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_an_inherited_fd_that_cannot_be_served_is_refused(tmp_path: Path) -> None:
+    with (tmp_path / "file").open("w") as regular:
+        done = _serve_with_fd(regular.fileno())
+        assert done.returncode == 2
+        assert f"fd {regular.fileno()} is not a socket" in done.stderr
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as datagram:
+        done = _serve_with_fd(datagram.fileno())
+        assert done.returncode == 2
+        assert f"fd {datagram.fileno()} is not a unix stream socket" in done.stderr
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as idle:  # not listening, not connected
+        done = _serve_with_fd(idle.fileno())
+        assert done.returncode == 2
+        assert f"fd {idle.fileno()} is a unix socket neither listening nor connected" in done.stderr
+
+
+def test_a_connected_inherited_fd_is_served_until_its_front_end_leaves() -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with ours, theirs:
+        server = subprocess.Popen(
+            [*CLI, "serve", "--fd", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        theirs.close()
+        ours.close()  # the front-end leaves at once: the backend stops
+        _, stderr = server.communicate(timeout=30)
+    assert server.returncode == 0, stderr
+    assert "stopped after 1 sessions" in stderr
+
+
+def test_bind_errors_name_the_path_and_the_address(tmp_path: Path) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    with taken:
+        port = taken.getsockname()[1]
+        done = _run(
+            "serve",
+            "--socket-path",
+            str(tmp_path / "s.sock"),
+            "--metrics",
+            f"127.0.0.1:{port}",
+            timeout=60,
+        )
+    assert done.returncode == 2
+    assert f"cannot serve metrics on 127.0.0.1:{port}: Address already in use" in done.stderr
+    assert not (tmp_path / "s.sock").exists()
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    # Root passes any permission check: drop the capabilities that let it.
+    drop = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"]
+    try:
+        done = subprocess.run(
+            [*drop, *CLI, "serve", "--socket-path", str(locked / "s.sock")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    except FileNotFoundError:
+        pytest.skip("no setpriv")
+    if os.geteuid() == 0 and "setpriv:" in done.stderr:
+        pytest.skip(f"cannot drop capabilities here: {done.stderr.strip()}")
+    assert done.returncode == 2
+    assert f"cannot listen on {locked / 's.sock'}: Permission denied" in done.stderr
+
+
+def _serve_metrics_log(tmp_path: Path, address: str) -> tuple[subprocess.Popen[str], str]:
+    """A backend serving metrics at `address`, and its log once it serves."""
+    sock = tmp_path / "b.sock"
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [*CLI, "serve", "--socket-path", str(sock), "--metrics", address],
+            stderr=out,
+            text=True,
+        )
+    deadline = time.monotonic() + 30
+    while "serving virtio-balloon" not in log.read_text():
+        assert server.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    return server, log.read_text()
+
+
+def test_metrics_log_their_address_with_the_port_chosen(tmp_path: Path) -> None:
+    server, log = _serve_metrics_log(tmp_path, "127.0.0.1:0")
+    try:
+        match = re.search(r"metrics at http://127\.0\.0\.1:(\d+)/metrics", log)
+        assert match is not None, log
+        port = int(match[1])
+        assert port != 0
+        assert "reachable from other hosts" not in log
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            assert b"vhost_balloon_reports_total 0" in reply.read()
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=30)
+    assert server.returncode == 0
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0:0", "[::]:0"])
+def test_metrics_on_every_interface_are_warned_about(tmp_path: Path, address: str) -> None:
+    if address.startswith("[") and not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    server, log = _serve_metrics_log(tmp_path, address)
+    server.send_signal(signal.SIGINT)
+    server.wait(timeout=30)
+    host = address.rpartition(":")[0]
+    assert re.search(
+        rf"WARNING metrics on {re.escape(host)}:\d+ are reachable from other hosts", log
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--mem", "512M,maxmem=64G"], "--mem '512M,maxmem=64G' is not a size"),
+        (["--mem", "size=1G"], "--mem 'size=1G' is not a size"),
+    ],
+)
+def test_launch_refuses_values_that_would_split_a_qemu_option(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    args = [arg.replace("{tmp}", str(tmp_path)) for arg in args]
+    env = {**os.environ, "VHOST_BALLOON_CACHE": str(tmp_path / "no-cache")}
+    done = subprocess.run(
+        [*CLI, "launch", *args], capture_output=True, text=True, timeout=60, check=False, env=env
+    )
+    assert done.returncode == 2, done.stderr
+    assert message.replace("{tmp}", str(tmp_path)) in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_launch_values_stay_single_arguments() -> None:
+    hostile = LaunchOptions(
+        mem="1G",
+        append="$(touch /tmp/pwned); `id`",
+        kernel=Path("/k; rm -rf ~"),
+        socket_path=Path("/tmp/b $(id).sock"),
+    )
+    check_qemu_option_values(hostile)
+    command = run_guest_command(hostile, hostile.socket_path)
+    assert command[0] == "bash" and command[1].endswith("run-guest.sh")
+    assert "$(touch /tmp/pwned); `id`" in command  # one argv element, never a shell line
+    assert "/k; rm -rf ~" in command
+    assert command[-1] == "/tmp/b $(id).sock"
