@@ -36,6 +36,8 @@ __all__ = ["Server", "ServerSettings", "listen_unix", "socket_from_fd"]
 
 LOG = logging.getLogger("vhost_balloon")
 DISCARD_THREADS = 16
+TRACE_WRITTEN_HELP = "Trace records written."
+TRACE_DROPPED_HELP = "Trace records dropped: the trace's queue was full or its writes failed."
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +56,7 @@ class Server:
         settings: ServerSettings,
         *,
         record_hooks: Sequence[Callable[[ReportRecord], None]] = (),
+        open_trace: Callable[[Path], TraceWriter] = TraceWriter,  # tests: a small queue
     ) -> None:
         self.settings = settings
         self.record_hooks = list(record_hooks)  # given every report of every session
@@ -68,7 +71,7 @@ class Server:
             thread_name_prefix="discard",
             initializer=precise_sleeps_for_this_thread,
         )
-        self._trace = TraceWriter(settings.trace_path) if settings.trace_path else None
+        self._trace = open_trace(settings.trace_path) if settings.trace_path else None
         self.latency = LatencyInForce(settings.latency)
         self.metrics = Metrics()
         self._services: list[asyncio.AbstractServer] = []
@@ -86,7 +89,14 @@ class Server:
             self._services.append(await serve_metrics(host, port, self.render_metrics))
 
     def render_metrics(self) -> str:
-        return self.metrics.render(self.totals().counters(), len(self.sessions))
+        extra: list[tuple[str, str, int]] = []
+        if self._trace is not None:
+            counters = self._trace.counters()
+            extra = [
+                ("trace_records_written", TRACE_WRITTEN_HELP, counters.written),
+                ("trace_records_dropped", TRACE_DROPPED_HELP, counters.dropped),
+            ]
+        return self.metrics.render(self.totals().counters(), len(self.sessions), extra)
 
     async def handle_control(self, request: dict[str, Any]) -> dict[str, Any]:
         """The control socket's commands: stats, get, set."""
@@ -107,13 +117,16 @@ class Server:
                     "discard_us": histograms.percentiles("discard"),
                     "bql_wait_us": histograms.percentiles("bql_wait"),
                 }
-            return {
+            reply = {
                 "ok": True,
                 "totals": self.totals().as_dict(),
                 "sessions_served": self.sessions_served,
                 "sessions": sessions,
                 "settings": self.latency.describe(),
             }
+            if self._trace is not None:
+                reply["trace"] = self._trace.counters().as_dict()
+            return reply
         raise ValueError(f"unknown command {command!r}; accepted: stats, get, set")
 
     @property
@@ -193,7 +206,8 @@ class Server:
         await self.latency.close()
         self._executor.shutdown(wait=True)
         if self._trace is not None:
-            self._trace.close()
+            # Up to 2 s of writing out what is queued: not on the loop.
+            await asyncio.to_thread(self._trace.close)
 
 
 def _device_stats(session: Session) -> DeviceStats:

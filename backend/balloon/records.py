@@ -8,7 +8,7 @@ The device hands each record to its hooks; observe/ writes and counts them.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
@@ -25,6 +25,9 @@ def hold_window_ns(t_kick_ns: int, t_published_ns: int, t_notified_ns: int) -> i
 
 @dataclass(slots=True)
 class ReportRecord:
+    """Not changed once handed to the hooks: the trace serialises it later,
+    on its writer thread."""
+
     session: str
     queue: int
     seq: int
@@ -57,4 +60,9 @@ class ReportRecord:
         return hold_window_ns(self.t_kick_ns, self.t_published_ns, self.t_notified_ns)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        # The fields' own values, not asdict()'s deep copy (7x slower): json
+        # writes tuples as lists either way, so the line is the same.
+        return json.dumps({name: getattr(self, name) for name in _FIELDS}, separators=(",", ":"))
+
+
+_FIELDS = tuple(item.name for item in fields(ReportRecord))
