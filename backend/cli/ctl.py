@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from vhost_balloon.backend.cli.options import UsageError
-from vhost_balloon.backend.observe.control import ControlError, control_request
+from vhost_balloon.backend.latency.contention import with_absolute_hold_path
+from vhost_balloon.backend.latency.delays import with_absolute_replay_path
+from vhost_balloon.backend.latency.in_force import SET_BUDGET_S, STOP_TIMEOUT_S
+from vhost_balloon.backend.observe.control import (
+    CONTROL_TIMEOUT_S,
+    ControlError,
+    ControlTimeout,
+    control_request,
+)
 
 
 def add_parser(commands: Any) -> None:
@@ -38,17 +46,21 @@ def control_request_of(args: argparse.Namespace) -> dict[str, Any]:
     """The control socket request the ctl arguments ask for."""
     request: dict[str, Any] = {"cmd": args.ctl_command}
     if args.ctl_command == "set":
+        # The backend runs elsewhere: a relative replay path means ours, so
+        # make it absolute here (the backend refuses relative ones).
+        here = Path.cwd()
         delays: dict[str, str] = {}
         for item in args.delay:
             point, sep, model = item.partition("=")
             if not sep:
                 raise UsageError(f"--delay '{item}': expected POINT=MODEL or POINT=none")
-            delays[point.strip()] = model.strip()
+            delays[point.strip()] = with_absolute_replay_path(model.strip(), here)
         request["delay"] = delays
         if args.replace:
             request["replace"] = True
+        bql = None if args.bql is None else with_absolute_hold_path(args.bql, here)
         for key, value in (
-            ("bql", args.bql),
+            ("bql", bql),
             ("bql_phases", args.bql_phases),
             ("mmap_contention", args.mmap_contention),
             ("seed", args.seed),
@@ -61,7 +73,15 @@ def control_request_of(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     request = control_request_of(args)
     try:
-        reply = control_request(args.control_socket, request)
+        reply = control_request(args.control_socket, request, CONTROL_TIMEOUT_S)
+    except ControlTimeout as error:
+        if args.ctl_command != "set":
+            raise UsageError(str(error)) from None
+        raise UsageError(
+            f"{error}; a backend that is not overloaded answers a set within "
+            f"{SET_BUDGET_S + 2 * STOP_TIMEOUT_S:g} s, applied or refused, so this one may "
+            "still apply it: check with `ctl get`"
+        ) from None
     except ControlError as error:
         raise UsageError(str(error)) from None
     if not reply.get("ok"):

@@ -73,7 +73,8 @@ def add_latency_options(parser: argparse.ArgumentParser) -> None:
         "--bql",
         type=argument_type(parse_bql),
         metavar="HOLD_MODEL@RATE[,threads=N]",
-        help="a big lock taken RATE times/s by N threads, held for HOLD_MODEL",
+        help="a big lock taken RATE times/s by N threads, held for HOLD_MODEL "
+        "(mean hold x RATE at most 0.9)",
     )
     parser.add_argument(
         "--bql-phases",
@@ -86,7 +87,8 @@ def add_latency_options(parser: argparse.ArgumentParser) -> None:
         "--mmap-contention",
         type=argument_type(parse_mmap_contention),
         metavar="THREADS[,size=64M]",
-        help="threads that map, protect and unmap memory in the backend",
+        help="threads that map, protect and unmap memory in the backend "
+        "(THREADS x size at most half of MemAvailable)",
     )
 
 

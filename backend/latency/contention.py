@@ -28,15 +28,33 @@ import random
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from vhost_balloon.backend import libc
-from vhost_balloon.backend.latency.delays import DelayModel, DelaySpecError, parse_delay
+from vhost_balloon.backend.latency.delays import (
+    DelayModel,
+    DelaySpecError,
+    format_ns,
+    parse_delay,
+    with_absolute_replay_path,
+)
 from vhost_balloon.backend.libc import precise_sleeps_for_this_thread
 
 LOG = logging.getLogger("vhost_balloon")
 
 MAX_THREADS = 64
+# Offered load of the BQL stand-in (mean hold x rate). Above 1 it cannot be
+# served at all: the threads fall behind, the achieved rate is not the one
+# asked for, and a report waits for the lock without bound. Near 1 the wait
+# grows as load / (1 - load) (queueing), so at 0.9 a report may already wait
+# about nine mean holds: past that the setting measures the backlog, not latency.
+MAX_BQL_UTILISATION = 0.9
+MIN_BQL_RATE = 1 / 86_400  # at least one acquisition a day: a finite, sleepable gap
+# Each acquisition costs the threads some microseconds of interpreter time
+# under the GIL: beyond this the schedule cannot be kept, only the CPU burnt.
+MAX_BQL_RATE = 100_000.0
 _POLL_S = 0.05  # how often a lock waiter looks at its stop/abandon flag
 _BACKOFF_S = 0.01  # after a failed mmap or populate (e.g. ENOMEM)
 
@@ -64,33 +82,62 @@ class BqlSpec:
 _BQL_FORMAT = "HOLD_MODEL@RATE[,threads=N], e.g. const:200us@500 or exp:1ms@100,threads=2"
 
 
-def parse_bql(spec: str) -> BqlSpec:
+def parse_bql(spec: str, *, allow_relative: bool = True) -> BqlSpec:
     """Parse `HOLD_MODEL@RATE[,threads=N]`; RATE is the total over the threads.
 
     The hold model may itself contain commas ("lognormal:median=2ms,sigma=0.5")
     or an '@' (a replay file's path), so the split is at the LAST '@' and
-    options are read only after the rate.
+    options are read only after the rate. A lock the threads cannot serve
+    (utilisation over MAX_BQL_UTILISATION) is refused here, not found out
+    after a run; `allow_relative` is parse_delay's, for the hold model.
     """
     hold_text, at, tail = spec.rpartition("@")
     if not at or not hold_text:
         raise ContentionSpecError(f"--bql {spec!r}: expected {_BQL_FORMAT}")
     try:
-        hold = parse_delay(hold_text)
+        hold = parse_delay(hold_text, allow_relative=allow_relative)
     except DelaySpecError as error:
         raise ContentionSpecError(f"--bql {spec!r}: bad hold model: {error}") from None
     rate_text, *options = tail.split(",")
+    rate = _rate(spec, rate_text)
+    settings = _options(f"--bql {spec!r}", options, {"threads"})
+    threads = _thread_count(f"--bql {spec!r}: bad threads=", settings.get("threads", "1"))
+    bql = BqlSpec(hold=hold, rate=rate, threads=threads, spec=spec)
+    if not bql.utilisation <= MAX_BQL_UTILISATION:
+        raise ContentionSpecError(
+            f"--bql {spec!r}: the lock would be held {bql.utilisation:.3g} of the time "
+            f"(mean hold {format_ns(round(hold.mean_ns()))} x {rate:g}/s); at most "
+            f"{MAX_BQL_UTILISATION:g}, beyond which reports wait for a backlog that only "
+            "grows: lower the hold or the rate"
+        )
+    return bql
+
+
+def with_absolute_hold_path(spec: str, directory: Path) -> str:
+    """A --bql spec with a relative replay path in its hold model made
+    absolute against `directory`; any other spec unchanged."""
+    hold_text, at, tail = spec.rpartition("@")
+    if not at:
+        return spec
+    return f"{with_absolute_replay_path(hold_text, directory)}@{tail}"
+
+
+def _rate(spec: str, text: str) -> float:
     try:
-        rate = float(rate_text)
+        rate = float(text)
     except ValueError:
         rate = math.nan
     if not (math.isfinite(rate) and rate > 0):
         raise ContentionSpecError(
-            f"--bql {spec!r}: bad rate {rate_text!r}: expected acquisitions per second "
+            f"--bql {spec!r}: bad rate {text!r}: expected acquisitions per second "
             f"(a number > 0) after '@', in {_BQL_FORMAT}"
         )
-    settings = _options(f"--bql {spec!r}", options, {"threads"})
-    threads = _thread_count(f"--bql {spec!r}: bad threads=", settings.get("threads", "1"))
-    return BqlSpec(hold=hold, rate=rate, threads=threads, spec=spec)
+    if not MIN_BQL_RATE <= rate <= MAX_BQL_RATE:
+        raise ContentionSpecError(
+            f"--bql {spec!r}: rate {text!r} is out of range: at least one acquisition "
+            f"a day ({MIN_BQL_RATE:.3g}/s) and at most {MAX_BQL_RATE:g}/s"
+        )
+    return rate
 
 
 class BigLock:
@@ -185,11 +232,13 @@ class BqlContention:
         # One slot per thread, written only by that thread: no lock needed.
         self._acquisitions = [0] * spec.threads
         self._held_ns = [0] * spec.threads
+        self.failure = Failure()
 
     def start(self) -> None:
         if self.running:
             raise RuntimeError("BQL contention is already running")
         self._stop = threading.Event()
+        self.failure = Failure()
         self._threads = [
             threading.Thread(
                 target=self._run, args=(index, self._stop), name=f"bql-{index}", daemon=True
@@ -239,8 +288,10 @@ class BqlContention:
                     self._lock.release()
                 self._acquisitions[index] += 1
                 next_at = max(next_at + gaps.expovariate(rate), time.monotonic())
-        except Exception:  # a broken hold model (e.g. replay file) ends this thread only
-            LOG.exception("BQL contention thread %d stopped", index)
+        except Exception as error:  # a bug or a broken hold model: no thread may die silently
+            LOG.exception("BQL contention thread %d failed; stopping all BQL threads", index)
+            self.failure.record(error)
+            stop.set()  # half a model would measure something nobody asked for
 
 
 # ----------------------------------------------------------- mmap_lock churn
@@ -252,6 +303,11 @@ class MmapSpec:
     size: int  # bytes per thread's mapping, a multiple of the page size
     spec: str
 
+    @property
+    def total(self) -> int:
+        """Bytes resident at the peak: every thread's mapping populated at once."""
+        return self.threads * self.size
+
 
 _SIZE = re.compile(r"(\d+)([KMG]?)", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -261,8 +317,58 @@ _MMAP_FORMAT = "THREADS[,size=BYTES[K|M|G]], e.g. 2 or 4,size=128M"
 MAX_MMAP_CONTENTION_SIZE = 1 << 30
 
 
-def parse_mmap_contention(spec: str) -> MmapSpec:
-    """Parse `THREADS[,size=64M]`: threads 1..64, size at least one page."""
+MEMINFO = Path("/proc/meminfo")
+# The threads populate their whole mappings at once, so threads x size is
+# really resident at the peak; half of MemAvailable leaves the other half to
+# the guests this backend serves (whose RAM fills again as they reuse
+# reported pages) and to the rest of the host. Going over is an OOM kill of
+# the backend, and every VM it serves loses its device.
+MMAP_MEMORY_SHARE = 0.5
+
+
+class ContentionMemoryError(ContentionSpecError):
+    """mmap contention that would take more memory than the host can spare."""
+
+
+def memory_available(meminfo: Path = MEMINFO) -> int:
+    """MemAvailable in bytes (the kernel's estimate of what can be allocated
+    without swapping); ContentionMemoryError if it cannot be read."""
+    try:
+        text = meminfo.read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not text"
+        raise ContentionMemoryError(f"cannot read MemAvailable from {meminfo}: {reason}") from None
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name == "MemAvailable":
+            number, _, unit = value.strip().partition(" ")
+            if number.isdigit() and unit == "kB":
+                return int(number) << 10
+    raise ContentionMemoryError(f"cannot read MemAvailable from {meminfo}: no 'MemAvailable: N kB'")
+
+
+def check_mmap_memory(spec: MmapSpec, available: int) -> None:
+    """Refuse `spec` if its threads x size is over MMAP_MEMORY_SHARE of `available`."""
+    allowed = int(available * MMAP_MEMORY_SHARE)
+    if spec.total > allowed:
+        size, total = _size_text(spec.size), _size_text(spec.total)
+        raise ContentionMemoryError(
+            f"--mmap-contention {spec.spec!r}: {spec.threads} threads x {size} = {total}, "
+            f"over {_size_text(allowed)} ({MMAP_MEMORY_SHARE:.0%} of the "
+            f"{_size_text(available)} MemAvailable): fewer threads or a smaller size"
+        )
+
+
+def _size_text(size: int) -> str:
+    if size >= 1 << 30:
+        return f"{size / (1 << 30):.1f}G"
+    return f"{size / (1 << 20):.0f}M" if size >= 1 << 20 else f"{size >> 10}K"
+
+
+def parse_mmap_contention(spec: str, *, available: Callable[[], int] | None = None) -> MmapSpec:
+    """Parse `THREADS[,size=64M]`: threads 1..64, size at least one page, and
+    threads x size within MMAP_MEMORY_SHARE of `available()` (bytes; by
+    default memory_available(), read now: the CLI, ctl and specs all check)."""
     threads_text, *options = spec.split(",")
     what = f"--mmap-contention {spec!r}"
     threads = _thread_count(f"{what}: bad thread count", threads_text)
@@ -285,7 +391,9 @@ def parse_mmap_contention(spec: str) -> MmapSpec:
             f"{what}: bad size {size_text!r}: at most {MAX_MMAP_CONTENTION_SIZE >> 20}M per thread"
         )
     size = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
-    return MmapSpec(threads=threads, size=size, spec=spec)
+    parsed = MmapSpec(threads=threads, size=size, spec=spec)
+    check_mmap_memory(parsed, (available or memory_available)())
+    return parsed
 
 
 class MmapContention:
@@ -308,11 +416,13 @@ class MmapContention:
         self._failures = [0] * spec.threads
         # Cleared (once, by any thread) on a kernel without MADV_POPULATE_WRITE.
         self._populate_with_madvise = True
+        self.failure = Failure()
 
     def start(self) -> None:
         if self.running:
             raise RuntimeError("mmap contention is already running")
         self._stop = threading.Event()
+        self.failure = Failure()
         self._threads = [
             threading.Thread(
                 target=self._run,
@@ -331,6 +441,10 @@ class MmapContention:
         _join_all(self._threads, timeout, "mmap contention")
 
     @property
+    def spec(self) -> MmapSpec:
+        return self._spec
+
+    @property
     def iterations(self) -> int:
         return sum(self._iterations)
 
@@ -344,6 +458,14 @@ class MmapContention:
         return any(thread.is_alive() for thread in self._threads)
 
     def _run(self, index: int, stop: threading.Event) -> None:
+        try:
+            self._churn(index, stop)
+        except Exception as error:  # a bug: no thread may die silently
+            LOG.exception("mmap contention thread %d failed; stopping all of them", index)
+            self.failure.record(error)
+            stop.set()
+
+    def _churn(self, index: int, stop: threading.Event) -> None:
         size = self._spec.size
         prot_rw = mmap.PROT_READ | mmap.PROT_WRITE
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
@@ -402,6 +524,23 @@ def _touch_pages(address: int, size: int) -> None:
 # ------------------------------------------------------------------- helpers
 
 
+class Failure:
+    """The first exception a model's threads died of; any failure stops them all."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._error: str | None = None
+
+    def record(self, error: Exception) -> None:
+        with self._lock:
+            if self._error is None:
+                self._error = f"{type(error).__name__}: {error}"
+
+    @property
+    def error(self) -> str | None:
+        return self._error
+
+
 def _options(what: str, options: list[str], accepted: set[str]) -> dict[str, str]:
     settings: dict[str, str] = {}
     names = ", ".join(f"{name}=" for name in sorted(accepted))
@@ -439,9 +578,14 @@ __all__ = [
     "BigLock",
     "BqlContention",
     "BqlSpec",
+    "ContentionMemoryError",
     "ContentionSpecError",
+    "Failure",
     "MmapContention",
     "MmapSpec",
+    "check_mmap_memory",
+    "memory_available",
     "parse_bql",
     "parse_mmap_contention",
+    "with_absolute_hold_path",
 ]

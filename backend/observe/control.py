@@ -35,9 +35,19 @@ MAX_REPLY = 16 * 1024 * 1024  # what the client accepts
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
+# What control_request (and so ctl) waits for a reply. A server that does
+# not answer a `set` in time must not apply it later: the latency settings
+# refuse, unapplied, a change they cannot finish well within this.
+CONTROL_TIMEOUT_S = 5.0
+
+
 class ControlError(OSError):
     """The control socket could not be reached or gave no usable reply; the
     message names the socket's path."""
+
+
+class ControlTimeout(ControlError):
+    """No reply within the timeout: the request may or may not have been acted on."""
 
 
 @dataclass(slots=True)
@@ -160,6 +170,13 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return info.st_dev, info.st_ino
 
 
+def _is_socket(path: Path) -> bool:
+    try:
+        return path.is_socket()
+    except OSError:
+        return False
+
+
 def _bind(path: Path) -> socket.socket:
     if path.exists() or path.is_symlink():
         if not path.is_socket():
@@ -178,13 +195,17 @@ def _bind(path: Path) -> socket.socket:
         os.chmod(path, 0o600)
         listener.listen(16)
         listener.setblocking(False)
-    except OSError:
+    except OSError as error:
         listener.close()
-        raise
+        raise OSError(
+            error.errno, f"cannot listen on control socket {path}: {error.strerror or error}"
+        ) from None
     return listener
 
 
-def control_request(path: Path, request: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+def control_request(
+    path: Path, request: dict[str, Any], timeout: float = CONTROL_TIMEOUT_S
+) -> dict[str, Any]:
     """Send one request and return its reply (which may say "ok": false).
     Raises ControlError, naming `path`, when the socket is missing, refuses,
     closes early, answers garbage or does not answer within `timeout` seconds
@@ -214,9 +235,11 @@ def control_request(path: Path, request: dict[str, Any], timeout: float = 5.0) -
             f"no control socket at {path} (is the backend running with it?)"
         ) from None
     except ConnectionRefusedError:
+        if not _is_socket(path):  # connect() to a regular file is refused too
+            raise ControlError(f"{path} is not a socket") from None
         raise ControlError(f"nothing is listening on {path} (a stale socket?)") from None
     except TimeoutError:
-        raise ControlError(f"no reply from control socket {path} within {timeout:g} s") from None
+        raise ControlTimeout(f"no reply from control socket {path} within {timeout:g} s") from None
     except OSError as error:
         raise ControlError(f"control socket {path}: {error.strerror or error}") from None
     line = bytes(buffer).partition(b"\n")[0]

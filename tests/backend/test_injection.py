@@ -140,7 +140,7 @@ async def test_concurrent_updates_never_orphan_contention_threads() -> None:
 async def test_a_failed_contention_change_leaves_honest_settings(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def refuse(self: object) -> None:
+    def refuse(self: object, timeout: float = 0.0) -> None:
         raise TimeoutError("thread did not stop")
 
     runtime = LatencyInForce()
@@ -150,7 +150,7 @@ async def test_a_failed_contention_change_leaves_honest_settings(
         await runtime.update({"mmap_contention": "1,size=4M"})
         stuck = runtime._mmap
         monkeypatch.setattr(MmapContention, "stop", refuse)
-        with pytest.raises(ValueError, match="all contention threads were stopped"):
+        with pytest.raises(ValueError, match="all contention threads were told to stop"):
             await runtime.update({"mmap_contention": "2,size=4M"})
         assert runtime.settings.mmap is None and runtime.settings.bql is None
     finally:
