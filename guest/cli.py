@@ -44,16 +44,22 @@ class _Parser(argparse.ArgumentParser):
 
 
 parse_size = argument_type(units.parse_size)
+parse_memory = argument_type(units.parse_guest_memory)
 _positive_int = argument_type(units.parse_positive_int)
+MAX_SECONDS = 86_400.0  # a day: every time the guest takes, so nothing overflows later
+MAX_COUNT = 10_000_000  # reports, retries: beyond this a run never ends
+MAX_RATE = 100_000.0  # attempts per second
 
 
-def _non_negative_float(text: str) -> float:
+def _non_negative_float(text: str, *, limit: float = MAX_SECONDS) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"{text} must not be negative")
+    if not value <= limit:  # also refuses inf
+        raise argparse.ArgumentTypeError(f"{text} is above the limit of {limit:g}")
     return value
 
 
@@ -62,6 +68,31 @@ def _positive_float(text: str) -> float:
     if value == 0:
         raise argparse.ArgumentTypeError(f"{text} must be positive")
     return value
+
+
+def _rate(text: str) -> float:
+    value = _non_negative_float(text, limit=MAX_RATE)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text} must be positive")
+    return value
+
+
+def _milliseconds(text: str) -> float:
+    return _non_negative_float(text, limit=MAX_SECONDS * 1000)
+
+
+def _count(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if not minimum <= value <= MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"{value} is not between {minimum} and {MAX_COUNT}")
+    return value
+
+
+def _reports(text: str) -> int:
+    return _count(text, 1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--socket-path", required=True, help="the back-end's unix socket")
-    parser.add_argument("--memory", type=parse_size, default=1 << 30, help="guest RAM (1G)")
-    parser.add_argument("--reports", type=_positive_int, default=10, help="reports to send")
+    parser.add_argument("--memory", type=parse_memory, default=1 << 30, help="guest RAM (1G)")
+    parser.add_argument("--reports", type=_reports, default=10, help="reports to send")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument(
         "--capacity",
@@ -93,9 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--page-poison", action="store_true", help="accept PAGE_POISON (poison_val 0)"
     )
-    parser.add_argument(
-        "--pause-ms", type=_non_negative_float, default=0.0, help="pause between reports"
-    )
+    parser.add_argument("--pause-ms", type=_milliseconds, default=0.0, help="pause between reports")
     parser.add_argument(
         "--discard-label", default=None, help="discard strategy name to record in the summary"
     )
@@ -153,9 +182,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--pass-delay", type=_non_negative_float, default=2.0, help="PAGE_REPORTING_DELAY (2 s)"
     )
-    model.add_argument(
-        "--attempt-rate", type=_positive_float, default=2.0, help="contiguous attempts/s (2)"
-    )
+    model.add_argument("--attempt-rate", type=_rate, default=2.0, help="contiguous attempts/s (2)")
     model.add_argument("--contig-size", type=parse_size, default=1 << 30, help="1G")
     model.add_argument("--contig-align", type=parse_size, default=1 << 30, help="1G")
     model.add_argument("--retries", type=int, default=0, help="retries after a failure (0)")

@@ -32,6 +32,8 @@ from vhost_balloon.guest.freelists import (
     FreeListError,
 )
 
+MAX_RETRIES = 10_000_000  # beyond this a failed attempt never ends
+
 
 class Outcome(Enum):
     OK = "ok"
@@ -61,6 +63,8 @@ class ContigConfig:
             raise ValueError("the attempt rate must be positive")
         if min(self.retries, self.backoff_s, self.hold_s, self.cost_s) < 0:
             raise ValueError("retries, backoff, hold and attempt cost cannot be negative")
+        if self.retries > MAX_RETRIES:
+            raise ValueError(f"retries {self.retries} is above {MAX_RETRIES}")
 
     @property
     def size_pageblocks(self) -> int:

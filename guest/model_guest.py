@@ -49,6 +49,8 @@ from vhost_balloon.protocol.virtqueue import Buffer
 
 FILL = 0x5A
 STOP_TIMEOUT_S = 30.0
+MAX_MODEL_S = 86_400.0  # a day: any longer time in a model run is a typo
+MIN_CHURN_S = 0.001
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +64,16 @@ class ChurnConfig:
     def validate(self) -> None:
         if self.size < PAGEBLOCK_BYTES or self.size % PAGEBLOCK_BYTES:
             raise ConfigError(f"churn size must be a multiple of 2 MiB, got {self.size}")
-        if not self.every_s > 0 or self.hold_s < 0:
-            raise ConfigError("churn needs every > 0 and hold >= 0")
+        # Faster than this, the churn task alone would keep the event loop busy.
+        if not MIN_CHURN_S <= self.every_s <= MAX_MODEL_S:
+            raise ConfigError(
+                f"churn every {self.every_s:g} s is outside {MIN_CHURN_S:g}..{MAX_MODEL_S:g} s"
+            )
+        if not MIN_CHURN_S <= self.hold_s <= MAX_MODEL_S:
+            raise ConfigError(
+                f"churn hold {self.hold_s:g} s is outside {MIN_CHURN_S:g}..{MAX_MODEL_S:g} s "
+                "(memory freed at once is no workload)"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +86,10 @@ class ModelConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        if not self.duration_s > 0:
-            raise ConfigError("the model's duration must be positive")
+        if not 0 < self.duration_s <= MAX_MODEL_S:
+            raise ConfigError(
+                f"the model's duration {self.duration_s:g} s is outside 0..{MAX_MODEL_S:g} s"
+            )
         if self.reserved_bytes < 0:
             raise ConfigError("reserved memory cannot be negative")
         try:

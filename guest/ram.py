@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from vhost_balloon.guest.errors import ConfigError
 from vhost_balloon.protocol.memory import GuestMemory, Region, RegionTable
+from vhost_balloon.protocol.units import MAX_GUEST_MEMORY, format_size
 from vhost_balloon.protocol.vhost_user import MAX_MEM_REGIONS, MemoryRegionDesc
 
 PAGE_SIZE = 4096
@@ -59,6 +60,10 @@ def split_sizes(total: int, count: int) -> list[int]:
     """Region sizes: equal REGION_ALIGN multiples, the remainder in the last."""
     if not 1 <= count <= MAX_MEM_REGIONS:
         raise ConfigError(f"regions must be between 1 and {MAX_MEM_REGIONS}, got {count}")
+    if not 0 < total <= MAX_GUEST_MEMORY:
+        raise ConfigError(
+            f"memory size {total} is not between 1 byte and {format_size(MAX_GUEST_MEMORY)}"
+        )
     if total % PAGE_SIZE:
         raise ConfigError(f"memory size {total} is not a multiple of {PAGE_SIZE}")
     each = total // count // REGION_ALIGN * REGION_ALIGN

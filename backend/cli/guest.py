@@ -11,11 +11,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vhost_balloon.backend.cli.options import count, size
+from vhost_balloon.backend.cli.options import count
 from vhost_balloon.protocol import units, virtio
 
 DEMO_REPORTS = 300
 DEMO_MEMORY = "1G"
+# The mocked guest's own limit, checked here too so the command fails before it starts.
+guest_memory = units.argument_type(units.parse_guest_memory)
 
 
 def add_parser(commands: Any) -> None:
@@ -28,9 +30,9 @@ def add_parser(commands: Any) -> None:
 def add_guest_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--memory",
-        type=size,
+        type=guest_memory,
         default=units.parse_size(DEMO_MEMORY),
-        help=f"guest RAM size, K/M/G suffix (default {DEMO_MEMORY})",
+        help=f"guest RAM size, K/M/G/T suffix, at most 1T (default {DEMO_MEMORY})",
     )
     parser.add_argument(
         "--reports",

@@ -13,7 +13,7 @@ from typing import Any
 from vhost_balloon.backend.experiment.points import rederive
 from vhost_balloon.backend.experiment.runner import (
     describe_points,
-    load_rows,
+    report_rows,
     run_experiment,
     write_results,
 )
@@ -65,6 +65,10 @@ def check_runnable(spec: ExperimentSpec) -> None:
         raise SpecError(f"QEMU is not usable for a real-guest sweep: {error}") from None
 
 
+def _warn(text: str) -> None:
+    print(f"experiment: {text}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         spec = load_spec(args.spec)
@@ -78,8 +82,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.report_only:
             stored = out / "spec.toml"  # the spec these rows were run with
-            rows = [rederive(out, row) for row in load_rows(out)]
-            write_results(load_spec(stored) if stored.is_file() else spec, out, rows)
+            ran = load_spec(stored) if stored.is_file() else spec
+            rows = [rederive(out, row) for row in report_rows(ran, out, _warn)]
+            write_results(ran, out, rows)
             print(f"experiment: report in {out / 'report.md'}", file=sys.stderr)
             return 0
         check_runnable(spec)

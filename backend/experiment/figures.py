@@ -47,33 +47,47 @@ def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
 
-def _jsonl(path: Path) -> list[dict[str, Any]]:
+def _jsonl(path: Path, *numbers: str) -> list[dict[str, Any]]:
+    """The records of a point's raw JSONL file that hold every key of `numbers`
+    as a number; a file cut short or edited loses its bad lines, not the figure."""
+    records = []
     try:
-        with path.open(encoding="utf-8") as handle:
-            return [json.loads(line) for line in handle if line.strip()]
-    except (OSError, ValueError):
+        with path.open(encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and all(_finite(record.get(k)) for k in numbers):
+                    records.append(record)
+    except OSError:
         return []
+    return records
 
 
 def _holds_ms(out: Path, row: dict[str, Any]) -> list[float]:
     directory = out / "points" / str(row.get("dir", ""))
     if row["kind"] in ("mock", "model"):
-        return [r["hold_ns"] / 1e6 for r in _jsonl(directory / "guest" / "reports.jsonl")]
+        reports = _jsonl(directory / "guest" / "reports.jsonl", "hold_ns")
+        return [r["hold_ns"] / 1e6 for r in reports]
     try:
         launch = json.loads((directory / "launch.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        samples = launch.get("guest_hold_us", {}).get("samples", [])
+    except (OSError, ValueError, AttributeError):
         return []
-    return [us / 1e3 for us in launch.get("guest_hold_us", {}).get("samples", [])]
+    return [us / 1e3 for us in samples if _finite(us)] if isinstance(samples, list) else []
 
 
 def _held_series(out: Path, row: dict[str, Any]) -> tuple[list[float], list[float]]:
     """(seconds since the first sample, MiB held) as a step series."""
     directory = out / "points" / str(row.get("dir", ""))
     if row["kind"] in ("mock", "model"):
-        samples = [(s["t_ns"], s["bytes"]) for s in _jsonl(directory / "guest" / "held.jsonl")]
+        records = _jsonl(directory / "guest" / "held.jsonl", "t_ns", "bytes")
+        samples = [(s["t_ns"], s["bytes"]) for s in records]
     else:
         events: list[tuple[int, int]] = []
-        for record in _jsonl(directory / "backend-trace.jsonl"):
+        trace = _jsonl(directory / "backend-trace.jsonl", "t_kick_ns", "t_published_ns", "bytes")
+        for record in trace:
             events += [
                 (record["t_kick_ns"], record["bytes"]),
                 (record["t_published_ns"], -record["bytes"]),

@@ -23,10 +23,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from vhost_balloon.backend.balloon.records import hold_window_ns
+from vhost_balloon.backend.experiment.rows import RowError, check_row, read_result
 from vhost_balloon.backend.experiment.spec import Point, Value
 from vhost_balloon.backend.latency.delays import parse_duration
 from vhost_balloon.backend.observe.trace import read_trace
@@ -43,25 +45,49 @@ class PointError(Exception):
     """A point that ran and failed: the reason, with where to look."""
 
 
+def _dir_name(kind: str, setting_key: str, seed: int, repeat: int) -> str:
+    digest = hashlib.sha256(f"{setting_key}\0{seed}".encode()).hexdigest()[:10]
+    return f"{kind}-{digest}-r{repeat}"
+
+
 def point_dir(out: Path, point: Point) -> Path:
     """A directory named by what the run is (its settings and seed), not by
     its position, so a spec that gains a value never reuses another's."""
-    digest = hashlib.sha256(f"{point.setting_key}\0{point.seed}".encode()).hexdigest()[:10]
-    return out / "points" / f"{point.kind}-{digest}-r{point.repeat}"
+    return out / "points" / _dir_name(point.kind, point.setting_key, point.seed, point.repeat)
 
 
-def finished_runs(out: Path) -> dict[tuple[str, int], dict[str, Any]]:
-    """Every run under out/points that finished ok, by (settings, seed)."""
+def _warn_stderr(text: str) -> None:
+    print(f"experiment: {text}", file=sys.stderr)
+
+
+def finished_runs(
+    out: Path, warn: Callable[[str], None] = _warn_stderr
+) -> dict[tuple[str, int], dict[str, Any]]:
+    """Every run under out/points that finished ok, by (settings, seed).
+
+    A result.json that is not a row, or not the row of its own directory, is
+    not a finished run: `warn` is told which file and why, and the point
+    runs again (its directory is rewritten)."""
     done: dict[tuple[str, int], dict[str, Any]] = {}
     for path in sorted((out / "points").glob(f"*/{RESULT}")):
         try:
-            stored = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            stored = own_result(path)
+        except (OSError, RowError) as error:
+            why = error.strerror if isinstance(error, OSError) and error.strerror else error
+            warn(f"{path}: {why}: the point is run again")
             continue
-        if isinstance(stored, dict) and stored.get("status") == "ok":
-            stored["dir"] = path.parent.name
-            done[(str(stored.get("setting_key")), int(stored.get("seed", -1)))] = stored
+        if stored["status"] == "ok":
+            done[(stored["setting_key"], stored["seed"])] = stored
     return done
+
+
+def own_result(path: Path) -> dict[str, Any]:
+    """The row in `path` (DIR/result.json), which must be DIR's own run."""
+    row = read_result(path)
+    own = _dir_name(row["kind"], row["setting_key"], row["seed"], row["repeat"])
+    if path.parent.name != own or row.get("dir") != own:
+        raise RowError(f"its kind, settings, seed and repeat are those of {own}, not of this point")
+    return row
 
 
 def _flag(key: str) -> str:
@@ -364,14 +390,16 @@ def rederive(out: Path, row: dict[str, Any]) -> dict[str, Any]:
     directory = out / "points" / str(row.get("dir", ""))
     if row.get("status") != "ok":
         return row
+    # The raw files may be cut short or edited: any surprise in them (a list
+    # where a dict was, a number as text) keeps the stored row.
     try:
         trace = backend_figures(directory / "backend-trace.jsonl")
         if row["kind"] in ("qemu", "no_balloon", "builtin"):
             summary = json.loads((directory / "launch.json").read_text(encoding="utf-8"))
-            return row | qemu_row(summary, trace)
+            return check_row(row | qemu_row(summary, trace))
         summary = json.loads((directory / "guest.json").read_text(encoding="utf-8"))
-        return row | mock_row(summary, trace)
-    except (OSError, ValueError, KeyError, PointError):
+        return check_row(row | mock_row(summary, trace))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, PointError):
         return row
 
 

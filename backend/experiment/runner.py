@@ -12,7 +12,6 @@ Layout of the output directory:
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -22,8 +21,15 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from vhost_balloon.backend.experiment.figures import draw_all
-from vhost_balloon.backend.experiment.points import finished_runs, point_dir, run_point
+from vhost_balloon.backend.experiment.points import (
+    RESULT,
+    finished_runs,
+    own_result,
+    point_dir,
+    run_point,
+)
 from vhost_balloon.backend.experiment.report import write_report
+from vhost_balloon.backend.experiment.rows import RowError, read_rows
 from vhost_balloon.backend.experiment.spec import ExperimentSpec, Point, SpecError
 from vhost_balloon.backend.experiment.tables import summarise, write_csv, write_jsonl
 
@@ -100,7 +106,11 @@ def run_experiment(
     prepare_output(spec, out)
     points = spec.points()
     progress = Progress(len(points), stream)
-    done = {} if rerun else finished_runs(out)
+
+    def warn(text: str) -> None:
+        stream.write(f"experiment: {text}\n")
+
+    done = {} if rerun else finished_runs(out, warn)
     rows: list[dict[str, Any]] = []
     try:
         for index, point in enumerate(points):
@@ -150,7 +160,35 @@ def describe_points(spec: ExperimentSpec) -> str:
     return "\n".join(lines)
 
 
-def load_rows(out: Path) -> list[dict[str, Any]]:
-    path = out / "results.jsonl"
-    with path.open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+def load_rows(out: Path, warn: Callable[[str], None]) -> list[dict[str, Any]]:
+    """The good rows of out/results.jsonl; each bad line is skipped, told to `warn`."""
+    rows, problems = read_rows(out / "results.jsonl")
+    for problem in problems:
+        warn(f"{problem}: skipped")
+    return rows
+
+
+def report_rows(
+    spec: ExperimentSpec, out: Path, warn: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """The rows to report on: results.jsonl, or, when it is missing or any of
+    its lines is not a row, the rows rebuilt from each point's own result.json
+    (the run's record; results.jsonl is derived from them)."""
+    rows, problems = read_rows(out / "results.jsonl")
+    if not problems:
+        return rows
+    for problem in problems:
+        warn(problem)
+    warn(f"the rows are rebuilt from {out / 'points'}/*/{RESULT}")
+    rebuilt = []
+    for point in spec.points():
+        path = point_dir(out, point) / RESULT
+        if not path.exists():
+            continue
+        try:
+            rebuilt.append(own_result(path))
+        except (OSError, RowError) as error:
+            warn(f"{path}: {error}: left out of the report")
+    if not rebuilt:
+        raise SpecError(f"nothing to report in {out}: no row in results.jsonl or under points/")
+    return rebuilt

@@ -29,7 +29,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,9 +40,9 @@ from typing import Any
 
 from vhost_balloon.backend.balloon.discard import DiscardStrategy
 from vhost_balloon.backend.latency.contention import parse_bql, parse_mmap_contention
-from vhost_balloon.backend.latency.delays import parse_duration
+from vhost_balloon.backend.latency.delays import format_ns, parse_duration
 from vhost_balloon.backend.latency.injection import parse_bql_phases, parse_delay_option
-from vhost_balloon.protocol.units import parse_size
+from vhost_balloon.protocol.units import parse_guest_memory, parse_size
 
 
 class SpecError(Exception):
@@ -49,6 +51,12 @@ class SpecError(Exception):
 
 Value = str | int | float | bool
 Normaliser = Callable[[Any], Value]
+
+# Bounds of what a point may ask; the mocked guest refuses the same (guest/cli.py).
+MAX_DURATION_NS = 86_400 * 1_000_000_000
+MIN_CHURN_NS = 1_000_000
+MAX_ATTEMPT_RATE = 100_000.0
+MAX_RETRIES = 1000
 
 
 def _text(value: Any) -> str:
@@ -88,8 +96,30 @@ def _size(value: Any) -> Value:
     return _text(value)
 
 
+def _memory(value: Any) -> Value:
+    parse_guest_memory(_text(value))
+    return _text(value)
+
+
+def _bounded_ns(text: str, *, minimum: int = 0) -> int:
+    """A duration from `minimum` to a day: anything longer is a typo that would
+    only fail (or never end) after the sweep has started."""
+    ns = parse_duration(text)
+    if not minimum <= ns <= MAX_DURATION_NS:
+        raise ValueError(
+            f"{text!r} is not between {format_ns(minimum)} and {format_ns(MAX_DURATION_NS)}"
+        )
+    return ns
+
+
 def _duration(value: Any) -> Value:
-    parse_duration(_text(value))
+    _bounded_ns(_text(value))
+    return _text(value)
+
+
+def _run_length(value: Any) -> Value:
+    """A run's own duration: it must last at all."""
+    _bounded_ns(_text(value), minimum=1_000_000)
     return _text(value)
 
 
@@ -103,17 +133,17 @@ def _choice(*accepted: int | str) -> Normaliser:
     return normalise
 
 
-def _number(minimum: float, *, integer: bool = False) -> Normaliser:
+def _number(minimum: float, maximum: float, *, integer: bool = False) -> Normaliser:
     def normalise(value: Any) -> Value:
         kinds = (int,) if integer else (int, float)
         if (
             isinstance(value, bool)
             or not isinstance(value, kinds)
             or not math.isfinite(value)
-            or value < minimum
+            or not minimum <= value <= maximum
         ):
             kind = "an integer" if integer else "a number"
-            raise ValueError(f"expected {kind} >= {minimum:g}, got {value!r}")
+            raise ValueError(f"expected {kind} from {minimum:g} to {maximum:g}, got {value!r}")
         result: Value = value
         return result
 
@@ -122,7 +152,7 @@ def _number(minimum: float, *, integer: bool = False) -> Normaliser:
 
 def _whole_seconds(value: Any) -> Value:
     """A real guest's durations go to the guest in whole seconds."""
-    ns = parse_duration(_text(value))
+    ns = _bounded_ns(_text(value))
     if ns < 1_000_000_000 or ns % 1_000_000_000:
         raise ValueError(f"{value!r} is not a whole number of seconds >= 1s (the guest's unit)")
     return _text(value)
@@ -142,10 +172,16 @@ def _workload(value: Any) -> Value:
     parts = rest.split(",")
     if kind != "churn" or len(parts) != 3:
         raise ValueError(f"{text!r} is not 'idle' or 'churn:SIZE,EVERY,HOLD' (churn:64M,500ms,1s)")
-    parse_size(parts[0])
-    if parse_duration(parts[1]) <= 0:
-        raise ValueError(f"churn interval in {text!r} must be positive")
-    parse_duration(parts[2])
+    size = parse_size(parts[0])
+    if size < 2 << 20 or size % (2 << 20):
+        raise ValueError(f"churn size in {text!r} must be a multiple of 2M (a pageblock)")
+    # Sub-millisecond churn would keep the guest's event loop busy doing nothing
+    # else; a zero hold frees the memory at once: no workload.
+    for what, part in (("interval", parts[1]), ("hold", parts[2])):
+        try:
+            _bounded_ns(part, minimum=MIN_CHURN_NS)
+        except ValueError as error:
+            raise ValueError(f"churn {what} in {text!r}: {error}") from None
     return text
 
 
@@ -159,16 +195,16 @@ LATENCY_KEYS: dict[str, tuple[Normaliser, Value]] = {
 }
 MOCK_KEYS: dict[str, tuple[Normaliser, Value]] = {
     **LATENCY_KEYS,
-    "duration": (_duration, "20s"),
-    "memory": (_size, "2G"),
+    "duration": (_run_length, "20s"),
+    "memory": (_memory, "2G"),
     "capacity": (_choice(16, 32), 32),
     "order": (_choice(9, 10), 9),
     "workload": (_workload, "idle"),
     "pass_delay": (_duration, "2s"),
-    "attempt_rate": (_number(0.001), 2.0),
+    "attempt_rate": (_number(0.001, MAX_ATTEMPT_RATE), 2.0),
     "contig_size": (_size, "1G"),
     "contig_align": (_size, "1G"),
-    "retries": (_number(0, integer=True), 0),
+    "retries": (_number(0, MAX_RETRIES, integer=True), 0),
     "backoff": (_duration, "10ms"),
     "contig_hold": (_duration, "50ms"),
     "attempt_cost": (_duration, "0s"),
@@ -179,7 +215,7 @@ QEMU_KEYS: dict[str, tuple[Normaliser, Value]] = {
     **LATENCY_KEYS,
     "duration": (_whole_seconds, "30s"),
     "settle": (_whole_seconds, "20s"),
-    "memory": (_size, "2560M"),
+    "memory": (_memory, "2560M"),
     "order": (_choice(9, 10), 9),
     "timeout": (_whole_seconds, "600s"),
 }
@@ -350,6 +386,8 @@ def parse_spec(text: str, path: Path | None = None) -> ExperimentSpec:
     for point in dataclasses.replace(spec, repeats=1).points():
         if point.kind in ("mock", "model"):
             _check_fits(point)
+            _check_churn_fits(point)
+        _check_bql_hold(point)
     return spec
 
 
@@ -388,6 +426,36 @@ def _check_fits(point: Point) -> None:
         )
 
 
+def _check_churn_fits(point: Point) -> None:
+    settings = point.settings
+    workload = str(settings["workload"])
+    if not workload.startswith("churn:"):
+        return
+    churn = parse_size(workload.removeprefix("churn:").split(",")[0])
+    if churn + parse_size(str(settings["reserved"])) > parse_size(str(settings["memory"])):
+        raise SpecError(
+            f"{point.kind} {point.label}: workload = {workload!r} allocates more than the "
+            f"{settings['memory']} guest has above its reserved {settings['reserved']}"
+        )
+
+
+def _check_bql_hold(point: Point) -> None:
+    """A lock held longer than the whole run stalls every report past its end:
+    the point would run for minutes and then fail. (mmap contention holds its
+    lock per syscall: MmapSpec has no hold time to compare.)"""
+    bql = str(point.settings.get("bql", "none"))
+    if bql == "none":
+        return
+    hold_ns = parse_bql(bql).hold.mean_ns()  # for a const hold, the hold itself
+    duration = str(point.settings["duration"])
+    if hold_ns > parse_duration(duration):
+        raise SpecError(
+            f"{point.kind} {point.label}: bql = {bql!r} holds the lock "
+            f"{format_ns(round(hold_ns))} per acquisition (mean), longer than the run's "
+            f"duration = {duration!r}"
+        )
+
+
 def _controls(table: dict[str, Any], guest: str) -> tuple[str, ...]:
     chosen = []
     for key, value in table.items():
@@ -402,11 +470,53 @@ def _controls(table: dict[str, Any], guest: str) -> tuple[str, ...]:
     return tuple(chosen)
 
 
-def load_spec(path: Path) -> ExperimentSpec:
+MAX_SPEC_BYTES = 1 << 20
+
+
+def read_spec_text(path: Path) -> str:
+    """The text of a regular file of at most MAX_SPEC_BYTES. Opened without
+    blocking, so a FIFO cannot hang us, and checked on the open fd, so what
+    is read is what was checked (not /dev/zero, not a directory)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as error:
         raise SpecError(f"cannot read {path}: {error.strerror or error}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise SpecError(f"{path} is not a regular file ({_file_kind(mode)}): refused")
+        data = _read_at_most(fd, MAX_SPEC_BYTES + 1)
+    except OSError as error:
+        raise SpecError(f"cannot read {path}: {error.strerror or error}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError(f"{path} is larger than {MAX_SPEC_BYTES >> 20} MiB: not a spec")
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError:
         raise SpecError(f"{path} is not UTF-8 text") from None
-    return parse_spec(text, path)
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit and (chunk := os.read(fd, limit - size)):
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _file_kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    return next((name for test, name in kinds if test(mode)), "not a plain file")
+
+
+def load_spec(path: Path) -> ExperimentSpec:
+    return parse_spec(read_spec_text(path), path)

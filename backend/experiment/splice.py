@@ -23,6 +23,10 @@ from vhost_balloon.backend.experiment.tables import summarise
 _BLOCK = re.compile(r"(<!-- results:([\w.-]+) -->\n).*?(<!-- /results:\2 -->)", re.DOTALL)
 
 
+def _warn(text: str) -> None:
+    print(f"splice: {text}", file=sys.stderr)
+
+
 def splice(document: Path, results: Path) -> int:
     """Replace every marked block; returns how many were replaced."""
     text = document.read_text(encoding="utf-8")
@@ -30,7 +34,7 @@ def splice(document: Path, results: Path) -> int:
 
     def table(match: re.Match[str]) -> str:
         nonlocal count
-        rows = [row for row in load_rows(results / match[2]) if row.get("status") == "ok"]
+        rows = [row for row in load_rows(results / match[2], _warn) if row["status"] == "ok"]
         count += 1
         return f"{match[1]}{summary_table(summarise(rows))}\n{match[3]}"
 

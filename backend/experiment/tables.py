@@ -76,19 +76,27 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         }
         entry |= {k: v for k, v in first.items() if k.startswith("set_")}
         for column in AVERAGED:
-            values = [float(row[column]) for row in group if row.get(column) is not None]
-            mean, error = mean_and_error(values)
+            mean, error = mean_and_error(_numbers(group, column))
             entry[column] = mean
             entry[f"{column}_se"] = error
-        attempts = sum(int(row.get("attempts", 0)) for row in group)
-        failures = sum(int(row.get("failures", 0)) for row in group)
+        attempts = sum(_counts(group, "attempts"))
+        failures = sum(_counts(group, "failures"))
         entry["pooled_failure_rate"] = failures / attempts if attempts else math.nan
         entry["total_attempts"] = attempts
         entry["total_failures"] = failures
-        entry["total_attributed"] = sum(int(row.get("attributed", 0)) for row in group)
-        counted = [
-            int(row["passes_with_failures"]) for row in group if "passes_with_failures" in row
-        ]
+        entry["total_attributed"] = sum(_counts(group, "attributed"))
+        counted = _counts(group, "passes_with_failures")
         entry["total_passes_with_failures"] = sum(counted) if counted else None
         summary.append(entry)
     return summary
+
+
+def _numbers(rows: list[dict[str, Any]], column: str) -> list[float]:
+    """The column's numbers; what is missing, null or not a number is left out
+    (rows read back are checked, but a summary must not fail on one that is not)."""
+    values = (row.get(column) for row in rows)
+    return [float(v) for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+
+
+def _counts(rows: list[dict[str, Any]], column: str) -> list[int]:
+    return [int(v) for v in _numbers(rows, column) if math.isfinite(v)]
