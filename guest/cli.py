@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-indirect", action="store_true", help="do not use INDIRECT_DESC")
     parser.add_argument("--no-event-idx", action="store_true", help="do not use EVENT_IDX")
     parser.add_argument(
+        "--no-populate",
+        action="store_true",
+        help="do not write the pages before reporting them, nor read them back after "
+        "(nothing for the discard to free: the report path without the guest's memset)",
+    )
+    parser.add_argument(
         "--page-poison", action="store_true", help="accept PAGE_POISON (poison_val 0)"
     )
     parser.add_argument("--pause-ms", type=_milliseconds, default=0.0, help="pause between reports")
@@ -233,6 +239,7 @@ def options_from_args(args: argparse.Namespace) -> GuestOptions:
         event_idx=not args.no_event_idx,
         page_poison=args.page_poison,
         report_timeout=args.report_timeout,
+        populate=not args.no_populate,
     )
     return GuestOptions(
         socket_path=args.socket_path,

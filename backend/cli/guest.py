@@ -59,6 +59,11 @@ def add_guest_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-indirect", action="store_true", help="direct NEXT chains only")
     parser.add_argument("--no-event-idx", action="store_true", help="do not use EVENT_IDX")
+    parser.add_argument(
+        "--no-populate",
+        action="store_true",
+        help="the guest does not write its pages before reporting them",
+    )
 
 
 def guest_command(args: argparse.Namespace, socket_path: Path) -> list[str]:
@@ -85,6 +90,8 @@ def guest_command(args: argparse.Namespace, socket_path: Path) -> list[str]:
         command.append("--no-indirect")
     if args.no_event_idx:
         command.append("--no-event-idx")
+    if getattr(args, "no_populate", False):
+        command.append("--no-populate")
     if getattr(args, "discard", None):
         command += ["--discard-label", args.discard]
     return command

@@ -55,6 +55,25 @@ async def test_none_acks_without_discarding(start_backend: StartBackend) -> None
     assert all(record["discard"] == "none" for record in backend.trace())
 
 
+async def test_a_guest_that_does_not_populate_reports_pages_the_host_no_longer_holds(
+    start_backend: StartBackend,
+) -> None:
+    """--no-populate: the guest reports without writing first (the many-VM
+    benchmark); the backend still discards every entry, and frees nothing."""
+    backend = await start_backend()
+    async with MockGuest(backend.guest_options(populate=False)) as guest:
+        before = guest.ram.allocated_bytes()
+        summary = guest.summary(await guest.run(REPORTS))
+        # Only the guard pages around reported blocks were written, never a block.
+        assert guest.ram.allocated_bytes() - before < 2 * MiB
+    assert summary["reports"] == REPORTS
+    # What is freed is only earlier reports' guard pages that fell in a block.
+    assert summary["freed_bytes"] < 2 * MiB < summary["reported_bytes"]
+    assert summary["zeroed_bytes"] == 0  # unwritten pages are not read back
+    assert summary["integrity_ok"]
+    assert backend.server.totals().discarded_entries == summary["entries"]
+
+
 @pytest.mark.parametrize("capacity", [16, 32])
 @pytest.mark.parametrize("order", [9, 10])
 async def test_report_sizes_of_2019_and_current_linux(

@@ -1,0 +1,349 @@
+"""Every figure of the data-path table, its goal beside it, in one run.
+
+The instrument's own latency (kick to notify without a discard, and outside
+the discard syscalls), how exactly an injected delay lands (in the backend's
+measurement and in the guest's hold window), the real guest against QEMU's
+built-in device, the backend's memory, many sessions at once, and the
+floors: the bare discard syscalls and one eventfd hop. Each figure is the
+median over --runs repetitions of the per-run median (p50) or percentile.
+
+    .venv/bin/python benchmarks/data_path.py [--runs 3] [--reports 300] [--no-real]
+
+The real-guest rows need a provisioned QEMU (root; `vhost-balloon
+setup-qemu`); without one they are printed as skipped, with the reason.
+Printed, never asserted: docs/performance.md quotes a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import harness
+import wakeup_floor
+
+from vhost_balloon.backend.balloon.records import hold_window_ns
+from vhost_balloon.backend.libc import MADV_POPULATE_WRITE, buffer_address, madvise, punch_hole
+from vhost_balloon.backend.qemu.provisioning import cache_dir, read_env
+
+MiB = 1 << 20
+SESSIONS = 8  # the many-VM row
+
+
+@dataclass
+class Row:
+    name: str
+    value: str
+    goal: str
+
+
+def _median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+# -- one backend + one mocked guest -----------------------------------------------
+
+
+@dataclass
+class GuestRun:
+    trace: list[dict[str, Any]]
+    summary: dict[str, Any]
+    backend_hwm_kib: int  # the backend's peak RSS
+
+
+def _hwm_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def guest_run(
+    workdir: Path, backend: Sequence[str], guest: Sequence[str], memory: str = "2G"
+) -> GuestRun:
+    sock = workdir / "b.sock"
+    trace = workdir / "trace.jsonl"
+    trace.unlink(missing_ok=True)
+    with harness.backend(sock, "--trace", str(trace), *backend) as server:
+        summary = harness.run_guest(sock, "--memory", memory, *guest)
+        hwm = _hwm_kib(server.pid)
+    records = [json.loads(line) for line in trace.read_text().splitlines()]
+    return GuestRun(records, summary, hwm)
+
+
+def kick_to_notify_us(record: dict[str, Any]) -> float | None:
+    window = hold_window_ns(record["t_kick_ns"], record["t_published_ns"], record["t_notified_ns"])
+    return None if window is None else window / 1000
+
+
+def p50(values: Iterator[float | None]) -> float:
+    return _median([v for v in values if v is not None])
+
+
+# -- the rows ---------------------------------------------------------------------
+
+
+def instrument_rows(workdir: Path, runs: int, reports: int) -> list[Row]:
+    guest = ["--reports", str(reports)]
+    none, none_still, outside, injected = [], [], [], []
+    holds: dict[int, list[float]] = {0: [], 1000: [], 5000: []}
+    for _ in range(runs):
+        run = guest_run(workdir, ["--discard", "none"], guest)
+        none.append(p50(kick_to_notify_us(r) for r in run.trace))
+        holds[0].append(run.summary["hold_us"]["p50"])
+        run = guest_run(workdir, ["--discard", "none"], [*guest, "--no-populate"])
+        none_still.append(p50(kick_to_notify_us(r) for r in run.trace))
+        run = guest_run(workdir, ["--discard", "punch-hole"], guest)
+        outside.append(
+            p50(
+                (k - r["discard_syscall_ns"] / 1000) if (k := kick_to_notify_us(r)) else None
+                for r in run.trace
+            )
+        )
+        for delay_us in (1000, 5000):
+            run = guest_run(
+                workdir,
+                ["--discard", "none", "--delay", f"publish=const:{delay_us}us"],
+                guest,
+            )
+            holds[delay_us].append(run.summary["hold_us"]["p50"])
+            if delay_us == 5000:
+                injected.append(p50(r["injected_ns"]["publish"] / 1000 for r in run.trace))
+    rows = [
+        Row("--discard none, kick to notify p50", f"{_median(none):.0f} us", "<= 80 us"),
+        Row(
+            "  the same, guest not writing its pages",
+            f"{_median(none_still):.0f} us",
+            "(information)",
+        ),
+        Row(
+            "punch-hole, kick to notify - syscalls, p50",
+            f"{_median(outside):.0f} us",
+            "<= 100 us",
+        ),
+        Row(
+            "publish=const:5ms, backend's injected_ns p50",
+            f"{_median(injected):.0f} us",
+            "5000 +- 50 us",
+        ),
+    ]
+    for delay_us in (1000, 5000):
+        errors = [d - b - delay_us for d, b in zip(holds[delay_us], holds[0], strict=True)]
+        bound = max(0.02 * delay_us, 100)
+        rows.append(
+            Row(
+                f"guest hold at publish=const:{delay_us // 1000}ms - without - D",
+                f"{_median(errors):+.0f} us",
+                f"|x| <= {bound:.0f} us",
+            )
+        )
+    return rows
+
+
+def memory_rows(workdir: Path, runs: int) -> list[Row]:
+    rows = []
+    for memory in ("1G", "16G"):
+        peaks = [
+            guest_run(
+                workdir, ["--discard", "punch-hole"], ["--reports", "50"], memory
+            ).backend_hwm_kib
+            for _ in range(runs)
+        ]
+        rows.append(
+            Row(
+                f"backend peak RSS, {memory} guest", f"{_median(peaks) / 1024:.0f} MiB", "<= 60 MiB"
+            )
+        )
+    return rows
+
+
+def many_sessions_rows(workdir: Path, reports: int) -> list[Row]:
+    """One lone guest, then SESSIONS at once, none writing its pages."""
+    sock = workdir / "many.sock"
+    guest = [sys.executable, "-m", "vhost_balloon.guest", "--socket-path", str(sock), "--json"]
+    options = ["--memory", "256M", "--no-populate", "--reports", str(reports)]
+    with harness.backend(sock, "--discard", "punch-hole"):
+        lone = harness.run_guest(sock, *options)
+        procs = [
+            subprocess.Popen([*guest, *options], stdout=subprocess.PIPE, text=True)
+            for _ in range(SESSIONS)
+        ]
+        outputs = [proc.communicate()[0] for proc in procs]
+    summaries = [json.loads(text) for text in outputs]
+    lone_rate = lone["reports"] / lone["duration_s"]
+    rate = sum(s["reports"] / s["duration_s"] for s in summaries)
+    worst_p99 = max(s["hold_us"]["p99"] for s in summaries)
+    return [
+        Row(
+            "lone session: reports/s, hold p99",
+            f"{lone_rate:.0f}/s, {lone['hold_us']['p99']:.0f} us",
+            "",
+        ),
+        Row(
+            f"{SESSIONS} sessions: aggregate rate / lone",
+            f"{rate / lone_rate:.2f}x ({rate:.0f}/s)",
+            ">= 4x (host not saturated)",
+        ),
+        Row(
+            f"{SESSIONS} sessions: worst session p99 / lone",
+            f"{worst_p99 / lone['hold_us']['p99']:.2f}x",
+            "<= 1.5x",
+        ),
+    ]
+
+
+def _launch(args: Sequence[str]) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-m", "vhost_balloon.backend", "launch", "--json", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=1800,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr else "failed")
+    summary: dict[str, Any] = json.loads(done.stdout)
+    return summary
+
+
+def real_guest_rows(runs: int) -> list[Row]:
+    why = _real_guest_unavailable()
+    if why:
+        return [Row("real guest rows", "skipped", why)]
+    rows = []
+    for workload, extra, goal in (
+        ("gigantic", ["--duration", "30"], "<= 2.0x"),
+        ("fill", ["--rounds", "2", "--size", "200"], "<= 1.0x"),
+    ):
+        ours, builtin = [], []
+        for _ in range(runs):  # alternated, so drift hits both alike
+            ours.append(_launch(["--workload", workload, *extra])["guest_hold_us"]["p50"])
+            builtin.append(
+                _launch(["--workload", workload, *extra, "--baseline"])["guest_hold_us"]["p50"]
+            )
+        rows.append(
+            Row(
+                f"real guest, {workload}: guest hold p50 ours / built-in",
+                f"{_median(ours) / _median(builtin):.2f}x "
+                f"({_median(ours):.0f} / {_median(builtin):.0f} us)",
+                goal,
+            )
+        )
+    return rows
+
+
+def _real_guest_unavailable() -> str:
+    if os.geteuid() != 0:
+        return "needs root (QEMU runs in a chroot)"
+    try:
+        env = read_env(cache_dir() / "env.sh")
+    except (OSError, ValueError) as error:
+        return f"QEMU is not provisioned ({error}): run vhost-balloon setup-qemu"
+    if not env.get("QEMU"):
+        return "QEMU is not provisioned: run vhost-balloon setup-qemu"
+    return ""
+
+
+def bare_syscall_rows(runs: int) -> list[Row]:
+    """32 or 16 punch-holes of 2 or 4 MiB, on populated and unpopulated pages."""
+    rows = []
+    for entries in (32, 16):
+        for entry in (2 * MiB, 4 * MiB):
+            for populated in (True, False):
+                times = [_bare_punch_us(entries, entry, populated) for _ in range(runs)]
+                state = "populated" if populated else "unpopulated"
+                rows.append(
+                    Row(
+                        f"bare punch-hole, {entries} x {entry // MiB} MiB, {state}",
+                        f"{_median(times):.0f} us",
+                        "(floor)",
+                    )
+                )
+    return rows
+
+
+def _bare_punch_us(entries: int, entry: int, populated: bool, reports: int = 20) -> float:
+    size = entries * entry
+    fd = os.memfd_create("bare", os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    samples = []
+    try:
+        with mmap.mmap(fd, size) as mapping:
+            address = buffer_address(mapping)
+            for _ in range(reports):
+                if populated:
+                    madvise(address, size, MADV_POPULATE_WRITE)
+                begin = time.perf_counter_ns()
+                for index in range(entries):
+                    punch_hole(fd, index * entry, entry)
+                samples.append((time.perf_counter_ns() - begin) / 1000)
+    finally:
+        os.close(fd)
+    return _median(samples)
+
+
+def floor_rows(runs: int) -> list[Row]:
+    rows = []
+    for name, echo in (
+        ("eventfd hop, process -> process", wakeup_floor._echo_blocking),
+        ("eventfd hop, to an asyncio receiver", wakeup_floor._echo_asyncio),
+    ):
+        halves = [
+            _median([t / 2000 for t in wakeup_floor._in_child(echo, 2000)]) for _ in range(runs)
+        ]
+        rows.append(Row(name, f"{_median(halves):.1f} us", "(floor)"))
+    return rows
+
+
+@contextmanager
+def _section(title: str) -> Iterator[None]:
+    start = time.monotonic()
+    print(f"... {title}", file=sys.stderr, flush=True)
+    yield
+    print(f"    {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--reports", type=int, default=300)
+    parser.add_argument("--no-real", action="store_true", help="skip the real-guest rows")
+    args = parser.parse_args()
+    sections: list[tuple[str, Callable[[], list[Row]]]] = []
+    with tempfile.TemporaryDirectory(prefix="vb-datapath-") as tmp:
+        workdir = Path(tmp)
+        sections = [
+            ("the instrument", lambda: instrument_rows(workdir, args.runs, args.reports)),
+            ("memory", lambda: memory_rows(workdir, args.runs)),
+            ("many sessions", lambda: many_sessions_rows(workdir, 100)),
+            ("bare syscalls", lambda: bare_syscall_rows(args.runs)),
+            ("floor", lambda: floor_rows(args.runs)),
+        ]
+        if not args.no_real:
+            sections.append(("real guest", lambda: real_guest_rows(max(1, args.runs - 1))))
+        rows: list[Row] = []
+        for title, measure in sections:
+            with _section(title):
+                rows += measure()
+    print(f"medians of {args.runs} runs; {args.reports} reports per mocked-guest run")
+    width = max(len(row.name) for row in rows)
+    print(f"{'figure':{width}}  {'measured':>24}  goal")
+    for row in rows:
+        print(f"{row.name:{width}}  {row.value:>24}  {row.goal}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
