@@ -27,7 +27,8 @@ from vhost_balloon.backend.latency.in_force import LatencyInForce
 from vhost_balloon.backend.latency.injection import LatencyInjection, LatencySettings
 from vhost_balloon.backend.libc import precise_sleeps_for_this_thread
 from vhost_balloon.backend.observe.control import close_control, serve_control
-from vhost_balloon.backend.observe.metrics import Metrics, serve_metrics
+from vhost_balloon.backend.observe.metrics import Metrics
+from vhost_balloon.backend.observe.metrics_http import serve_metrics
 from vhost_balloon.backend.observe.trace import TraceWriter
 from vhost_balloon.backend.vhost.server import VhostUserServer, listen_unix, socket_from_fd
 from vhost_balloon.backend.vhost.session import Session, SessionLogger

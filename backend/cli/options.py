@@ -17,7 +17,7 @@ from vhost_balloon.backend.latency.injection import (
     parse_bql_phases,
     parse_delay_option,
 )
-from vhost_balloon.backend.observe.metrics import parse_listen_address
+from vhost_balloon.backend.observe.metrics_http import parse_listen_address
 from vhost_balloon.backend.server import ServerSettings
 from vhost_balloon.protocol import units
 from vhost_balloon.protocol.units import argument_type

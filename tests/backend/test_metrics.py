@@ -16,14 +16,9 @@ import pytest
 
 from vhost_balloon.backend.balloon.records import ReportRecord
 from vhost_balloon.backend.balloon.stats import DeviceStats
-from vhost_balloon.backend.observe import metrics as metrics_module
-from vhost_balloon.backend.observe.metrics import (
-    ENDED_KEPT,
-    Histograms,
-    Metrics,
-    parse_listen_address,
-    serve_metrics,
-)
+from vhost_balloon.backend.observe import metrics_http as metrics_module
+from vhost_balloon.backend.observe.metrics import ENDED_KEPT, Histograms, Metrics
+from vhost_balloon.backend.observe.metrics_http import parse_listen_address, serve_metrics
 
 US = 1000  # ns
 BASE = 10**12  # a plausible monotonic_ns; 0 would mean "missing"

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from vhost_balloon.backend.observe.metrics import MAX_CONNECTIONS
+from vhost_balloon.backend.observe.metrics_http import MAX_CONNECTIONS
 
 CLI = [sys.executable, "-m", "vhost_balloon.backend"]
 GUEST = [sys.executable, "-m", "vhost_balloon.guest"]
