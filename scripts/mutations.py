@@ -10,7 +10,9 @@ Each mutation is applied to a copy of the checkout (the checkout itself is
 never touched), then pytest runs the tests that guard its invariant, with a
 short per-test timeout so that a mutation which makes a loop spin fails
 rather than hangs. A mutation is "caught" when pytest fails, "survived" when
-it passes. The unmutated copy must pass first, or no verdict means anything.
+it passes, "BROKEN" when pytest could not even run the tests (the mutation
+broke an import: it says nothing about the tests). The unmutated copy must
+pass first, or no verdict means anything.
 Not part of CI's pass or fail; docs/testing.md quotes its last result.
 """
 
@@ -297,8 +299,11 @@ def apply(tree: Path, mutation: Mutation) -> None:
         path.write_text(text.replace(edit.old, edit.new))
 
 
-def run_tests(tree: Path, tests: list[str]) -> tuple[bool, float, str]:
-    """(passed, seconds, last lines of output) of pytest in the copy."""
+PYTEST_TESTS_FAILED = 1  # any other non-zero exit: collection error, usage error, ...
+
+
+def run_tests(tree: Path, tests: list[str]) -> tuple[int, float, str]:
+    """(pytest's exit code, seconds, last lines of output) of pytest in the copy."""
     environment = dict(os.environ, PYTHONPATH=str(tree), PYTHONDONTWRITEBYTECODE="1")
     command = [
         sys.executable,
@@ -317,7 +322,7 @@ def run_tests(tree: Path, tests: list[str]) -> tuple[bool, float, str]:
         command, cwd=tree, env=environment, capture_output=True, text=True, check=False
     )
     tail = "\n".join((run.stdout + run.stderr).strip().splitlines()[-3:])
-    return run.returncode == 0, time.monotonic() - start, tail
+    return run.returncode, time.monotonic() - start, tail
 
 
 def main() -> int:
@@ -341,8 +346,8 @@ def main() -> int:
             raise SystemExit(f"the copy imports vhost_balloon from {probe.stdout.strip()}")
         every_test = sorted({t for m in chosen for t in m.tests})
         baseline = ["-m", "not e2e", "tests"] if args.suite else every_test
-        passed, seconds, tail = run_tests(pristine, baseline)
-        if not passed:
+        code, seconds, tail = run_tests(pristine, baseline)
+        if code != 0:
             print(f"the unmutated tests fail; no verdict is meaningful:\n{tail}")
             return 1
         print(f"unmutated: passed in {seconds:.0f} s\n")
@@ -352,16 +357,18 @@ def main() -> int:
             shutil.copytree(pristine, tree, symlinks=True)
             apply(tree, mutation)
             tests = ["-m", "not e2e", "tests"] if args.suite else list(mutation.tests)
-            passed, seconds, tail = run_tests(tree, tests)
-            verdict = "SURVIVED" if passed else "caught"
-            survived += passed
+            code, seconds, tail = run_tests(tree, tests)
+            # Caught means a test failed; a mutation that breaks collection or
+            # the import proves nothing about the tests, so it is not counted.
+            verdict = {0: "SURVIVED", PYTEST_TESTS_FAILED: "caught"}.get(code, "BROKEN")
+            survived += verdict != "caught"
             print(
                 f"{verdict:8}  {mutation.name:36} invariant {mutation.invariant} ({seconds:.0f} s)"
             )
-            if passed:
+            if verdict != "caught":
                 print(f"          {tail}")
             shutil.rmtree(tree)
-        print(f"\n{len(chosen) - survived} of {len(chosen)} mutations caught")
+        print(f"\n{len(chosen) - survived} of {len(chosen)} mutations caught by a failing test")
         return 1 if survived else 0
 
 
