@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import socket
 import time
 import weakref
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from vhost_balloon.backend.observe.linger import linger
+from vhost_balloon.backend.vhost.server import bind_unix, unlink_if_ours
 
 LOG = logging.getLogger("vhost_balloon.control")
 
@@ -63,8 +63,10 @@ _STATES: weakref.WeakKeyDictionary[asyncio.AbstractServer, _State] = weakref.Wea
 async def serve_control(path: Path, handler: Handler) -> asyncio.AbstractServer:
     """Listen at `path` (replacing only a stale socket). Stop it with
     close_control(), which also ends open connections and removes the file."""
-    listener = _bind(path)
-    state = _State(_identity(path) or (0, 0))
+    bound = bind_unix(path, 0o600, role="control socket ")
+    listener = bound.sock
+    listener.setblocking(False)
+    state = _State(bound.identity)
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if state.closed:
@@ -102,9 +104,7 @@ async def close_control(server: asyncio.AbstractServer, path: Path) -> None:
         state.closed = True
         for writer in list(state.writers):
             writer.close()
-        if _identity(path) == state.identity:
-            with contextlib.suppress(OSError):
-                path.unlink()
+        unlink_if_ours(path, state.identity)
     await server.wait_closed()
 
 
@@ -162,45 +162,11 @@ def _error(message: str) -> dict[str, Any]:
     return {"ok": False, "error": message}
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
-    try:
-        info = path.lstat()
-    except OSError:
-        return None
-    return info.st_dev, info.st_ino
-
-
 def _is_socket(path: Path) -> bool:
     try:
         return path.is_socket()
     except OSError:
         return False
-
-
-def _bind(path: Path) -> socket.socket:
-    if path.exists() or path.is_symlink():
-        if not path.is_socket():
-            raise OSError(f"{path} exists and is not a socket")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            try:
-                probe.connect(str(path))
-            except OSError:
-                path.unlink()  # stale, from a backend that did not clean up
-            else:
-                raise OSError(f"something is already listening on {path}")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        listener.bind(str(path))
-        # Before listen(): nobody can connect while the mode is still the umask's.
-        os.chmod(path, 0o600)
-        listener.listen(16)
-        listener.setblocking(False)
-    except OSError as error:
-        listener.close()
-        raise OSError(
-            error.errno, f"cannot listen on control socket {path}: {error.strerror or error}"
-        ) from None
-    return listener
 
 
 def control_request(

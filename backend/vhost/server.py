@@ -143,9 +143,10 @@ def listen_unix(path: Path, mode: int = DEFAULT_SOCKET_MODE) -> socket.socket:
     return bind_unix(path, mode).sock
 
 
-def bind_unix(path: Path, mode: int = DEFAULT_SOCKET_MODE) -> UnixListener:
+def bind_unix(path: Path, mode: int = DEFAULT_SOCKET_MODE, *, role: str = "") -> UnixListener:
     """Listen at `path`, created with `mode` whatever the umask; refuses to
-    replace anything but a stale socket. Every error names the path."""
+    replace anything but a stale socket. Every error names the path (after
+    `role`, e.g. "control socket ")."""
     check_unix_path(path)
     _remove_stale(path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -156,10 +157,10 @@ def bind_unix(path: Path, mode: int = DEFAULT_SOCKET_MODE) -> UnixListener:
         listener.listen(16)
     except OSError as error:
         listener.close()
-        raise OSError(f"cannot listen on {path}: {_reason(error)}") from None
+        raise OSError(f"cannot listen on {role}{path}: {_reason(error)}") from None
     if identity is None:  # removed between bind and lstat: not ours to serve
         listener.close()
-        raise OSError(f"cannot listen on {path}: the socket file vanished at once")
+        raise OSError(f"cannot listen on {role}{path}: the socket file vanished at once")
     return UnixListener(listener, path, identity)
 
 
