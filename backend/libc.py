@@ -2,14 +2,13 @@
 
 The only place in the project that loads libc: every other module calls the
 typed functions below. cffi releases the GIL around each call, so a long
-punch-hole running in a worker thread does not stall the event loop, and
+punch-hole on a queue's thread does not stall the event loop, and
 mmap_lock contention threads hold the GIL only between their syscalls.
 Each wrapper reads errno right after its call and raises OSError with it.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import Any
 
@@ -20,20 +19,12 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 MADV_DONTNEED = 4
 MADV_REMOVE = 9
 MADV_POPULATE_WRITE = 23  # Linux >= 5.14; the stdlib mmap module lacks it on 3.11
-CLOCK_MONOTONIC = 1
-TFD_TIMER_ABSTIME = 1
-# timerfd's flags are defined as the O_ ones (they differ on a few architectures).
-TFD_NONBLOCK = os.O_NONBLOCK
-TFD_CLOEXEC = os.O_CLOEXEC
-_NS_PER_S = 1_000_000_000
 _PR_SET_TIMERSLACK = 29
 _MAP_FAILED = -1
 
 _ffi = cffi.FFI()
 _ffi.cdef(
     """
-    struct timespec { long tv_sec; long tv_nsec; };
-    struct itimerspec { struct timespec it_interval; struct timespec it_value; };
     int fallocate(int fd, int mode, long offset, long len);
     int madvise(void *addr, size_t length, int advice);
     int prctl(int option, unsigned long arg2, unsigned long arg3, unsigned long arg4,
@@ -41,13 +32,9 @@ _ffi.cdef(
     void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset);
     int munmap(void *addr, size_t length);
     int mprotect(void *addr, size_t length, int prot);
-    int timerfd_create(int clockid, int flags);
-    int timerfd_settime(int fd, int flags, const struct itimerspec *new_value,
-                        struct itimerspec *old_value);
     """
 )
 _libc: Any = _ffi.dlopen(None)
-_DISARM: Any = _ffi.new("struct itimerspec *")  # all zero: it_value 0 disarms
 
 
 # ------------------------------------------------------------------ discards
@@ -105,31 +92,6 @@ def buffer_address(buffer: object) -> int:
 
 
 # ------------------------------------------------------------------ timers
-
-
-def timerfd_create(clockid: int, flags: int) -> int:
-    fd = int(_libc.timerfd_create(clockid, flags))
-    if fd < 0:
-        errno = _ffi.errno
-        raise OSError(errno, f"timerfd_create failed: {os.strerror(errno)}")
-    return fd
-
-
-def timerfd_settime(fd: int, flags: int, expiry_ns: int) -> None:
-    """Arm a one-shot expiry at `expiry_ns` (no interval), or disarm with 0.
-
-    With TFD_TIMER_ABSTIME `expiry_ns` is a time on the timer's clock (a past
-    one fires at once); without, it is relative. The old value is not read.
-    """
-    value: Any
-    if expiry_ns == 0:
-        value = _DISARM
-    else:
-        value = _ffi.new("struct itimerspec *")
-        value.it_value.tv_sec, value.it_value.tv_nsec = divmod(expiry_ns, _NS_PER_S)
-    if _libc.timerfd_settime(fd, flags, value, _ffi.NULL) != 0:
-        errno = _ffi.errno
-        raise OSError(errno, f"timerfd_settime failed: {os.strerror(errno)}")
 
 
 def precise_sleeps_for_this_thread() -> None:

@@ -2,17 +2,15 @@
 
 It composes the rooms below it: each session gets a BalloonDevice (from the
 factory given to vhost.server), the device's records go to the trace, the
-histograms and any hooks the caller adds. It also owns what the sessions
-share: the discard thread pool (sized for injected per-entry delays, which
-sleep in those threads, so a long punch-hole never blocks the event loop),
-the latency runtime (settings, BQL, mmap contention), the metrics and the
+histograms and any hooks the caller adds (on the queue's thread, after the
+notify: see balloon/device.py). It also owns what the sessions share: the
+latency runtime (settings, BQL, mmap contention), the metrics and the
 control socket.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import socket
 from collections.abc import Callable, Sequence
@@ -25,18 +23,17 @@ from vhost_balloon.backend.balloon.records import ReportRecord
 from vhost_balloon.backend.balloon.stats import DeviceStats
 from vhost_balloon.backend.latency.in_force import LatencyInForce
 from vhost_balloon.backend.latency.injection import LatencyInjection, LatencySettings
-from vhost_balloon.backend.libc import precise_sleeps_for_this_thread
 from vhost_balloon.backend.observe.control import close_control, serve_control
 from vhost_balloon.backend.observe.metrics import Metrics
 from vhost_balloon.backend.observe.metrics_http import serve_metrics
 from vhost_balloon.backend.observe.trace import TraceWriter
 from vhost_balloon.backend.vhost.server import VhostUserServer, listen_unix, socket_from_fd
 from vhost_balloon.backend.vhost.session import Session, SessionLogger
+from vhost_balloon.backend.vhost.worker import share_the_gil_fairly
 
 __all__ = ["Server", "ServerSettings", "listen_unix", "socket_from_fd"]
 
 LOG = logging.getLogger("vhost_balloon")
-DISCARD_THREADS = 16
 TRACE_WRITTEN_HELP = "Trace records written."
 TRACE_DROPPED_HELP = "Trace records dropped: the trace's queue was full or its writes failed."
 
@@ -67,11 +64,6 @@ class Server:
             on_session_end=self._session_ended,
         )
         self.finished = DeviceStats()  # totals of sessions that have ended
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=DISCARD_THREADS,
-            thread_name_prefix="discard",
-            initializer=precise_sleeps_for_this_thread,
-        )
         self._trace = open_trace(settings.trace_path) if settings.trace_path else None
         self.latency = LatencyInForce(settings.latency)
         self.metrics = Metrics()
@@ -80,7 +72,7 @@ class Server:
 
     async def start_services(self) -> None:
         """Contention threads, the control socket and the metrics endpoint."""
-        precise_sleeps_for_this_thread()  # the event loop's thread: timer wake-ups
+        share_the_gil_fairly()  # one session's full ring must not hold up the others
         await self.latency.start()
         if self.settings.control_socket is not None:
             self._control = await serve_control(self.settings.control_socket, self.handle_control)
@@ -163,7 +155,6 @@ class Server:
     def _new_device(self, name: str, log: SessionLogger) -> BalloonDevice:
         device = BalloonDevice(
             self.settings.balloon,
-            self._executor,
             name,
             log,
             latency=LatencyInjection(self.latency.current, self.latency.big_lock),
@@ -205,7 +196,6 @@ class Server:
                 service.close()
                 await service.wait_closed()
         await self.latency.close()
-        self._executor.shutdown(wait=True)
         if self._trace is not None:
             # Up to 2 s of writing out what is queued: not on the loop.
             await asyncio.to_thread(self._trace.close)

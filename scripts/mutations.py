@@ -52,6 +52,7 @@ DISCARD = "backend/balloon/discard.py"
 PLAN = "backend/balloon/report_plan.py"
 MAPPING = "backend/vhost/mapping.py"
 SESSION = "backend/vhost/session.py"
+RINGS = "backend/vhost/rings.py"
 INJECTION = "backend/latency/injection.py"
 VIRTQUEUE = "protocol/virtqueue.py"
 
@@ -66,9 +67,9 @@ MUTATIONS = (
         (
             Edit(
                 DEVICE,
-                "        result = await self._discard(plan, injected)\n",
+                "        result = self._discard(plan, injected)\n",
                 "        handle.publish(chain.head)\n"
-                "        result = await self._discard(plan, injected)\n",
+                "        result = self._discard(plan, injected)\n",
             ),
             Edit(DEVICE, "lambda: handle.publish(head)", "lambda: None"),
         ),
@@ -87,23 +88,13 @@ MUTATIONS = (
         (ORDER,),
     ),
     Mutation(
-        "discard-on-the-event-loop",
-        "loop: a discard never blocks the event loop",
+        "a-stopped-ring-does-not-wait-for-its-batch",
+        "4: a ring stops (and its fds close) only after its batch has finished",
+        (Edit(RINGS, "            await ending.wait_stopped()\n", "            pass\n"),),
         (
-            Edit(
-                DEVICE,
-                "            result = await loop.run_in_executor(\n"
-                "                self.executor, run_discards, strategy, plan.targets, "
-                "plan.files, entry_delays\n"
-                "            )\n",
-                "            result = run_discards(strategy, plan.targets, plan.files, "
-                "entry_delays)\n",
-            ),
-        ),
-        (
-            ORDER,
             "tests/integration/test_memory_and_blocking.py"
-            "::test_a_slow_discard_does_not_stall_other_sessions",
+            "::test_a_new_kick_fd_during_a_discard_never_discards_a_report_twice",
+            "tests/integration/test_queue_threads.py",
         ),
     ),
     Mutation(
@@ -118,9 +109,9 @@ MUTATIONS = (
         (
             Edit(
                 INJECTION,
-                "        return await sleep_ns(sampler())\n",
+                "        return sleep_exact_ns(sampler())\n",
                 "        requested = sampler()\n"
-                "        await sleep_ns(requested)\n"
+                "        sleep_exact_ns(requested)\n"
                 "        return requested\n",
             ),
         ),
@@ -132,12 +123,12 @@ MUTATIONS = (
         (
             Edit(
                 DISCARD,
-                "            result.entry_delay_ns += sleep_ns_blocking(entry_delays[index])\n",
-                "            sleep_ns_blocking(entry_delays[index])\n"
+                "            result.entry_delay_ns += sleep_exact_ns(entry_delays[index])\n",
+                "            sleep_exact_ns(entry_delays[index])\n"
                 "            result.entry_delay_ns += entry_delays[index]\n",
             ),
         ),
-        (f"{MEASURED}::test_per_entry_delays_are_summed_as_slept_in_the_discard_thread",),
+        (f"{MEASURED}::test_per_entry_delays_are_summed_as_slept_around_the_syscalls",),
     ),
     Mutation(
         "only-the-last-syscall-timed",

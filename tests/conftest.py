@@ -7,6 +7,7 @@ QEMU and the backend do.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,6 +34,14 @@ class RunningBackend:
     trace_path: Path
 
     def trace(self) -> list[dict[str, Any]]:
+        """The records so far. A record is written after its report's call
+        signal, by the queue's thread: a guest that has seen the signal may
+        ask a moment too early, so wait for the running batches first."""
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and any(
+            session.rings.busy for session in self.server.sessions.values()
+        ):
+            time.sleep(0.001)
         return read_trace(self.trace_path) if self.trace_path.exists() else []
 
     def guest_options(self, memory: int = TEST_MEMORY, **driver: Any) -> GuestOptions:

@@ -1,20 +1,21 @@
 """The virtio-balloon device: features, config space and its queues.
 
 Free page reporting is the queue that matters: each chain is one report;
-its entries are discarded (in a worker thread, so other sessions keep being
-served), and only when every discard has returned is the used entry
-published and the driver notified (invariant 1).
+its entries are discarded, and only when every discard has returned is the
+used entry published and the driver notified (invariant 1). All of it runs
+on the queue's own thread (vhost/worker.py), and so do the record hooks,
+after the notify: a hook must be thread-safe and quick.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import enum
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from vhost_balloon.backend.balloon.discard import DiscardResult, DiscardStrategy, run_discards
 from vhost_balloon.backend.balloon.records import ReportRecord
@@ -28,6 +29,7 @@ from vhost_balloon.backend.latency.injection import (
     Point,
 )
 from vhost_balloon.backend.vhost.device import FrontendLink, QueueHandle, VirtioDevice
+from vhost_balloon.backend.vhost.worker import GilTurns
 from vhost_balloon.protocol import virtio
 from vhost_balloon.protocol.virtqueue import Chain, DeviceQueue
 
@@ -86,14 +88,12 @@ class BalloonDevice(VirtioDevice):
     def __init__(
         self,
         settings: BalloonSettings,
-        executor: concurrent.futures.Executor,
         session: str,
         logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
         *,
         latency: PhaseLatency = NO_INJECTION,
     ) -> None:
         self.settings = settings
-        self.executor = executor
         self.session = session
         self.log = logger
         self.stats = DeviceStats()
@@ -107,6 +107,10 @@ class BalloonDevice(VirtioDevice):
         self._seq = 0
         self._warned_balloon = False
         self._last_published_ns: dict[int, int] = {}  # per queue
+        # The queues' threads all count into `stats`; the loop reads it.
+        self._accounting = threading.Lock()
+        # Each snapshot's description, made once (a record per report carries it).
+        self._described: tuple[LatencySettings, dict[str, Any]] | None = None
 
     @property
     def max_queues(self) -> int:
@@ -142,9 +146,10 @@ class BalloonDevice(VirtioDevice):
         self.handles.pop(index, None)
 
     def queue_failed(self, index: int, reason: str) -> None:
-        self.stats.queue_errors += 1
+        with self._accounting:
+            self.stats.queue_errors += 1
 
-    async def process_queue(self, handle: QueueHandle, kick_ns: int) -> None:
+    def process_queue(self, handle: QueueHandle, kick_ns: int) -> None:
         queue = handle.queue
         is_reporting = handle.index == self.queues.reporting
         kick_delay = 0
@@ -153,8 +158,9 @@ class BalloonDevice(VirtioDevice):
         # report's kick: it gets no kick delay.
         if is_reporting and queue.has_available():
             kick_latency = self.injector.begin_report()
-            kick_delay = await self.injector.delay(Point.KICK)
+            kick_delay = self.injector.delay(Point.KICK)
         first_kick_ns: int | None = kick_ns
+        turns = GilTurns()
         while True:
             queue.disable_notifications()
             while handle.running():
@@ -174,20 +180,18 @@ class BalloonDevice(VirtioDevice):
                     latency = self.injector.begin_report()
                 else:
                     latency = _NO_LATENCY
-                chain, pop_wait = await self.injector.locked(latency, BqlPhase.POP, queue.pop)
+                chain, pop_wait = self.injector.locked(latency, BqlPhase.POP, queue.pop)
                 if chain is None:
                     first_kick_ns = None  # a chain found after this is not the kick's
                     break
                 if is_reporting:
                     start = _ReportStart(report_kick_ns, start_ns, kick_delay, pop_wait, latency)
-                    await self._report(handle, chain, start)
+                    self._report(handle, chain, start)
                     kick_delay = 0  # attributed to the first report of the batch
                     first_kick_ns = None
                 else:
                     self._ack_balloon_chain(handle, chain)
-                # A guest that keeps the ring full must not keep the loop:
-                # every chain gives other sessions a turn.
-                await asyncio.sleep(0)
+                turns.between_chains()  # a full ring must not keep the GIL
             if not handle.running() or not queue.enable_notifications():
                 return
 
@@ -196,11 +200,13 @@ class BalloonDevice(VirtioDevice):
         queue: DeviceQueue = handle.queue
         always = self.settings.notify is NotifyPolicy.ALWAYS
         if (always or queue.needs_notify()) and handle.notify():
-            self.stats.notifications += 1
-            return time.monotonic_ns()
+            notified_ns = time.monotonic_ns()
+            with self._accounting:
+                self.stats.notifications += 1
+            return notified_ns
         return 0
 
-    async def _report(self, handle: QueueHandle, chain: Chain, start: _ReportStart) -> None:
+    def _report(self, handle: QueueHandle, chain: Chain, start: _ReportStart) -> None:
         """One report: its delays, its discards, then (and only then) its
         publish and notify, and its record."""
         popped_ns = time.monotonic_ns()
@@ -209,17 +215,17 @@ class BalloonDevice(VirtioDevice):
         if start.kick_delay_ns or injector.has(Point.KICK):
             injected[Point.KICK.value] = start.kick_delay_ns
         if injector.has(Point.REPORT):
-            injected[Point.REPORT.value] = await injector.delay(Point.REPORT)
+            injected[Point.REPORT.value] = injector.delay(Point.REPORT)
         # QEMU acks without discarding when the guest poisons freed pages with
         # a non-zero value: a discarded page would read back as zeros.
         poison = self.config.poison_val != 0 and bool(
             self.acked_features >> virtio.BALLOON_F_PAGE_POISON & 1
         )
         plan = plan_report(chain, handle.memory_map, discard=not poison)
-        result = await self._discard(plan, injected)
+        result = self._discard(plan, injected)
         # Every discard of this report has returned: only now may the guest
         # get its pages back.
-        published = await self._publish(handle, chain.head, start, injected)
+        published = self._publish(handle, chain.head, start, injected)
         self._seq += 1
         strategy = self.settings.discard
         record = ReportRecord(
@@ -246,23 +252,26 @@ class BalloonDevice(VirtioDevice):
             poison_ack=poison,
             injected_ns=injected,
             bql_wait_ns=published.bql_wait_ns,
-            settings=start.latency.describe(),
+            settings=self._describe(start.latency),
             errors=result.errors,
         )
         self._account(record)
         for hook in self.record_hooks:
             hook(record)
 
-    async def _discard(self, plan: ReportPlan, injected: dict[str, int]) -> DiscardResult:
-        """Every target of the plan, in one hop to a discard thread (with the
-        per-entry delays, measured into `injected`); none when there is nothing to do."""
+    def _describe(self, latency: LatencySettings) -> dict[str, Any]:
+        described = self._described
+        if described is None or described[0] is not latency:
+            described = self._described = (latency, latency.describe())
+        return described[1]
+
+    def _discard(self, plan: ReportPlan, injected: dict[str, int]) -> DiscardResult:
+        """Every target of the plan (with the per-entry delays, measured into
+        `injected`); none when there is nothing to do."""
         strategy = self.settings.discard
         entry_delays = self.injector.entry_delays(len(plan.targets)) if plan.targets else None
         if plan.targets and (strategy is not DiscardStrategy.NONE or entry_delays):
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(
-                self.executor, run_discards, strategy, plan.targets, plan.files, entry_delays
-            )
+            result = run_discards(strategy, plan.targets, plan.files, entry_delays)
         else:
             now = time.monotonic_ns()
             result = DiscardResult(started_ns=now, done_ns=now)
@@ -270,7 +279,7 @@ class BalloonDevice(VirtioDevice):
             injected[Point.ENTRY.value] = result.entry_delay_ns
         return result
 
-    async def _publish(
+    def _publish(
         self, handle: QueueHandle, head: int, start: _ReportStart, injected: dict[str, int]
     ) -> _Published:
         """The publish and notify phases, each after its delay and under the
@@ -278,15 +287,13 @@ class BalloonDevice(VirtioDevice):
         injector = self.injector
         latency = start.latency
         if injector.has(Point.PUBLISH):
-            injected[Point.PUBLISH.value] = await injector.delay(Point.PUBLISH)
-        _, publish_wait = await injector.locked(
-            latency, BqlPhase.PUBLISH, lambda: handle.publish(head)
-        )
+            injected[Point.PUBLISH.value] = injector.delay(Point.PUBLISH)
+        _, publish_wait = injector.locked(latency, BqlPhase.PUBLISH, lambda: handle.publish(head))
         published_ns = time.monotonic_ns()
         self._last_published_ns[handle.index] = published_ns
         if injector.has(Point.NOTIFY):
-            injected[Point.NOTIFY.value] = await injector.delay(Point.NOTIFY)
-        notified_ns, notify_wait = await injector.locked(
+            injected[Point.NOTIFY.value] = injector.delay(Point.NOTIFY)
+        notified_ns, notify_wait = injector.locked(
             latency, BqlPhase.NOTIFY, lambda: self._notify(handle)
         )
         bql_wait = {}
@@ -300,16 +307,17 @@ class BalloonDevice(VirtioDevice):
 
     def _account(self, record: ReportRecord) -> None:
         stats = self.stats
-        stats.reports += 1
-        stats.entries += record.entries
-        stats.reported_bytes += record.bytes
-        stats.discarded_entries += record.discarded_entries
-        stats.freed_bytes += record.freed_bytes
-        stats.skipped_outside += record.skipped_outside
-        stats.skipped_unaligned += record.skipped_unaligned
-        stats.poison_acks += record.poison_ack
-        stats.discard_errors += len(record.errors)
-        stats.discard_syscall_ns += record.discard_syscall_ns
+        with self._accounting:
+            stats.reports += 1
+            stats.entries += record.entries
+            stats.reported_bytes += record.bytes
+            stats.discarded_entries += record.discarded_entries
+            stats.freed_bytes += record.freed_bytes
+            stats.skipped_outside += record.skipped_outside
+            stats.skipped_unaligned += record.skipped_unaligned
+            stats.poison_acks += record.poison_ack
+            stats.discard_errors += len(record.errors)
+            stats.discard_syscall_ns += record.discard_syscall_ns
         if record.skipped_outside or record.skipped_unaligned:
             self.log.warning(
                 "report %d: skipped %d entries outside guest RAM, %d unaligned",
@@ -324,10 +332,11 @@ class BalloonDevice(VirtioDevice):
         # The target (num_pages) is 0 unless set, so a Linux guest does not
         # inflate; if a driver does, its pages are acked but not discarded.
         name = self.queues.name(handle.index)
-        if name == "inflate":
-            self.stats.inflate_acks += 1
-        else:
-            self.stats.deflate_acks += 1
+        with self._accounting:
+            if name == "inflate":
+                self.stats.inflate_acks += 1
+            else:
+                self.stats.deflate_acks += 1
         if not self._warned_balloon:
             self._warned_balloon = True
             self.log.warning(

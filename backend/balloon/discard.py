@@ -1,7 +1,7 @@
 """Discard strategies and the timed, accounted discard of one report.
 
-`run_discards` is the only code that runs in a worker thread: it issues the
-syscalls of one report back to back and measures, through the files'
+`run_discards` runs on the queue's own thread: it issues the syscalls of
+one report back to back and measures, through the files'
 allocated blocks, what they really gave back to the host. On a MAP_SHARED
 memfd only punch-hole and MADV_REMOVE free anything; MADV_DONTNEED drops the
 backend's own page table entries and nothing else, which the accounting
@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from vhost_balloon.backend.latency.timer import sleep_ns_blocking
+from vhost_balloon.backend.latency.timer import sleep_exact_ns
 from vhost_balloon.backend.libc import MADV_DONTNEED, MADV_REMOVE, madvise, punch_hole
 from vhost_balloon.backend.vhost.mapping import FileIdentity
 
@@ -76,8 +76,7 @@ def run_discards(
 ) -> DiscardResult:
     """Discard every target in order; never raises for a failed syscall.
 
-    `entry_delays` (ns, one per target) are slept before each syscall, here in
-    the worker thread, so they never hold up the event loop.
+    `entry_delays` (ns, one per target) are slept before each syscall.
     """
     result = DiscardResult()
     accounted = strategy is not DiscardStrategy.NONE
@@ -85,7 +84,7 @@ def run_discards(
     result.started_ns = time.monotonic_ns()
     for index, target in enumerate(targets):
         if entry_delays is not None:
-            result.entry_delay_ns += sleep_ns_blocking(entry_delays[index])
+            result.entry_delay_ns += sleep_exact_ns(entry_delays[index])
         if not accounted:
             continue
         begin = time.perf_counter_ns()

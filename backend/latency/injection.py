@@ -9,7 +9,7 @@ which snapshot (`version`) it ran under.
 
 `Injector` is per session: it turns the snapshot's models into seeded
 samplers (the same seed gives every session the same sequence per point)
-and sleeps without blocking the event loop.
+and sleeps them exactly, on the queue's own thread (latency/timer.py).
 
 A device sees latency only through `PhaseLatency`, an object around its
 phases: `LatencyInjection` (the settings in force, the samplers, the big
@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from vhost_balloon.backend.latency.contention import BigLock, BqlSpec, MmapSpec
 from vhost_balloon.backend.latency.delays import DelayModel, DelaySpecError, parse_delay
-from vhost_balloon.backend.latency.timer import sleep_ns
+from vhost_balloon.backend.latency.timer import sleep_exact_ns
 
 
 class Point(enum.Enum):
@@ -127,12 +127,12 @@ class Injector:
         sampler = self._samplers.get(point)
         return sampler() if sampler is not None else 0
 
-    async def delay(self, point: Point) -> int:
+    def delay(self, point: Point) -> int:
         """Sleep for the point's next sampled delay; the ns actually slept (0 if none)."""
         sampler = self._samplers.get(point)
         if sampler is None:
             return 0
-        return await sleep_ns(sampler())
+        return sleep_exact_ns(sampler())
 
     def entry_delays(self, count: int) -> list[int] | None:
         """Sampled per-entry delays for the discard thread, or None."""
@@ -147,7 +147,11 @@ _NOTHING_INJECTED = LatencySettings()
 
 
 class PhaseLatency(abc.ABC):
-    """What a device asks of latency injection, phase by phase of one chain."""
+    """What a device asks of latency injection, phase by phase of one chain.
+
+    Every method runs on the queue's own thread, and blocks it: a delay
+    sleeps, a locked phase waits for the big lock.
+    """
 
     @abc.abstractmethod
     def begin_report(self) -> LatencySettings:
@@ -157,7 +161,7 @@ class PhaseLatency(abc.ABC):
     def has(self, point: Point) -> bool: ...
 
     @abc.abstractmethod
-    async def delay(self, point: Point) -> int:
+    def delay(self, point: Point) -> int:
         """Sleep for the point's next delay; the ns actually slept (0 if none)."""
 
     @abc.abstractmethod
@@ -165,7 +169,7 @@ class PhaseLatency(abc.ABC):
         """Per-entry delays for the discard thread, or None."""
 
     @abc.abstractmethod
-    async def locked(
+    def locked(
         self, latency: LatencySettings, phase: BqlPhase, action: Callable[[], _T]
     ) -> tuple[_T, int]:
         """Run a ring phase, under the big lock if `latency` models the BQL for
@@ -181,13 +185,13 @@ class NoInjection(PhaseLatency):
     def has(self, point: Point) -> bool:
         return False
 
-    async def delay(self, point: Point) -> int:
+    def delay(self, point: Point) -> int:
         return 0
 
     def entry_delays(self, count: int) -> list[int] | None:
         return None
 
-    async def locked(
+    def locked(
         self, latency: LatencySettings, phase: BqlPhase, action: Callable[[], _T]
     ) -> tuple[_T, int]:
         return action(), 0
@@ -210,18 +214,18 @@ class LatencyInjection(PhaseLatency):
     def has(self, point: Point) -> bool:
         return self._injector.has(point)
 
-    async def delay(self, point: Point) -> int:
-        return await self._injector.delay(point)
+    def delay(self, point: Point) -> int:
+        return self._injector.delay(point)
 
     def entry_delays(self, count: int) -> list[int] | None:
         return self._injector.entry_delays(count)
 
-    async def locked(
+    def locked(
         self, latency: LatencySettings, phase: BqlPhase, action: Callable[[], _T]
     ) -> tuple[_T, int]:
         if latency.bql is None or phase not in latency.bql_phases:
             return action(), 0
-        waited = await self._big_lock.acquire()
+        waited = self._big_lock.acquire_blocking()
         try:
             return action(), waited
         finally:

@@ -1,147 +1,102 @@
-"""Precise sleeps: a timerfd on the event loop, clock_nanosleep in threads.
+"""Exact sleeps for the queue threads: a timed sleep, then a short finish.
 
-asyncio.sleep is only millisecond-precise: the epoll selector rounds its
-timeout up to whole milliseconds, so an injected 100 us delay becomes about
-1 ms. Instead `sleep_ns` arms a Linux timerfd for an absolute CLOCK_MONOTONIC
-deadline and waits for it to become readable through `loop.add_reader`; the
-loop blocks in epoll until the hrtimer fires, and timerfds get no timer
-slack.
+An injected delay must land where it was asked for: it is the x axis of
+every study. A timed sleep alone wakes late, by the kernel's wake-up latency
+(tens of microseconds on a loaded VM, more with the default 50 us timer
+slack). So `sleep_exact_ns` sleeps on the clock (clock_nanosleep, the GIL
+released) to shortly before the deadline and finishes with `sched_yield`
+calls, each of which also releases the GIL, until the deadline has passed.
 
-The timerfds are loop-independent kernel objects, so one process-wide pool
-serves every event loop (tests run a new loop per test): a sleeper takes an
-idle fd or creates one, registers it only with its own running loop, and
-gives it back disarmed and drained, on every path including cancellation.
+How early to wake is calibrated from how late this process's timed sleeps
+really wake (`WakeLateness`): a high quantile of the recent lateness, so the
+finish almost always starts before the deadline and rarely spins for long.
+Every sleep returns what it really slept, measured on CLOCK_MONOTONIC, and
+that is what the trace records.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import threading
 import time
-
-from vhost_balloon.backend.libc import (
-    CLOCK_MONOTONIC,
-    TFD_CLOEXEC,
-    TFD_NONBLOCK,
-    TFD_TIMER_ABSTIME,
-    timerfd_create,
-    timerfd_settime,
-)
+from collections import deque
 
 NS_PER_S = 1_000_000_000
-_MAX_IDLE = 256  # idle timerfds kept; a burst of more sleepers closes the surplus
-
-_pool_lock = threading.Lock()  # loops in several threads may share the pool
-_idle: list[int] = []
+US = 1_000
 
 
-def _create() -> int:
-    return timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC)
+class WakeLateness:
+    """How late timed sleeps wake, and so how early an exact sleep must wake.
+
+    `margin_ns` is the `quantile` of the last `window` observed lateness
+    values plus `slack_ns`, kept within [floor_ns, ceiling_ns]: waking that
+    much early, the timed sleep ends before the deadline about `quantile`
+    of the time; the rest land late by the excess, and are measured.
+    """
+
+    def __init__(
+        self,
+        *,
+        initial_ns: int = 100 * US,
+        window: int = 64,
+        quantile: float = 0.95,
+        slack_ns: int = 5 * US,
+        floor_ns: int = 10 * US,
+        ceiling_ns: int = 1_000 * US,
+    ) -> None:
+        self._observed: deque[int] = deque(maxlen=window)
+        self._quantile = quantile
+        self._slack_ns = slack_ns
+        self._floor_ns = floor_ns
+        self._ceiling_ns = ceiling_ns
+        self._margin_ns = min(max(initial_ns, floor_ns), ceiling_ns)
+        self._lock = threading.Lock()  # queue threads of every session share one
+
+    def margin_ns(self) -> int:
+        return self._margin_ns
+
+    def observe(self, late_ns: int) -> None:
+        """One timed sleep woke `late_ns` after its target (negative: early)."""
+        with self._lock:
+            self._observed.append(max(0, late_ns))
+            # Sorting 64 values takes a few microseconds, inside the margin
+            # the finish spends spinning anyway.
+            ordered = sorted(self._observed)
+            at = min(len(ordered) - 1, int(self._quantile * len(ordered)))
+            margin = ordered[at] + self._slack_ns
+            self._margin_ns = min(max(margin, self._floor_ns), self._ceiling_ns)
 
 
-def _arm(fd: int, deadline_ns: int) -> None:
-    """One-shot expiry at an absolute CLOCK_MONOTONIC time (a past one fires at once)."""
-    timerfd_settime(fd, TFD_TIMER_ABSTIME, deadline_ns)
+LATENESS = WakeLateness()  # one per process: every thread wakes through the same scheduler
 
 
-def _acquire() -> int:
-    with _pool_lock:
-        if _idle:
-            return _idle.pop()
-    return _create()
+def sleep_exact_ns(duration_ns: int, lateness: WakeLateness | None = None) -> int:
+    """Sleep in a worker thread until `duration_ns` after the call; returns the
+    ns actually slept (>= the request, and close to it).
 
-
-def _release(fd: int, clean: bool) -> None:
-    """Back to the pool; unless the expiry was consumed, disarm and drain it first."""
-    if not clean:
-        try:
-            timerfd_settime(fd, 0, 0)  # an expiry of 0 disarms
-            with contextlib.suppress(BlockingIOError):
-                os.read(fd, 8)  # an expiry that fired but was never read
-        except OSError:
-            os.close(fd)  # not trustworthy for reuse
-            return
-    with _pool_lock:
-        if len(_idle) < _MAX_IDLE:
-            _idle.append(fd)
-            return
-    os.close(fd)
-
-
-def _on_expiry(fd: int, waiter: asyncio.Future[None]) -> None:
-    try:
-        os.read(fd, 8)  # the expiration count; reading it clears readability
-    except BlockingIOError:
-        return  # spurious wake-up: not expired yet
-    except OSError as error:
-        if not waiter.done():
-            waiter.set_exception(error)
-        return
-    if not waiter.done():
-        waiter.set_result(None)
-
-
-async def sleep_ns(duration_ns: int) -> int:
-    """Sleep in the running event loop with ~tens-of-us precision.
-
-    Returns the ns actually slept (time.monotonic_ns based, always >= the
-    request); 0 or negative returns at once with 0, without yielding.
+    Refuses to run on a thread with a running event loop, which it would stall.
     """
     if duration_ns <= 0:
         return 0
-    loop = asyncio.get_running_loop()
-    start = time.monotonic_ns()
-    # Absolute deadline: time spent before arming still counts toward the sleep.
-    deadline = start + duration_ns
-    fd = _acquire()
-    clean = False
-    try:
-        while True:
-            _arm(fd, deadline)
-            waiter = loop.create_future()
-            loop.add_reader(fd, _on_expiry, fd, waiter)
-            try:
-                await waiter
-            finally:
-                loop.remove_reader(fd)  # also cancels a callback already queued
-            # The one-shot timer expired and its count was read: fd is reusable as is.
-            clean = True
-            now = time.monotonic_ns()
-            if now >= deadline:  # same clock as the timer, so always true in practice
-                return now - start
-            clean = False
-    finally:
-        _release(fd, clean)
-
-
-def sleep_ns_blocking(duration_ns: int) -> int:
-    """Sleep in a worker thread; returns the ns actually slept (>= the request).
-
-    time.sleep is clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME) on Linux,
-    precise to the thread's timer slack (50 us by default). Refuses to run on
-    a thread with a running event loop, which it would stall.
-    """
-    if duration_ns <= 0:
-        return 0
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        pass
-    else:
-        raise RuntimeError("sleep_ns_blocking would block the event loop; await sleep_ns")
+    _refuse_on_event_loop()
+    lateness = lateness or LATENESS
     start = time.monotonic_ns()
     deadline = start + duration_ns
+    wake_at = deadline - lateness.margin_ns()
+    if wake_at > start:
+        # time.sleep is clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME) on
+        # Linux; float seconds may round a nanosecond short, which the finish covers.
+        time.sleep((wake_at - start) / NS_PER_S)
+        lateness.observe(time.monotonic_ns() - wake_at)
     while (now := time.monotonic_ns()) < deadline:
-        time.sleep((deadline - now) / NS_PER_S)  # float seconds may round a ns short
+        os.sched_yield()  # releases the GIL: the other threads run meanwhile
     return now - start
 
 
-def close_timers() -> None:
-    """Close the idle pooled timerfds (tests, shutdown); busy ones return later."""
-    with _pool_lock:
-        fds = _idle[:]
-        _idle.clear()
-    for fd in fds:
-        os.close(fd)
+def _refuse_on_event_loop() -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise RuntimeError("a blocking sleep would block the event loop: sleep in a queue thread")

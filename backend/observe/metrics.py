@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -102,11 +103,16 @@ class _Series:
 class Histograms:
     """HDR histograms in microseconds of one session (or of all of them):
     hold (kick -> notify), discard (t_discard_done - t_discard_start),
-    bql_wait, and the delay injected at each injection point."""
+    bql_wait, and the delay injected at each injection point.
+
+    Queue threads record (several at once into the totals) while /metrics
+    reads from its own thread: each Histograms has a lock of its own.
+    """
 
     def __init__(self, parent: Histograms | None = None) -> None:
         self._parent = parent  # the totals, fed with every record too
         self._series: dict[str, _Series] = {name: _Series() for name in FIXED}
+        self._lock = threading.Lock()
 
     def record(
         self,
@@ -117,31 +123,35 @@ class Histograms:
         """Add one report. bql_wait_ns is recorded for every report (0 when no
         lock is modelled), so its count matches the report count."""
         hold_ns = record.kick_to_notify_ns
-        if hold_ns is not None:
-            self._series["hold"].add(hold_ns)
-        if record.t_discard_start_ns and record.t_discard_done_ns:
-            self._series["discard"].add(record.t_discard_done_ns - record.t_discard_start_ns)
-        self._series["bql_wait"].add(bql_wait_ns)
-        for point, delay_ns in (injected_ns or {}).items():
-            name = INJECTED_PREFIX + point
-            series = self._series.get(name)
-            if series is None:
-                series = self._series[name] = _Series()
-            series.add(delay_ns)
+        with self._lock:
+            if hold_ns is not None:
+                self._series["hold"].add(hold_ns)
+            if record.t_discard_start_ns and record.t_discard_done_ns:
+                self._series["discard"].add(record.t_discard_done_ns - record.t_discard_start_ns)
+            self._series["bql_wait"].add(bql_wait_ns)
+            for point, delay_ns in (injected_ns or {}).items():
+                name = INJECTED_PREFIX + point
+                series = self._series.get(name)
+                if series is None:
+                    series = self._series[name] = _Series()
+                series.add(delay_ns)
         if self._parent is not None:
             self._parent.record(record, bql_wait_ns, injected_ns)
 
     def names(self) -> list[str]:
         """Names: "hold", "discard", "bql_wait", then "injected:POINT" per point seen."""
-        return list(self._series)
+        with self._lock:
+            return list(self._series)
 
     def percentiles(self, name: str) -> dict[str, float]:
         """{"p50", "p90", "p99", "max", "count"}, in microseconds; all 0.0 when
         nothing was recorded (JSON-safe: never NaN). KeyError for an unknown name."""
-        return self._series[name].summary().percentiles()
+        with self._lock:
+            return self._series[name].summary().percentiles()
 
     def summaries(self) -> dict[str, Summary]:
-        return {name: series.summary() for name, series in self._series.items()}
+        with self._lock:
+            return {name: series.summary() for name, series in self._series.items()}
 
 
 class Metrics:

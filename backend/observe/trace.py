@@ -1,15 +1,16 @@
 """The per-report trace: ReportRecords appended as JSON lines (invariant 5).
 
-Recording must never stop the device. The event loop only enqueues a record
-(put_nowait); one writer thread serialises records and writes whole lines
-with os.write. When the queue is full (a slow disk, a FIFO whose reader
-stopped) the record is dropped and counted. A write error (ENOSPC, EIO,
-EPIPE, EFBIG...) is logged once; records are dropped and counted from then
-on, and writing is tried again on the first batch RETRY_AFTER_S after the
-last failure, so a disk that gets space back (or a FIFO that gets a new
-reader) resumes. A line cut short by an error is truncated away (regular
-files); where that is impossible (pipes, devices) a newline is written first
-on resume, so every later record starts a line of its own.
+Recording must never stop the device. A queue's thread only enqueues a
+record (put_nowait), after the report's notify; one writer thread
+serialises records and writes whole lines with os.write. When the queue is
+full (a slow disk, a FIFO whose reader stopped) the record is dropped and
+counted. A write error (ENOSPC, EIO, EPIPE, EFBIG...) is logged once;
+records are dropped and counted from then on, and writing is tried again
+on the first batch RETRY_AFTER_S after the last failure, so a disk that
+gets space back (or a FIFO that gets a new reader) resumes. A line cut
+short by an error is truncated away (regular files); where that is
+impossible (pipes, devices) a newline is written first on resume, so every
+later record starts a line of its own.
 """
 
 from __future__ import annotations
@@ -77,8 +78,10 @@ class TraceWriter:
         self._identity = _identity(os.fstat(fd))
         self._lines = _LineWriter(fd, path, write, retry_after_s)
         self._queue: queue.Queue[ReportRecord | None] = queue.Queue(queue_records)
-        self._accepted = 0  # loop side only
-        self._refused = 0  # loop side only: queue full, or after close
+        # The enqueueing side, under _enqueue: every queue thread of every session writes.
+        self._enqueue = threading.Lock()
+        self._accepted = 0
+        self._refused = 0  # queue full, or after close
         self._refused_at: float | None = None  # monotonic time of the first refusal
         self._handled = 0  # writer side, under _progress
         self._progress = threading.Condition()
@@ -91,23 +94,26 @@ class TraceWriter:
     def write(self, record: ReportRecord) -> None:
         """Enqueue one record (the record is not changed after publish, so
         the writer thread may serialise it later)."""
-        if self._closed:
-            self._refused += 1
-            return
-        try:
-            self._queue.put_nowait(record)
-        except queue.Full:
-            if self._refused_at is None:
+        with self._enqueue:
+            if self._closed:
+                self._refused += 1
+                return
+            try:
+                self._queue.put_nowait(record)
+            except queue.Full:
+                self._refused += 1
+                if self._refused_at is not None:
+                    return
                 self._refused_at = time.monotonic()
-                LOG.warning(
-                    "trace %s: %s, %d records waiting: dropping and counting records",
-                    self.path,
-                    QUEUE_FULL,
-                    self._queue.maxsize,
-                )
-            self._refused += 1
-            return
-        self._accepted += 1
+            else:
+                self._accepted += 1
+                return
+        LOG.warning(
+            "trace %s: %s, %d records waiting: dropping and counting records",
+            self.path,
+            QUEUE_FULL,
+            self._queue.maxsize,
+        )
 
     def flush(self, timeout: float = CLOSE_TIMEOUT_S) -> bool:
         """Wait until every record enqueued so far is written (or dropped);
@@ -136,9 +142,10 @@ class TraceWriter:
         A writer still blocked (a FIFO reader that stopped reading) is left to
         close the fd itself when its write returns: closing it here could let
         that write land in whatever file reuses the fd number."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._enqueue:  # no record is queued behind the close marker
+            if self._closed:
+                return
+            self._closed = True
         if self in _LIVE:
             _LIVE.remove(self)
         deadline = time.monotonic() + timeout

@@ -11,7 +11,9 @@ A device's life, as the session drives it:
 - `queue_started(handle)` when a ring starts; from then on the device may push
   and notify on that queue through the handle, inside a kick or not (a stats
   buffer held and returned later);
-- `process_queue(handle, kick_ns)` for each batch of kicks;
+- `process_queue(handle, kick_ns)` for each batch of kicks, on the queue's
+  own thread (vhost/worker.py): it may block (discards, injected delays),
+  and it must not touch the event loop;
 - `queue_failed(index, reason)` when the session found the ring malformed;
 - `queue_stopped(index)` when the ring stops (GET_VRING_BASE, a new kick fd,
   reset, the end of the session): the handle must not be used afterwards.
@@ -122,8 +124,9 @@ class VirtioDevice(abc.ABC):
         """Raises ValueError for a range outside the config space."""
 
     @abc.abstractmethod
-    async def process_queue(self, handle: QueueHandle, kick_ns: int) -> None:
-        """Handle a kick: drain the queue. QueueError propagates to the caller."""
+    def process_queue(self, handle: QueueHandle, kick_ns: int) -> None:
+        """Handle a kick, on the queue's thread: drain the queue. QueueError
+        propagates to the caller."""
 
     @abc.abstractmethod
     def reset(self) -> None:

@@ -3,11 +3,12 @@
 The session handles the vhost-user messages that configure a ring; this
 object runs the rings: it starts and stops them (telling the device, which
 holds a `QueueHandle` for each started one), parses each ring over the
-current memory map, schedules a worker per kicked queue, and breaks a ring
-whose contents are malformed (invariant 2: the err eventfd is signalled, the
-session goes on). While memory or rings are being replaced it pauses: no new
-batch starts, and `quiesce()` waits for the running ones, so no discard runs
-on a mapping that is being unmapped.
+current memory map, runs a thread per started ring (worker.py: the thread waits
+for kicks and runs the device's batches), and breaks a ring whose contents
+are malformed (invariant 2: the err eventfd is signalled, the session goes
+on). While memory or rings are being replaced it pauses: no new batch
+starts, and `quiesce()` waits for the running ones, so no discard runs on a
+mapping that is being unmapped.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from collections.abc import Callable, Iterator
 from vhost_balloon.backend.libc import full_fence
 from vhost_balloon.backend.vhost.device import QueueHandle, VirtioDevice
 from vhost_balloon.backend.vhost.mapping import MemoryMap
-from vhost_balloon.backend.vhost.vring import Vring, read_eventfd
-from vhost_balloon.backend.vhost.worker import QueueWorker
+from vhost_balloon.backend.vhost.vring import Vring
+from vhost_balloon.backend.vhost.worker import QueueThread
 from vhost_balloon.protocol.errors import AddressError, QueueError, QueueErrorKind
 from vhost_balloon.protocol.memory import Space
 from vhost_balloon.protocol.virtio import F_EVENT_IDX, F_INDIRECT_DESC, has_feature
@@ -48,7 +49,8 @@ class RingSet:
         self._on_broken = on_broken
         self._loop = asyncio.get_running_loop()
         self.vrings = [Vring(i) for i in range(device.max_queues)]
-        self._workers: dict[int, QueueWorker] = {}
+        self._threads: dict[int, QueueThread] = {}  # one per started ring
+        self._ending: dict[int, QueueThread] = {}  # told to stop, not yet waited for
         self._handles: dict[int, QueueHandle] = {}  # one per started ring
         # The parsed queue each running batch began with: a re-parse ends it.
         self._batch_queues: dict[int, DeviceQueue] = {}
@@ -58,46 +60,66 @@ class RingSet:
     def any_started(self) -> bool:
         return any(vring.started for vring in self.vrings)
 
+    @property
+    def busy(self) -> bool:
+        """A batch runs on one of the rings (its records are not all out yet)."""
+        return any(thread.busy for thread in [*self._threads.values(), *self._ending.values()])
+
     # -- starting and stopping -------------------------------------------------
 
     def start(self, vring: Vring, kick_fd: int) -> None:
-        """The ring has its kick fd: hand it to the device and drain what waits."""
+        """The ring has its kick fd: hand it to the device, start its thread
+        and drain what waits."""
         vring.started = True
         forget_queue(vring)
         handle = self._handles[vring.index] = self._handle(vring)
         self._device.queue_started(handle)
-        self._loop.add_reader(kick_fd, self._on_kick, vring)
+        thread = QueueThread(
+            f"{self._name}-q{vring.index}",
+            kick_fd,
+            lambda kick_ns: self._process(thread, vring, kick_ns),
+            lambda: vring.started and vring.enabled and not vring.broken and not self._paused,
+        )
+        self._threads[vring.index] = thread
+        thread.start()
         self.schedule(vring, time.monotonic_ns())  # buffers may already be waiting
 
     def stop(self, vring: Vring) -> None:
+        """No batch starts on the ring again; the running one ends after its
+        chain. `wait_idle` then waits for its thread to end."""
         if not vring.started:
             return
-        if vring.kick_fd is not None:
-            self._loop.remove_reader(vring.kick_fd)
         vring.started = False
+        thread = self._threads.pop(vring.index, None)
+        if thread is not None:
+            thread.stop()
+            self._ending[vring.index] = thread
         self._handles.pop(vring.index, None)
         self._batch_queues.pop(vring.index, None)
         self._device.queue_stopped(vring.index)
 
     async def wait_idle(self, vring: Vring) -> None:
-        """Wait for the ring's running batch, if any, to finish."""
-        worker = self._workers.get(vring.index)
-        if worker is not None:
-            await worker.wait_idle()
+        """Wait for the ring's running batch, if any, to finish; for a stopped
+        ring, for its thread to end (its kick fd may be closed after that)."""
+        ending = self._ending.pop(vring.index, None)
+        if ending is not None:
+            await ending.wait_stopped()
+        thread = self._threads.get(vring.index)
+        if thread is not None:
+            await thread.wait_idle()
 
     async def reset(self) -> None:
-        """Stop every ring and worker; start again with fresh, empty rings."""
+        """Stop every ring and its thread; start again with fresh, empty rings."""
         with self.paused():
             await self.close()
             self.vrings = [Vring(i) for i in range(self._device.max_queues)]
 
     async def close(self) -> None:
-        """Stop every ring and worker and close every eventfd."""
+        """Stop every ring and thread and close every eventfd."""
         for vring in self.vrings:
             self.stop(vring)
-        for worker in self._workers.values():
-            await worker.stop()
-        self._workers.clear()
+        for vring in self.vrings:
+            await self.wait_idle(vring)
         for vring in self.vrings:
             vring.close()
 
@@ -111,17 +133,20 @@ class RingSet:
             yield
         finally:
             self._paused = False
-            for worker in self._workers.values():
-                worker.retry()
+            for thread in self._threads.values():
+                thread.retry()
 
     def pause_for_good(self) -> None:
         """The session is closing: no batch starts again."""
         self._paused = True
 
     async def quiesce(self) -> None:
-        """Wait for every queue worker: no discard may run on a mapping we unmap."""
-        for worker in list(self._workers.values()):
-            await worker.wait_idle()
+        """Wait for every queue thread's batch: no discard may run on a
+        mapping we unmap."""
+        for thread in list(self._threads.values()):
+            await thread.wait_idle()
+        for thread in list(self._ending.values()):
+            await thread.wait_stopped()
 
     def invalidate(self) -> None:
         """Drop parsed queues (rebuilt over the new mappings at the next kick),
@@ -132,27 +157,13 @@ class RingSet:
 
     # -- processing -----------------------------------------------------------------
 
-    def _on_kick(self, vring: Vring) -> None:
-        kick_ns = time.monotonic_ns()
-        assert vring.kick_fd is not None
-        try:
-            read_eventfd(vring.kick_fd)
-        except BlockingIOError:
-            return
-        self.schedule(vring, kick_ns)
-
     def schedule(self, vring: Vring, kick_ns: int) -> None:
+        """Run a pass over the ring as if kicked at `kick_ns`."""
         if not (vring.started and vring.enabled) or vring.broken:
             return
-        worker = self._workers.get(vring.index)
-        if worker is None:
-            worker = QueueWorker(
-                f"{self._name}-q{vring.index}",
-                lambda kick: self._process(vring, kick),
-                lambda: vring.started and vring.enabled and not vring.broken and not self._paused,
-            )
-            self._workers[vring.index] = worker
-        worker.kick(kick_ns)
+        thread = self._threads.get(vring.index)
+        if thread is not None:
+            thread.kick(kick_ns)
 
     def _handle(self, vring: Vring) -> QueueHandle:
         index = vring.index
@@ -195,24 +206,40 @@ class RingSet:
             )
         return vring.queue
 
-    async def _process(self, vring: Vring, kick_ns: int) -> None:
+    def _process(self, thread: QueueThread, vring: Vring, kick_ns: int) -> None:
+        """One batch, on the queue's thread."""
         try:
             handle = self._handles.get(vring.index)
-            if handle is None:
+            if handle is None or self._threads.get(vring.index) is not thread:
                 return  # the ring stopped before this batch could run
             self._batch_queues[vring.index] = self._parsed_queue(vring)
-            await self._device.process_queue(handle, kick_ns)
+            self._device.process_queue(handle, kick_ns)
         except (QueueError, AddressError) as error:
-            self._break(vring, str(error))
+            self._break_from_thread(thread, vring, str(error))
         except ValueError as error:
             # A mapping released under a running queue: memory changes wait
-            # for workers, so this is a bug; stop rather than guess a position.
-            self._break(vring, f"ring memory unavailable: {error}")
-        except Exception as error:  # e.g. EMFILE from a timerfd mid-report
+            # for the threads, so this is a bug; stop rather than guess a position.
+            self._break_from_thread(thread, vring, f"ring memory unavailable: {error}")
+        except Exception as error:  # e.g. a failed sleep or lock mid-report
             # A popped chain may now never be published: say so loudly (err
             # eventfd, broken queue) rather than leave the guest waiting silently.
             self._log.exception("queue %d: report processing failed", vring.index)
-            self._break(vring, f"report processing failed: {error!r}")
+            self._break_from_thread(thread, vring, f"report processing failed: {error!r}")
+
+    def _break_from_thread(self, thread: QueueThread, vring: Vring, reason: str) -> None:
+        # At once, on the thread: no further batch runs on this ring. The rest
+        # (the device, the session's state, the log) belongs to the event loop.
+        vring.broken = True
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the session is gone
+            self._loop.call_soon_threadsafe(self._break_if_current, thread, vring, reason)
+
+    def _break_if_current(self, thread: QueueThread, vring: Vring, reason: str) -> None:
+        if self._threads.get(vring.index) is not thread:
+            # Stopped meanwhile (GET_VRING_BASE, a new kick fd, the end of the
+            # session): the ring it broke is gone; a restarted one is not broken.
+            self._log.error("queue %d failed as it stopped: %s", vring.index, reason)
+            return
+        self._break(vring, reason)
 
     def _break(self, vring: Vring, reason: str) -> None:
         vring.broken = True

@@ -1,14 +1,18 @@
 """Per-queue vhost-user state: size, base, addresses, eventfds, enable.
 
 A `Vring` owns the kick, call and err eventfds it was given (invariant 4);
-replacing one closes the old one.
+replacing one closes the old one. The queue's thread signals the call and err
+eventfds while the event loop may replace them, so both go through one lock:
+a signal never lands on a closed fd, or on whatever reused its number. (The
+kick fd is closed only once its thread has ended.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 from vhost_balloon.protocol.vhost_user import VringAddr
 from vhost_balloon.protocol.virtqueue import DeviceQueue
@@ -66,23 +70,27 @@ class Vring:
     started: bool = False
     broken: bool = False
     queue: DeviceQueue | None = None
+    fds_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def replace_fd(self, kind: str, fd: int | None) -> None:
         attribute = f"{kind}_fd"
-        old = getattr(self, attribute)
-        if old is not None and old != fd:
-            os.close(old)
-        setattr(self, attribute, fd)
+        with self.fds_lock:
+            old = getattr(self, attribute)
+            if old is not None and old != fd:
+                os.close(old)
+            setattr(self, attribute, fd)
 
     def notify(self) -> bool:
-        if self.call_fd is None:
-            return False
-        signal_eventfd(self.call_fd)
-        return True
+        with self.fds_lock:
+            if self.call_fd is None:
+                return False
+            signal_eventfd(self.call_fd)
+            return True
 
     def signal_error(self) -> None:
-        if self.err_fd is not None:
-            signal_eventfd(self.err_fd)
+        with self.fds_lock:
+            if self.err_fd is not None:
+                signal_eventfd(self.err_fd)
 
     def close(self) -> None:
         for kind in ("kick", "call", "err"):

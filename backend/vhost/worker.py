@@ -1,9 +1,18 @@
-"""One long-lived task per started queue, woken by kicks.
+"""One thread per started queue, blocked in poll(2) on its kick eventfd.
 
-A kick only sets an event (a few microseconds); creating a task per kick
-cost tens of microseconds on the report's path. Kicks that arrive while a
-batch is running are folded into the next batch, which keeps the earliest
-kick's timestamp (the hold window starts at the first kick).
+The thread runs a report's whole path (pop, discard, injected delays,
+publish, notify) with no event-loop hop: each hop costs a thread wake-up,
+tens of microseconds here, inside the hold window being measured. rust-vmm's
+vhost-user-backend runs its queue workers the same way. The event loop keeps
+the vhost-user messages, the control socket and metrics; it only asks a
+thread to run a pass, to stop, or to report when it is idle, and it waits for
+that through futures the thread resolves, never by blocking.
+
+Kicks that arrive while a batch runs are folded into the next batch, which
+keeps the earliest kick's timestamp (the hold window opens at the first kick).
+
+Each thread also polls a wake eventfd of its own: the loop writes it to make
+the thread look at its state again (a pass asked for, a pause lifted, stop).
 """
 
 from __future__ import annotations
@@ -11,59 +20,191 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+import os
+import select
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+from vhost_balloon.backend.libc import precise_sleeps_for_this_thread
+from vhost_balloon.backend.vhost.vring import read_eventfd, signal_eventfd
 
 LOG = logging.getLogger("vhost_balloon")
 
+# The queue threads, the event loop and the trace writer share one GIL. A
+# thread that wants it while another runs Python code waits for the holder's
+# next blocking call, or for the interpreter's switch interval (5 ms by
+# default): a guest that keeps its ring full would hold every other session
+# and the vhost-user messages up that long. At 200 us, a waiter is served
+# within 200 us; the cost is more frequent switches, only while threads contend.
+GIL_SWITCH_INTERVAL_S = 200e-6
 
-class QueueWorker:
+
+def share_the_gil_fairly() -> None:
+    """Bound how long a thread waits for the GIL (process-wide)."""
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+
+
+# The switch interval is not enough for a thread that drops the GIL around
+# short syscalls (eventfd writes, fstat, a log line), as a queue draining a
+# flood of chains does: it takes the GIL back before the waiter has woken,
+# and the waiter's turn never comes (the convoy effect). So a batch that has
+# run for BUSY_NS blocks for HANDOFF_S between chains: a waiter gets the GIL.
+# A report that comes alone (the driver waits for each) never pays this.
+BUSY_NS = 2_000_000
+HANDOFF_S = 20e-6
+
+
+class GilTurns:
+    """Called between the chains of one batch: gives way once the batch has
+    run for BUSY_NS without doing so."""
+
+    __slots__ = ("_since_ns",)
+
+    def __init__(self) -> None:
+        self._since_ns = time.monotonic_ns()
+
+    def between_chains(self) -> None:
+        if time.monotonic_ns() - self._since_ns >= BUSY_NS:
+            time.sleep(HANDOFF_S)
+            self._since_ns = time.monotonic_ns()
+
+
+class QueueThread:
+    """The thread that drains one started queue.
+
+    `process(kick_ns)` runs on the thread, one batch at a time, and only when
+    `can_run()` says so (the ring enabled, not broken, the session not paused);
+    a kick seen while it cannot run stays pending until `retry()`.
+    """
+
     def __init__(
-        self, name: str, process: Callable[[int], Awaitable[None]], can_run: Callable[[], bool]
+        self,
+        name: str,
+        kick_fd: int,
+        process: Callable[[int], None],
+        can_run: Callable[[], bool],
     ) -> None:
+        self.name = name
+        self._loop = asyncio.get_running_loop()
+        self._kick_fd = kick_fd
         self._process = process
         self._can_run = can_run
-        self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._state = threading.Lock()  # guards the fields below, and the wake fd's life
         self._pending_kick_ns: int | None = None
-        self._task = asyncio.create_task(self._run(), name=name)
+        self._busy = False
+        self._stopping = False
+        self._idle_waiters: list[asyncio.Future[None]] = []
+        self._exited_thread = False
+        self._exited: asyncio.Future[None] = self._loop.create_future()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    # -- the event loop's side -------------------------------------------------
 
     def kick(self, kick_ns: int) -> None:
-        if self._pending_kick_ns is None:
-            self._pending_kick_ns = kick_ns
-        self._wake.set()
+        """Run a pass as if kicked at `kick_ns` (a ring started or enabled)."""
+        with self._state:
+            if self._pending_kick_ns is None:
+                self._pending_kick_ns = kick_ns
+        self._wake()
 
     def retry(self) -> None:
-        """Run a pending kick that was held back while the worker could not run."""
-        if self._pending_kick_ns is not None:
-            self._wake.set()
+        """Look again at a pending kick that was held back while it could not run."""
+        self._wake()
 
     @property
     def busy(self) -> bool:
-        return not self._idle.is_set()
+        return self._busy
 
     async def wait_idle(self) -> None:
-        await self._idle.wait()
+        """Return once no batch runs (at once if none does)."""
+        with self._state:
+            if not self._busy:
+                return
+            waiter = self._loop.create_future()
+            self._idle_waiters.append(waiter)
+        await waiter
 
-    async def stop(self) -> None:
-        """Wait for the running batch (a discard in flight must finish), then end."""
-        await self._idle.wait()
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+    def stop(self) -> None:
+        """Ask the thread to end once its running batch (if any) has finished."""
+        with self._state:
+            self._stopping = True
+        self._wake()
 
-    async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            if self._pending_kick_ns is None or not self._can_run():
-                continue  # kept pending until retry()
-            kick_ns, self._pending_kick_ns = self._pending_kick_ns, None
-            self._idle.clear()
+    async def wait_stopped(self) -> None:
+        """Wait for the thread to end (after `stop`); its kick fd may then be closed."""
+        await asyncio.shield(self._exited)
+
+    def _wake(self) -> None:
+        with self._state:  # never a write to a closed (or reused) fd number
+            if not self._exited_thread:
+                signal_eventfd(self._wake_fd)
+
+    # -- the thread's side -------------------------------------------------------
+
+    def _run(self) -> None:
+        precise_sleeps_for_this_thread()
+        # poll(2), not epoll: two fds need no epoll instance (one fd fewer
+        # per queue against the process's limit).
+        poller = select.poll()
+        try:
+            poller.register(self._kick_fd, select.POLLIN)
+            poller.register(self._wake_fd, select.POLLIN)
+            while self._next_batch(poller):
+                pass
+        except Exception:  # a bug: say so, and end as a stopped thread would
+            LOG.exception("%s: queue thread failed", self.name)
+        finally:
+            with self._state:
+                self._stopping = True
+                self._exited_thread = True
+                waiters, self._idle_waiters = self._idle_waiters, []
+                os.close(self._wake_fd)
+            for waiter in [*waiters, self._exited]:
+                self._resolve(waiter)
+
+    def _next_batch(self, poller: select.poll) -> bool:
+        """Wait for a kick and run one batch; False once asked to stop."""
+        events = poller.poll()
+        seen_ns = time.monotonic_ns()
+        for fd, _ in events:
             try:
-                await self._process(kick_ns)
-            except Exception:  # the process callback handles what it expects
-                LOG.exception("%s: queue processing failed", self._task.get_name())
-            finally:
-                self._idle.set()
-            await asyncio.sleep(0)  # Event.wait() does not yield when already set
+                read_eventfd(fd)
+            except BlockingIOError:
+                continue  # another reader took it, or a spurious wake-up
+            if fd == self._kick_fd:
+                with self._state:
+                    if self._pending_kick_ns is None:
+                        self._pending_kick_ns = seen_ns
+        with self._state:
+            if self._stopping:
+                return False
+            if self._pending_kick_ns is None or not self._can_run():
+                return True  # a held-back kick stays pending until retry()
+            kick_ns, self._pending_kick_ns = self._pending_kick_ns, None
+            self._busy = True
+        try:
+            self._process(kick_ns)
+        except Exception:  # the process callback handles what it expects
+            LOG.exception("%s: queue processing failed", self.name)
+        finally:
+            with self._state:
+                self._busy = False
+                waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                self._resolve(waiter)
+        return True
+
+    def _resolve(self, waiter: asyncio.Future[None]) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            self._loop.call_soon_threadsafe(_set_done, waiter)
+
+
+def _set_done(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

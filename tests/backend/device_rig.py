@@ -1,13 +1,13 @@
 """A balloon device over a real, sealed memfd and a ring in it, without a socket.
 
-The invariant tests drive `BalloonDevice.process_queue` directly and watch
+The invariant tests drive `BalloonDevice.process_queue` directly (on a
+thread, as a queue thread does) and watch
 what the guest would see: the used ring, the call signals, and which of the
 reported pages the host still holds (the memfd's allocated blocks).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import fcntl
 import logging
 import os
@@ -84,36 +84,34 @@ def reporting_rig(
     layout = RingLayout.packed_at(0x1000, 8)
     driver = DriverQueue(memory_map.memory, layout)
     queue = DeviceQueue(memory_map.memory, layout)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as executor:
-        device = BalloonDevice(
-            settings or BalloonSettings(),
-            executor,
-            "rig",
-            SessionLogger(logging.getLogger("rig"), {"session": "rig"}),
-            latency=latency,
-        )
-        device.set_features(feature_mask(BALLOON_F_REPORTING))
-        rig: Rig
+    device = BalloonDevice(
+        settings or BalloonSettings(),
+        "rig",
+        SessionLogger(logging.getLogger("rig"), {"session": "rig"}),
+        latency=latency,
+    )
+    device.set_features(feature_mask(BALLOON_F_REPORTING))
+    rig: Rig
 
-        def notify() -> bool:
-            rig.notifications += 1
-            return True
+    def notify() -> bool:
+        rig.notifications += 1
+        return True
 
-        handle = QueueHandle.fixed(REPORTING_QUEUE, queue, memory_map, notify=notify)
-        rig = Rig(device, driver, queue, handle, memory_map, fd)
-        rig.ring_bytes = allocated_bytes(fd)
-        assert rig.ring_bytes <= FIRST_PAGE
-        push = queue.push
+    handle = QueueHandle.fixed(REPORTING_QUEUE, queue, memory_map, notify=notify)
+    rig = Rig(device, driver, queue, handle, memory_map, fd)
+    rig.ring_bytes = allocated_bytes(fd)
+    assert rig.ring_bytes <= FIRST_PAGE
+    push = queue.push
 
-        def watched_push(head: int, length: int) -> None:
-            rig.held_at_push.append(rig.reported_bytes_held())
-            push(head, length)
+    def watched_push(head: int, length: int) -> None:
+        rig.held_at_push.append(rig.reported_bytes_held())
+        push(head, length)
 
-        queue.push = watched_push  # type: ignore[method-assign]
-        device.record_hooks.append(rig.records.append)
-        device.queue_started(handle)
-        try:
-            yield rig
-        finally:
-            memory_map.close()
-            os.close(fd)
+    queue.push = watched_push  # type: ignore[method-assign]
+    device.record_hooks.append(rig.records.append)
+    device.queue_started(handle)
+    try:
+        yield rig
+    finally:
+        memory_map.close()
+        os.close(fd)

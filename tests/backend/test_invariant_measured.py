@@ -1,8 +1,9 @@
 """Invariant 5's promise: every figure a record carries is measured, never the
 request.
 
-The sleeps are made to oversleep by a known amount (the async timer is armed
-late, the thread's sleep runs long, each discard syscall takes a known time),
+The sleeps are made to oversleep by a known amount (the queue thread's timed
+sleep runs long, with no early wake to make up for it; each discard syscall
+takes a known time),
 so a figure copied from the request, or only the last of several summed ones,
 is short by an amount no noise can make up. Each phase's timestamps must
 also leave room for what was measured inside the phase.
@@ -10,6 +11,7 @@ also leave room for what was measured inside the phase.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -34,22 +36,20 @@ from vhost_balloon.backend.latency.injection import (
 ENTRIES = 4
 REQUESTED_NS = 1_000_000  # every injected delay asks for 1 ms
 OVERSLEEP_NS = 3_000_000  # and every sleep takes 3 ms more than it asks
-ASYNC_POINTS = [Point.KICK, Point.REPORT, Point.PUBLISH, Point.NOTIFY]
+PHASE_POINTS = [Point.KICK, Point.REPORT, Point.PUBLISH, Point.NOTIFY]
 
 
 @pytest.fixture
 def oversleeping(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Both sleepers oversleep by OVERSLEEP_NS: the event loop's timerfd is
-    armed that much past its deadline, and a thread's sleep runs that much long."""
-    arm = timer._arm
-
-    def late_arm(fd: int, deadline_ns: int) -> None:
-        arm(fd, deadline_ns + OVERSLEEP_NS)
+    """Every timed sleep runs OVERSLEEP_NS long, and the exact sleeper wakes
+    no earlier than its deadline (a margin of 0), so nothing makes up for it."""
 
     def long_sleep(seconds: float) -> None:
         time.sleep(seconds + OVERSLEEP_NS / 1e9)
 
-    monkeypatch.setattr(timer, "_arm", late_arm)
+    monkeypatch.setattr(
+        timer, "LATENESS", timer.WakeLateness(initial_ns=0, floor_ns=0, ceiling_ns=0)
+    )
     slow_time = SimpleNamespace(monotonic_ns=time.monotonic_ns, sleep=long_sleep)
     monkeypatch.setattr(timer, "time", slow_time)
 
@@ -69,7 +69,7 @@ def _settings(*points: Point) -> LatencySettings:
 async def _one_report(latency: LatencyInjection, strategy: DiscardStrategy) -> ReportRecord:
     with reporting_rig(latency, BalloonSettings(discard=strategy)) as rig:
         rig.post_report(ENTRIES, 2 * MiB)
-        await rig.device.process_queue(rig.handle, time.monotonic_ns())
+        await asyncio.to_thread(rig.device.process_queue, rig.handle, time.monotonic_ns())
         (record,) = rig.records
         assert rig.device.stats.discard_syscall_ns == record.discard_syscall_ns
         return record
@@ -79,9 +79,9 @@ async def _one_report(latency: LatencyInjection, strategy: DiscardStrategy) -> R
 async def test_injected_delays_are_what_was_slept_not_what_was_asked(
     big_lock: BigLock,
 ) -> None:
-    settings = _settings(*ASYNC_POINTS)
+    settings = _settings(*PHASE_POINTS)
     record = await _one_report(LatencyInjection(lambda: settings, big_lock), DiscardStrategy.NONE)
-    for point in ASYNC_POINTS:
+    for point in PHASE_POINTS:
         assert record.injected_ns[point.value] >= REQUESTED_NS + OVERSLEEP_NS, point
     # Each delay lies inside its phase's timestamps.
     injected = record.injected_ns
@@ -92,7 +92,7 @@ async def test_injected_delays_are_what_was_slept_not_what_was_asked(
 
 
 @pytest.mark.usefixtures("oversleeping")
-async def test_per_entry_delays_are_summed_as_slept_in_the_discard_thread(
+async def test_per_entry_delays_are_summed_as_slept_around_the_syscalls(
     big_lock: BigLock,
 ) -> None:
     settings = _settings(Point.ENTRY)
@@ -123,7 +123,7 @@ async def test_discard_syscall_time_is_the_sum_over_every_entry(
         calls = 0
         with reporting_rig(NO_INJECTION, BalloonSettings(discard=strategy)) as rig:
             rig.post_report(ENTRIES, 2 * MiB)
-            await rig.device.process_queue(rig.handle, time.monotonic_ns())
+            await asyncio.to_thread(rig.device.process_queue, rig.handle, time.monotonic_ns())
             (record,) = rig.records
         assert calls == ENTRIES
         assert record.discard_syscall_ns >= 10_000_000, strategy

@@ -49,11 +49,6 @@ class Gate:
         self.reached.set()
         assert self.opened.wait(GATE_TIMEOUT_S), "gate never opened"
 
-    async def hold_task(self) -> None:
-        self.reached.set()
-        while not self.opened.is_set():
-            await asyncio.sleep(0.001)
-
     async def wait_reached(self) -> None:
         reached = await asyncio.to_thread(self.reached.wait, GATE_TIMEOUT_S)
         assert reached, "the report never reached the gate"
@@ -74,26 +69,26 @@ class GatedLatency(PhaseLatency):
     def has(self, point: Point) -> bool:
         return point is self.point
 
-    async def delay(self, point: Point) -> int:
+    def delay(self, point: Point) -> int:
         if point is not self.point:
             return 0
-        await self.gate.hold_task()
+        self.gate.hold_thread()
         return 1
 
     def entry_delays(self, count: int) -> list[int] | None:
         return [1] * count if self.point is Point.ENTRY else None
 
-    async def locked(
+    def locked(
         self, latency: LatencySettings, phase: BqlPhase, action: Callable[[], _T]
     ) -> tuple[_T, int]:
         if phase is self.phase:
-            await self.gate.hold_task()
+            self.gate.hold_thread()
         return action(), 0
 
 
 @dataclass
 class Discards:
-    """The discard syscalls that have returned (counted in the worker thread)."""
+    """The discard syscalls that have returned (counted on the queue's thread)."""
 
     done: int = 0
 
@@ -134,7 +129,8 @@ async def _held_then_released(
     """Post one report, kick, observe it at the gate, open the gate, finish."""
     head = rig.post_report(ENTRIES, LENGTH)
     assert rig.reported_bytes_held() == ENTRIES * LENGTH
-    task = asyncio.ensure_future(rig.device.process_queue(rig.handle, 0))
+    # On a thread of its own, as a queue thread runs it.
+    task = asyncio.ensure_future(asyncio.to_thread(rig.device.process_queue, rig.handle, 0))
     try:
         await gate.wait_reached()
         await asyncio.sleep(HELD_S)
@@ -203,7 +199,7 @@ async def test_a_report_held_at_an_injection_point_is_not_published_early(
 ) -> None:
     gate = Gate()
     if point is Point.ENTRY:
-        # Per-entry delays sleep in the discard thread: hold the last one.
+        # Per-entry delays sleep in the discard loop: hold the last one.
         sleeps = 0
 
         def held_sleep(duration_ns: int) -> int:
@@ -213,7 +209,7 @@ async def test_a_report_held_at_an_injection_point_is_not_published_early(
                 gate.hold_thread()
             return duration_ns
 
-        monkeypatch.setattr(discard_module, "sleep_ns_blocking", held_sleep)
+        monkeypatch.setattr(discard_module, "sleep_exact_ns", held_sleep)
     latency = GatedLatency(gate, point=point)
     with reporting_rig(latency, BalloonSettings(discard=strategy)) as rig:
         seen = await _held_then_released(rig, gate, discards, strategy)

@@ -184,10 +184,10 @@ async def test_a_report_that_fails_midway_breaks_its_queue_loudly(
     start_backend: StartBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
 
-    async def exhausted(duration_ns: int) -> int:
-        raise OSError(24, "timerfd_create failed: Too many open files")
+    def failed(duration_ns: int) -> int:
+        raise OSError(4, "clock_nanosleep failed: Interrupted system call")
 
-    monkeypatch.setattr(vhost_balloon.backend.latency.injection, "sleep_ns", exhausted)
+    monkeypatch.setattr(vhost_balloon.backend.latency.injection, "sleep_exact_ns", failed)
     backend_ = await start_backend(latency=_delays(publish="const:1ms"))
     async with MockGuest(backend_.guest_options()) as guest:
         index = guest.driver.reporting_queue
