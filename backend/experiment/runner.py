@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from vhost_balloon.backend.experiment.figures import draw_all
 from vhost_balloon.backend.experiment.points import (
     RESULT,
     finished_runs,
@@ -142,6 +141,10 @@ def write_results(spec: ExperimentSpec, out: Path, rows: list[dict[str, Any]]) -
     write_csv(out / "results.csv", rows)
     summary = summarise([row for row in rows if row.get("status") == "ok"])
     write_csv(out / "summary.csv", summary)
+    # Imported here: matplotlib (and numpy) would add about 40 MiB to every
+    # process that builds the command line, `serve` included.
+    from vhost_balloon.backend.experiment.figures import draw_all  # noqa: PLC0415
+
     figures = draw_all(spec, out, rows, summary)
     write_report(spec, out, rows, summary, figures, command=_command_line())
 
