@@ -17,8 +17,6 @@ the per-VMA lock. fallocate(PUNCH_HOLE) never takes it and is the control
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
 import errno
 import logging
@@ -141,39 +139,14 @@ def _rate(spec: str, text: str) -> float:
 
 
 class BigLock:
-    """Process-wide lock; background threads and report processing take it.
+    """Process-wide lock; background threads and the queue threads take it.
 
-    A plain `threading.Lock`: unfair like QEMU's BQL mutex, and releasable
-    from any thread, so the event loop may release what a helper thread
-    acquired on its behalf.
+    A plain `threading.Lock`: unfair like QEMU's BQL mutex. A queue thread
+    waits for it in the report's phase, and the wait is measured.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        # One helper per concurrent async waiter; more waiters queue for a helper,
-        # which is still time spent waiting for the lock and is measured as such.
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=4, thread_name_prefix="biglock-wait"
-        )
-
-    async def acquire(self) -> int:
-        """Take the lock without blocking the event loop; returns ns waited."""
-        start = time.monotonic_ns()
-        if self._lock.acquire(blocking=False):
-            return time.monotonic_ns() - start
-        abandoned = threading.Event()
-        future = self._executor.submit(self.acquire_until, abandoned)
-        try:
-            waited = await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            # The helper may still win the lock after we gave up: tell it to stop
-            # trying, and release whatever it acquires so nobody deadlocks.
-            abandoned.set()
-            future.add_done_callback(self._release_if_acquired)
-            raise
-        if waited is None:  # only if abandoned, which happens only above
-            raise RuntimeError("BigLock helper gave up without being abandoned")
-        return time.monotonic_ns() - start
 
     def release(self) -> None:
         self._lock.release()
@@ -198,14 +171,6 @@ class BigLock:
 
     def locked(self) -> bool:
         return self._lock.locked()
-
-    def close(self) -> None:
-        """Stop the helper threads (waiters still queued are abandoned)."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
-
-    def _release_if_acquired(self, future: concurrent.futures.Future[int | None]) -> None:
-        if not future.cancelled() and future.exception() is None and future.result() is not None:
-            self._lock.release()
 
 
 class BqlContention:

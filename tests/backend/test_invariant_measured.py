@@ -56,9 +56,7 @@ def oversleeping(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def big_lock() -> Iterator[BigLock]:
-    lock = BigLock()
-    yield lock
-    lock.close()
+    yield BigLock()
 
 
 def _settings(*points: Point) -> LatencySettings:
