@@ -99,6 +99,7 @@ class BalloonDevice(VirtioDevice):
         self.stats = DeviceStats()
         self.config = virtio.BalloonConfig()
         self.acked_features = 0
+        self._queues = virtio.balloon_queues(0)
         self.injector = latency
         # Each published report's record goes to these, in order (trace, metrics, ...).
         self.record_hooks: list[Callable[[ReportRecord], None]] = []
@@ -121,10 +122,11 @@ class BalloonDevice(VirtioDevice):
 
     def set_features(self, features: int) -> None:
         self.acked_features = features
+        self._queues = virtio.balloon_queues(features)  # read on every kick
 
     @property
     def queues(self) -> virtio.BalloonQueues:
-        return virtio.balloon_queues(self.acked_features)
+        return self._queues
 
     def read_config(self, offset: int, size: int) -> bytes:
         return self.config.read(offset, size)
@@ -133,7 +135,7 @@ class BalloonDevice(VirtioDevice):
         self.config = self.config.write(offset, data)
 
     def reset(self) -> None:
-        self.acked_features = 0
+        self.set_features(0)
         self.config = virtio.BalloonConfig(num_pages=self.config.num_pages)
 
     def attach(self, frontend: FrontendLink) -> None:
