@@ -10,6 +10,7 @@ import pytest
 
 import vhost_balloon.backend.latency.injection
 from tests.conftest import StartBackend
+from tests.integration.discard_gate import TIMESTAMPS
 from vhost_balloon.backend.latency.contention import parse_bql, parse_mmap_contention
 from vhost_balloon.backend.latency.delays import parse_delay
 from vhost_balloon.backend.latency.injection import LatencySettings, Point
@@ -54,18 +55,7 @@ async def test_each_injection_point_delays_the_phase_it_names(
         assert seen.hold_ns >= sum(record["injected_ns"].values())
         assert record["settings"]["delay"] == {point: model}
         # Every phase adds up to the hold window the backend saw.
-        stamps = [
-            record[k]
-            for k in (
-                "t_kick_ns",
-                "t_start_ns",
-                "t_popped_ns",
-                "t_discard_start_ns",
-                "t_discard_done_ns",
-                "t_published_ns",
-                "t_notified_ns",
-            )
-        ]
+        stamps = [record[k] for k in TIMESTAMPS]
         assert stamps == sorted(stamps)
 
 

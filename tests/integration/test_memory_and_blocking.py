@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
-from collections.abc import Iterator
 
 import pytest
 
-import vhost_balloon.backend.balloon.discard
 from tests.conftest import StartBackend, open_fds
-from vhost_balloon.backend.libc import punch_hole as real_punch_hole
+from tests.integration.discard_gate import Gate
 from vhost_balloon.guest.runner import MockGuest
 from vhost_balloon.protocol.vhost_user import (
     FrontendRequest,
@@ -97,30 +94,6 @@ async def test_removed_region_is_unmapped_and_no_longer_discarded(
 def _mapped(address: int) -> bool:
     with open("/proc/self/maps") as maps:
         return any(int(line.split("-", 1)[0], 16) == address for line in maps)
-
-
-class Gate:
-    """Blocks the first discard syscall in its worker thread until opened."""
-
-    def __init__(self) -> None:
-        self.entered = threading.Event()
-        self.opened = threading.Event()
-        self.calls = 0
-
-    def punch_hole(self, fd: int, offset: int, length: int) -> None:
-        self.calls += 1
-        if self.calls == 1:
-            self.entered.set()
-            self.opened.wait(30)
-        real_punch_hole(fd, offset, length)
-
-
-@pytest.fixture
-def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
-    installed = Gate()
-    monkeypatch.setattr(vhost_balloon.backend.balloon.discard, "punch_hole", installed.punch_hole)
-    yield installed
-    installed.opened.set()
 
 
 async def _post_report(guest: MockGuest, entries: int = 4) -> int:

@@ -16,7 +16,7 @@ import itertools
 import os
 import struct
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -24,11 +24,11 @@ import pytest
 import vhost_balloon.backend.balloon.discard
 import vhost_balloon.backend.latency.injection
 from tests.conftest import MiB, RunningBackend, StartBackend, open_fds
+from tests.integration.discard_gate import TIMESTAMPS, Gate
 from vhost_balloon.backend.balloon.records import ReportRecord
 from vhost_balloon.backend.latency.delays import parse_delay
 from vhost_balloon.backend.latency.injection import LatencySettings, Point
 from vhost_balloon.backend.latency.timer import sleep_exact_ns as real_sleep_exact_ns
-from vhost_balloon.backend.libc import punch_hole as real_punch_hole
 from vhost_balloon.backend.vhost.session import SessionState
 from vhost_balloon.guest.layout import Block
 from vhost_balloon.guest.runner import GuestOptions, MockGuest
@@ -45,39 +45,6 @@ from vhost_balloon.protocol.virtqueue import DESC, USED_ELEM, Buffer, DriverQueu
 MS = 1_000_000
 U16 = struct.Struct("<H")
 WAIT_S = 5.0  # every wait for the backend; never a speed assertion
-TIMESTAMPS = (
-    "t_kick_ns",
-    "t_start_ns",
-    "t_popped_ns",
-    "t_discard_start_ns",
-    "t_discard_done_ns",
-    "t_published_ns",
-    "t_notified_ns",
-)
-
-
-class Gate:
-    """Blocks the first discard syscall in its worker thread until opened."""
-
-    def __init__(self) -> None:
-        self.entered = threading.Event()
-        self.opened = threading.Event()
-        self.calls = 0
-
-    def punch_hole(self, fd: int, offset: int, length: int) -> None:
-        self.calls += 1
-        if self.calls == 1:
-            self.entered.set()
-            self.opened.wait(30)
-        real_punch_hole(fd, offset, length)
-
-
-@pytest.fixture
-def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
-    installed = Gate()
-    monkeypatch.setattr(vhost_balloon.backend.balloon.discard, "punch_hole", installed.punch_hole)
-    yield installed
-    installed.opened.set()
 
 
 def _options(backend: RunningBackend, memory: int = 64 * MiB, **extra: Any) -> GuestOptions:
