@@ -133,8 +133,13 @@ class RingSet:
             yield
         finally:
             self._paused = False
+            # A pass on every ring, kicked or not: a batch cut short by the
+            # pause left kick notifications disabled, and a driver that obeys
+            # suppression would never kick again. The pass re-enables them (and
+            # drains what came meanwhile); a kick held back is folded into it.
+            now_ns = time.monotonic_ns()
             for thread in self._threads.values():
-                thread.retry()
+                thread.kick(now_ns)
 
     def pause_for_good(self) -> None:
         """The session is closing: no batch starts again."""

@@ -76,7 +76,7 @@ class QueueThread:
 
     `process(kick_ns)` runs on the thread, one batch at a time, and only when
     `can_run()` says so (the ring enabled, not broken, the session not paused);
-    a kick seen while it cannot run stays pending until `retry()`.
+    a kick seen while it cannot run stays pending until the next `kick()`.
     """
 
     def __init__(
@@ -111,10 +111,6 @@ class QueueThread:
         with self._state:
             if self._pending_kick_ns is None:
                 self._pending_kick_ns = kick_ns
-        self._wake()
-
-    def retry(self) -> None:
-        """Look again at a pending kick that was held back while it could not run."""
         self._wake()
 
     @property
@@ -185,7 +181,7 @@ class QueueThread:
             if self._stopping:
                 return False
             if self._pending_kick_ns is None or not self._can_run():
-                return True  # a held-back kick stays pending until retry()
+                return True  # a held-back kick stays pending until the next kick()
             kick_ns, self._pending_kick_ns = self._pending_kick_ns, None
             self._busy = True
         try:
