@@ -74,14 +74,19 @@ class RingSet:
         forget_queue(vring)
         handle = self._handles[vring.index] = self._handle(vring)
         self._device.queue_started(handle)
-        thread = QueueThread(
-            f"{self._name}-q{vring.index}",
-            kick_fd,
-            lambda kick_ns: self._process(thread, vring, kick_ns),
-            lambda: vring.started and vring.enabled and not vring.broken and not self._paused,
-        )
+        try:
+            thread = QueueThread(
+                f"{self._name}-q{vring.index}",
+                kick_fd,
+                lambda kick_ns: self._process(thread, vring, kick_ns),
+                lambda: vring.started and vring.enabled and not vring.broken and not self._paused,
+                lambda reason: self._break_from_thread(vring, reason),
+            )
+            thread.start()
+        except (OSError, RuntimeError) as error:  # out of fds or threads
+            self._break(vring, f"its queue thread could not start: {error}")
+            return
         self._threads[vring.index] = thread
-        thread.start()
         self.schedule(vring, time.monotonic_ns())  # buffers may already be waiting
 
     def stop(self, vring: Vring) -> None:
@@ -220,30 +225,32 @@ class RingSet:
             self._batch_queues[vring.index] = self._parsed_queue(vring)
             self._device.process_queue(handle, kick_ns)
         except (QueueError, AddressError) as error:
-            self._break_from_thread(thread, vring, str(error))
+            self._break_from_thread(vring, str(error))
         except ValueError as error:
             # A mapping released under a running queue: memory changes wait
             # for the threads, so this is a bug; stop rather than guess a position.
-            self._break_from_thread(thread, vring, f"ring memory unavailable: {error}")
+            self._break_from_thread(vring, f"ring memory unavailable: {error}")
         except Exception as error:  # e.g. a failed sleep or lock mid-report
             # A popped chain may now never be published: say so loudly (err
             # eventfd, broken queue) rather than leave the guest waiting silently.
             self._log.exception("queue %d: report processing failed", vring.index)
-            self._break_from_thread(thread, vring, f"report processing failed: {error!r}")
+            self._break_from_thread(vring, f"report processing failed: {error!r}")
 
-    def _break_from_thread(self, thread: QueueThread, vring: Vring, reason: str) -> None:
+    def _break_from_thread(self, vring: Vring, reason: str) -> None:
         # At once, on the thread: no further batch runs on this ring. The rest
         # (the device, the session's state, the log) belongs to the event loop.
         vring.broken = True
         with contextlib.suppress(RuntimeError):  # the loop is closed: the session is gone
-            self._loop.call_soon_threadsafe(self._break_if_current, thread, vring, reason)
+            self._loop.call_soon_threadsafe(self._break_on_loop, vring, reason)
 
-    def _break_if_current(self, thread: QueueThread, vring: Vring, reason: str) -> None:
-        if self._threads.get(vring.index) is not thread:
-            # Stopped meanwhile (GET_VRING_BASE, a new kick fd, the end of the
-            # session): the ring it broke is gone; a restarted one is not broken.
-            self._log.error("queue %d failed as it stopped: %s", vring.index, reason)
+    def _break_on_loop(self, vring: Vring, reason: str) -> None:
+        if self.vrings[vring.index] is not vring:
+            # The rings were reset meanwhile: the ring it broke is gone.
+            self._log.error("queue %d failed as it was reset: %s", vring.index, reason)
             return
+        # Even if the ring was stopped meanwhile (GET_VRING_BASE, a new kick
+        # fd): its contents are malformed until a reset, so it stays broken,
+        # and the front-end is told through the err eventfd.
         self._break(vring, reason)
 
     def _break(self, vring: Vring, reason: str) -> None:

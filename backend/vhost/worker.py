@@ -77,6 +77,8 @@ class QueueThread:
     `process(kick_ns)` runs on the thread, one batch at a time, and only when
     `can_run()` says so (the ring enabled, not broken, the session not paused);
     a kick seen while it cannot run stays pending until the next `kick()`.
+    If the thread itself fails (a bug, not a malformed ring: `process` handles
+    those), it calls `failed(reason)` and ends as a stopped thread would.
     """
 
     def __init__(
@@ -85,13 +87,15 @@ class QueueThread:
         kick_fd: int,
         process: Callable[[int], None],
         can_run: Callable[[], bool],
+        failed: Callable[[str], None],
     ) -> None:
         self.name = name
         self._loop = asyncio.get_running_loop()
         self._kick_fd = kick_fd
         self._process = process
         self._can_run = can_run
-        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._failed = failed
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # OSError: EMFILE
         self._state = threading.Lock()  # guards the fields below, and the wake fd's life
         self._pending_kick_ns: int | None = None
         self._busy = False
@@ -102,7 +106,13 @@ class QueueThread:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
-        self._thread.start()
+        """Start the thread; if it cannot start (RuntimeError), nothing is left
+        behind and the error is raised."""
+        try:
+            self._thread.start()
+        except BaseException:
+            self._end()
+            raise
 
     # -- the event loop's side -------------------------------------------------
 
@@ -144,25 +154,31 @@ class QueueThread:
     # -- the thread's side -------------------------------------------------------
 
     def _run(self) -> None:
-        precise_sleeps_for_this_thread()
-        # poll(2), not epoll: two fds need no epoll instance (one fd fewer
-        # per queue against the process's limit).
-        poller = select.poll()
         try:
+            precise_sleeps_for_this_thread()
+            # poll(2), not epoll: two fds need no epoll instance (one fd fewer
+            # per queue against the process's limit).
+            poller = select.poll()
             poller.register(self._kick_fd, select.POLLIN)
             poller.register(self._wake_fd, select.POLLIN)
             while self._next_batch(poller):
                 pass
-        except Exception:  # a bug: say so, and end as a stopped thread would
+        except Exception as error:  # a bug: say so, and end as a stopped thread would
             LOG.exception("%s: queue thread failed", self.name)
+            with contextlib.suppress(Exception):
+                self._failed(f"its queue thread failed: {error!r}")
         finally:
-            with self._state:
-                self._stopping = True
-                self._exited_thread = True
-                waiters, self._idle_waiters = self._idle_waiters, []
-                os.close(self._wake_fd)
-            for waiter in [*waiters, self._exited]:
-                self._resolve(waiter)
+            self._end()
+
+    def _end(self) -> None:
+        """No thread runs or will run: release the wake fd and every waiter."""
+        with self._state:
+            self._stopping = True
+            self._exited_thread = True
+            waiters, self._idle_waiters = self._idle_waiters, []
+            os.close(self._wake_fd)
+        for waiter in [*waiters, self._exited]:
+            self._resolve(waiter)
 
     def _next_batch(self, poller: select.poll) -> bool:
         """Wait for a kick and run one batch; False once asked to stop."""

@@ -54,8 +54,13 @@ async def test_a_folded_kick_does_not_open_a_later_reports_window() -> None:
     device.set_features(feature_mask(BALLOON_F_REPORTING))
     context = QueueHandle.fixed(REPORTING, queue, MemoryMap())
     device.record_hooks.append(records.append)
+    thread_failures: list[str] = []
     thread = QueueThread(
-        "q2", kick_fd, lambda kick_ns: device.process_queue(context, kick_ns), lambda: True
+        "q2",
+        kick_fd,
+        lambda kick_ns: device.process_queue(context, kick_ns),
+        lambda: True,
+        thread_failures.append,
     )
     thread.start()
     try:
@@ -69,6 +74,7 @@ async def test_a_folded_kick_does_not_open_a_later_reports_window() -> None:
         thread.stop()
         await thread.wait_stopped()
         os.close(kick_fd)
+    assert thread_failures == []
     assert len(records) == 3
     a, b, c = records
     assert b.t_kick_ns >= a.t_published_ns

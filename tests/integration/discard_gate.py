@@ -27,10 +27,13 @@ class Gate:
         self.entered = threading.Event()
         self.opened = threading.Event()
         self.calls = 0
+        self.fails = False  # the held syscall raises (a bug, not an errno) once opened
 
     def punch_hole(self, fd: int, offset: int, length: int) -> None:
         self.calls += 1
         if self.calls == 1:
             self.entered.set()
             self.opened.wait(30)
+            if self.fails:
+                raise RuntimeError("the gated discard failed")
         real_punch_hole(fd, offset, length)

@@ -23,6 +23,7 @@ import pytest
 
 import vhost_balloon.backend.balloon.discard
 import vhost_balloon.backend.latency.injection
+import vhost_balloon.backend.vhost.worker
 from tests.conftest import MiB, RunningBackend, StartBackend, open_fds
 from tests.integration.discard_gate import TIMESTAMPS, Gate
 from vhost_balloon.backend.balloon.records import ReportRecord
@@ -184,6 +185,127 @@ async def test_get_vring_base_waits_for_the_report_in_flight_and_the_ring_restar
         avail_idx, _, used_idx, used_heads = _ring_heads(guest, index)
         assert avail_idx == used_idx == 2
         assert used_heads == [first, second]
+
+
+async def _err_signalled(guest: MockGuest, index: int) -> int:
+    """How many times the err eventfd was signalled, once it was (or after WAIT_S)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_S
+    while (count := guest.frontend.err_count(index)) == 0 and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+    return count
+
+
+# 1b. Catches: a report that fails while SET_VRING_KICK waits for it, on a
+# ring the new kick fd then restarts as if nothing happened (no err eventfd,
+# the session not broken, the queue silently dead: the front-end is never
+# told why the guest's reports stop); a failed report published anyway.
+async def test_a_ring_that_breaks_while_a_new_kick_fd_waits_stays_broken_and_says_so(
+    start_backend: StartBackend, gate: Gate
+) -> None:
+    backend = await start_backend()
+    gate.fails = True
+    async with MockGuest(_options(backend)) as guest:
+        frontend = guest.frontend
+        driver = guest.driver
+        index = driver.reporting_queue
+        _post(guest, driver.layout.blocks[:4])
+        assert await asyncio.to_thread(gate.entered.wait, WAIT_S)
+        new_kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            reply_task = asyncio.ensure_future(
+                frontend.set_request(
+                    FrontendRequest.SET_VRING_KICK, VringFile(index, False), [new_kick]
+                )
+            )
+            await asyncio.sleep(0.1)
+            assert not reply_task.done(), "SET_VRING_KICK answered with a discard in flight"
+            gate.opened.set()
+            await asyncio.wait_for(reply_task, WAIT_S)
+            assert await _err_signalled(guest, index) == 1
+            (session,) = backend.server.sessions.values()
+            assert session.state is SessionState.BROKEN
+            _post(guest, driver.layout.blocks[4:8], kick=False)
+            os.eventfd_write(new_kick, 1)  # the restarted ring runs nothing
+            await asyncio.sleep(0.1)
+            assert session.state is SessionState.BROKEN
+            assert _ring_heads(guest, index)[2] == 0  # used.idx: nothing published
+            assert gate.calls == 1
+        finally:
+            os.close(new_kick)
+    stats = await backend.server.handle_control({"cmd": "stats"})
+    assert stats["totals"]["queue_errors"] == 1
+
+
+class _ModuleWith:
+    """A module with some of its names replaced, for one module's view of it."""
+
+    def __init__(self, module: Any, **replaced: Any) -> None:
+        self._module = module
+        self.__dict__.update(replaced)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+
+class _ThreadThatCannotStart(threading.Thread):
+    def start(self) -> None:
+        raise RuntimeError("can't start new thread")
+
+
+def _no_fds(*_args: Any) -> int:
+    raise OSError(24, "Too many open files")
+
+
+def _bug(*_args: Any) -> None:
+    raise RuntimeError("a bug in the queue thread")
+
+
+QUEUE_THREAD_FAULTS = {
+    # what fails: (the name in worker.py replaced, its replacement)
+    "no-wake-eventfd": ("os", _ModuleWith(os, eventfd=_no_fds)),
+    "thread-cannot-start": ("threading", _ModuleWith(threading, Thread=_ThreadThatCannotStart)),
+    "thread-setup-fails": ("precise_sleeps_for_this_thread", _bug),
+    "kick-read-fails": ("read_eventfd", _bug),
+}
+
+
+# 1c. Catches: a queue thread that cannot be made (out of fds or threads) or
+# that dies of a bug, leaving its ring silently dead (no err eventfd, the
+# session not broken), or leaving a future nobody resolves (the hang-up then
+# waits for ever: the session never ends, its fds stay open); a fault that
+# reaches beyond its own session (the next guest is not served).
+@pytest.mark.parametrize("fault", QUEUE_THREAD_FAULTS)
+async def test_a_queue_thread_that_cannot_start_or_dies_breaks_only_its_ring(
+    start_backend: StartBackend, monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    backend = await start_backend()
+    baseline = open_fds()
+    name, replacement = QUEUE_THREAD_FAULTS[fault]
+    with monkeypatch.context() as patched:
+        patched.setattr(vhost_balloon.backend.vhost.worker, name, replacement)
+        guest = MockGuest(_options(backend))
+        try:
+            await guest.start()
+            index = guest.driver.reporting_queue
+            if fault == "kick-read-fails":
+                _post(guest, guest.driver.layout.blocks[:4])
+            assert await _err_signalled(guest, index) == 1
+            (session,) = backend.server.sessions.values()
+            assert session.state is SessionState.BROKEN
+        finally:
+            await guest.close()
+        await _wait_until_no_sessions(backend)
+    assert session.state.value == "closed"  # (not `is`: mypy keeps it BROKEN)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_S
+    while _queue_threads(session.name) and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+    assert _queue_threads(session.name) == []
+    assert open_fds() == baseline
+    async with MockGuest(_options(backend)) as next_guest:
+        summary = next_guest.summary(await next_guest.run(2))
+    assert summary["reports"] == 2 and summary["integrity_ok"]
 
 
 MEMORY_CHANGES = ["set-mem-table", "add-mem-reg", "rem-mem-reg"]
