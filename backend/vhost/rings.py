@@ -106,9 +106,12 @@ class RingSet:
     async def wait_idle(self, vring: Vring) -> None:
         """Wait for the ring's running batch, if any, to finish; for a stopped
         ring, for its thread to end (its kick fd may be closed after that)."""
-        ending = self._ending.pop(vring.index, None)
+        ending = self._ending.get(vring.index)
         if ending is not None:
             await ending.wait_stopped()
+            # Only now: a wait cancelled half-way leaves it for close() to wait for.
+            if self._ending.get(vring.index) is ending:
+                del self._ending[vring.index]
         thread = self._threads.get(vring.index)
         if thread is not None:
             await thread.wait_idle()

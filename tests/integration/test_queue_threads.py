@@ -12,6 +12,7 @@ Each test says, above it, what wrong behaviour makes it fail.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import struct
@@ -185,6 +186,53 @@ async def test_get_vring_base_waits_for_the_report_in_flight_and_the_ring_restar
         avail_idx, _, used_idx, used_heads = _ring_heads(guest, index)
         assert avail_idx == used_idx == 2
         assert used_heads == [first, second]
+
+
+# 1d. Catches: a session cancelled (the event loop shutting down) while
+# GET_VRING_BASE waits for a report in flight, whose close then forgets the
+# stopped ring's thread: it closes the kick fd and unmaps guest RAM under the
+# running discard (the record shows an error or fewer freed bytes), or ends
+# before the thread has.
+async def test_a_session_cancelled_while_get_vring_base_waits_still_waits_for_the_report(
+    start_backend: StartBackend, gate: Gate
+) -> None:
+    backend = await start_backend()
+    guest = MockGuest(_options(backend))
+    try:
+        await guest.start()
+        driver = guest.driver
+        index = driver.reporting_queue
+        _populate(guest, driver.layout.blocks[:4])
+        head = _post(guest, driver.layout.blocks[:4])
+        assert await asyncio.to_thread(gate.entered.wait, WAIT_S)
+        (session,) = backend.server.sessions.values()
+        (task,) = [t for t in asyncio.all_tasks() if t.get_name() == session.name]
+        reply_task = asyncio.ensure_future(
+            guest.frontend.request(
+                FrontendRequest.GET_VRING_BASE,
+                VringState(index, 0),
+                need_reply=False,
+                expect_reply=True,
+            )
+        )
+        await asyncio.sleep(0.1)
+        assert not reply_task.done()
+        task.cancel()
+        await asyncio.sleep(0.1)
+        assert not task.done(), "the session ended with a discard in flight"
+        assert _queue_threads(session.name) != []
+        gate.opened.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, WAIT_S)
+        reply_task.cancel()
+        with contextlib.suppress(BaseException):
+            await reply_task
+    finally:
+        await guest.close()
+    (record,) = backend.trace()
+    assert record["head"] == head and record["errors"] == []
+    assert record["freed_bytes"] == record["bytes"] > 0
+    assert _queue_threads(session.name) == []
 
 
 async def _err_signalled(guest: MockGuest, index: int) -> int:
