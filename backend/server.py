@@ -30,6 +30,7 @@ from vhost_balloon.backend.observe.trace import TraceWriter
 from vhost_balloon.backend.vhost.server import VhostUserServer, listen_unix, socket_from_fd
 from vhost_balloon.backend.vhost.session import Session, SessionLogger
 from vhost_balloon.backend.vhost.worker import share_the_gil_fairly
+from vhost_balloon.protocol.virtio import BALLOON_PFN_SHIFT
 
 __all__ = ["Server", "ServerSettings", "listen_unix", "socket_from_fd"]
 
@@ -99,16 +100,20 @@ class Server:
         if command == "set":
             await self.latency.update(request)
             return {"ok": True, "settings": self.latency.describe()}
+        if command == "balloon":
+            return await self._set_balloon_target(request)
         if command == "stats":
             sessions = {}
             for name, session in self.sessions.items():
                 histograms = self.metrics.session(name)
+                device = self.vhost.devices[name]
                 sessions[name] = {
                     "state": session.state.value,
-                    **self.vhost.devices[name].stats.as_dict(),
+                    **device.stats.as_dict(),
                     "hold_us": histograms.percentiles("hold"),
                     "discard_us": histograms.percentiles("discard"),
                     "bql_wait_us": histograms.percentiles("bql_wait"),
+                    "balloon": device.balloon_status(session.guest_ram_bytes),
                 }
             reply = {
                 "ok": True,
@@ -120,7 +125,46 @@ class Server:
             if self._trace is not None:
                 reply["trace"] = self._trace.counters().as_dict()
             return reply
-        raise ValueError(f"unknown command {command!r}; accepted: stats, get, set")
+        raise ValueError(f"unknown command {command!r}; accepted: stats, get, set, balloon")
+
+    async def _set_balloon_target(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Set a session's target guest memory size, as QMP `balloon` does:
+        num_pages = (guest RAM - size) / 4 KiB, then a config change. Refused,
+        changing nothing, when the driver could not be told."""
+        size = request.get("size")
+        if isinstance(size, bool) or not isinstance(size, int):
+            raise ValueError(f"balloon: size must be a whole number of bytes, got {size!r}")
+        name = request.get("session")
+        if name is None:
+            if len(self.sessions) != 1:
+                raise ValueError(
+                    f"balloon: {len(self.sessions)} sessions are connected "
+                    f"({', '.join(self.sessions) or 'none'}); name one with --session"
+                )
+            (name,) = self.sessions
+        session = self.sessions.get(name) if isinstance(name, str) else None
+        if session is None:
+            raise ValueError(
+                f"balloon: no session {name!r} (connected: {', '.join(self.sessions)})"
+            )
+        ram = session.guest_ram_bytes
+        if ram == 0:
+            raise ValueError(f"balloon: session {name} has no memory table yet")
+        if not 0 < size <= ram:
+            raise ValueError(
+                f"balloon: size {size} is not between 1 byte and the guest's RAM ({ram} bytes)"
+            )
+        if not session.can_change_config:
+            raise ValueError(
+                f"balloon: session {name}'s front-end cannot be told of a config change "
+                "(no backend channel, or the CONFIG protocol feature not negotiated)"
+            )
+        device = self.vhost.devices[name]
+        device.set_target((ram - size) >> BALLOON_PFN_SHIFT)
+        notified = await session.config_changed()
+        if not notified:
+            raise ValueError(f"balloon: session {name}'s front-end refused the config change")
+        return {"ok": True, "session": name, "balloon": device.balloon_status(ram)}
 
     @property
     def sessions(self) -> dict[str, Session]:
@@ -162,6 +206,7 @@ class Server:
         histograms = self.metrics.session(name)
         if self._trace is not None:
             device.record_hooks.append(self._trace.write)
+            device.balloon_hooks.append(self._trace.write)
         device.record_hooks.append(
             lambda record: histograms.record(
                 record, sum(record.bql_wait_ns.values()), record.injected_ns

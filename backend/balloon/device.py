@@ -17,10 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from vhost_balloon.backend.balloon.ballooned import BadChain, BalloonedPages, BalloonPlan, read_pfns
 from vhost_balloon.backend.balloon.discard import DiscardResult, DiscardStrategy, run_discards
-from vhost_balloon.backend.balloon.records import ReportRecord
+from vhost_balloon.backend.balloon.records import BalloonRecord, ReportRecord
 from vhost_balloon.backend.balloon.report_plan import ReportPlan, plan_report
 from vhost_balloon.backend.balloon.stats import DeviceStats
+from vhost_balloon.backend.balloon.target import BalloonTarget
 from vhost_balloon.backend.latency.injection import (
     NO_INJECTION,
     BqlPhase,
@@ -35,6 +37,8 @@ from vhost_balloon.protocol.virtqueue import Chain, DeviceQueue
 
 OFFERED_FEATURES = virtio.feature_mask(
     virtio.F_VERSION_1,
+    virtio.BALLOON_F_MUST_TELL_HOST,
+    virtio.BALLOON_F_DEFLATE_ON_OOM,
     virtio.BALLOON_F_REPORTING,
     virtio.BALLOON_F_PAGE_POISON,
     virtio.F_INDIRECT_DESC,
@@ -74,7 +78,9 @@ class _Published:
     bql_wait_ns: dict[str, int]
 
 
-_NO_LATENCY = LatencySettings()  # inflate/deflate chains: nothing injected
+_NO_LATENCY = LatencySettings()  # stats and hinting chains: nothing injected
+# The queues whose chains take the injected latency, as reports do.
+_TIMED = ("reporting", "inflate", "deflate")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,10 +109,17 @@ class BalloonDevice(VirtioDevice):
         self.injector = latency
         # Each published report's record goes to these, in order (trace, metrics, ...).
         self.record_hooks: list[Callable[[ReportRecord], None]] = []
+        # And each inflate and deflate chain's.
+        self.balloon_hooks: list[Callable[[BalloonRecord], None]] = []
+        self.ballooned = BalloonedPages()
+        self.target = BalloonTarget()
+        # Inflate and deflate run on their own threads: one chain at a time,
+        # so that a page given back is never discarded afterwards.
+        self._balloon_lock = threading.Lock()
+        self._balloon_seq = {"inflate": 0, "deflate": 0}
         self.frontend: FrontendLink | None = None  # raises config changes
         self.handles: dict[int, QueueHandle] = {}  # the started queues, by index
         self._seq = 0
-        self._warned_balloon = False
         self._last_published_ns: dict[int, int] = {}  # per queue
         # The queues' threads all count into `stats`; the loop reads it.
         self._accounting = threading.Lock()
@@ -133,10 +146,34 @@ class BalloonDevice(VirtioDevice):
 
     def write_config(self, offset: int, data: bytes) -> None:
         self.config = self.config.write(offset, data)
+        self.target.actual_written(self.config.actual)
 
     def reset(self) -> None:
         self.set_features(0)
+        # The target stays (as in QEMU); a reset driver owns every page again.
         self.config = virtio.BalloonConfig(num_pages=self.config.num_pages)
+        with self._balloon_lock:
+            self.ballooned.clear()
+
+    def balloon_status(self, guest_ram_bytes: int) -> dict[str, Any]:
+        """The `balloon` object of `ctl stats`: target, ballooned, freed."""
+        with self._accounting:
+            freed = self.stats.inflate_freed_bytes
+        return {
+            "guest_ram_bytes": guest_ram_bytes,
+            **self.target.describe(guest_ram_bytes),
+            "inflate_freed_bytes": freed,
+            "tracked_bytes": self.ballooned.count << virtio.BALLOON_PFN_SHIFT,
+            "partial_huge_pages": self.ballooned.partial_granules,
+        }
+
+    def set_target(self, num_pages: int) -> None:
+        """The driver should balloon `num_pages` 4 KiB pages (on the loop;
+        the caller then raises a config change)."""
+        self.config = virtio.BalloonConfig(
+            num_pages, self.config.actual, self.config.free_page_hint_cmd_id, self.config.poison_val
+        )
+        self.target.set(num_pages, self.config.actual)
 
     def attach(self, frontend: FrontendLink) -> None:
         self.frontend = frontend
@@ -153,12 +190,13 @@ class BalloonDevice(VirtioDevice):
 
     def process_queue(self, handle: QueueHandle, kick_ns: int) -> None:
         queue = handle.queue
-        is_reporting = handle.index == self.queues.reporting
+        kind = self.queues.name(handle.index)
+        timed = kind in _TIMED
         kick_delay = 0
         kick_latency: LatencySettings | None = None
         # A pass with nothing to pop (ring start, a spurious kick) is not a
         # report's kick: it gets no kick delay.
-        if is_reporting and queue.has_available():
+        if timed and queue.has_available():
             kick_latency = self.injector.begin_report()
             kick_delay = self.injector.delay(Point.KICK)
         first_kick_ns: int | None = kick_ns
@@ -178,7 +216,7 @@ class BalloonDevice(VirtioDevice):
                 )
                 if kick_latency is not None:  # the first report runs under the kick's settings
                     latency, kick_latency = kick_latency, None
-                elif is_reporting:
+                elif timed:
                     latency = self.injector.begin_report()
                 else:
                     latency = _NO_LATENCY
@@ -186,13 +224,16 @@ class BalloonDevice(VirtioDevice):
                 if chain is None:
                     first_kick_ns = None  # a chain found after this is not the kick's
                     break
-                if is_reporting:
+                if timed:
                     start = _ReportStart(report_kick_ns, start_ns, kick_delay, pop_wait, latency)
-                    self._report(handle, chain, start)
-                    kick_delay = 0  # attributed to the first report of the batch
+                    if kind == "reporting":
+                        self._report(handle, chain, start)
+                    else:
+                        self._balloon_chain(handle, chain, start, kind)
+                    kick_delay = 0  # attributed to the first chain of the batch
                     first_kick_ns = None
                 else:
-                    self._ack_balloon_chain(handle, chain)
+                    self._ack_chain(handle, chain)
                 turns.between_chains()  # a full ring must not keep the GIL
             if not handle.running() or not queue.enable_notifications():
                 return
@@ -267,7 +308,7 @@ class BalloonDevice(VirtioDevice):
             described = self._described = (latency, latency.describe())
         return described[1]
 
-    def _discard(self, plan: ReportPlan, injected: dict[str, int]) -> DiscardResult:
+    def _discard(self, plan: ReportPlan | BalloonPlan, injected: dict[str, int]) -> DiscardResult:
         """Every target of the plan (with the per-entry delays, measured into
         `injected`); none when there is nothing to do."""
         strategy = self.settings.discard
@@ -330,21 +371,107 @@ class BalloonDevice(VirtioDevice):
         for error in record.errors:
             self.log.error("report %d: %s", record.seq, error)
 
-    def _ack_balloon_chain(self, handle: QueueHandle, chain: Chain) -> None:
-        # The target (num_pages) is 0 unless set, so a Linux guest does not
-        # inflate; if a driver does, its pages are acked but not discarded.
-        name = self.queues.name(handle.index)
+    def _ack_chain(self, handle: QueueHandle, chain: Chain) -> None:
+        # A queue this device reads nothing from (free page hints): acked.
         with self._accounting:
-            if name == "inflate":
-                self.stats.inflate_acks += 1
-            else:
-                self.stats.deflate_acks += 1
-        if not self._warned_balloon:
-            self._warned_balloon = True
-            self.log.warning(
-                "%s queue used: acked without discarding (only free page "
-                "reporting discards memory)",
-                name,
-            )
+            self.stats.other_acks += 1
         handle.publish(chain.head)
         self._notify(handle)
+
+    def _balloon_chain(
+        self, handle: QueueHandle, chain: Chain, start: _ReportStart, kind: str
+    ) -> None:
+        """One inflate or deflate chain: its delays, its discards (inflate),
+        then its publish and notify, and its record, as a report's."""
+        popped_ns = time.monotonic_ns()
+        injected: dict[str, int] = {}
+        if start.kick_delay_ns or self.injector.has(Point.KICK):
+            injected[Point.KICK.value] = start.kick_delay_ns
+        if self.injector.has(Point.REPORT):
+            injected[Point.REPORT.value] = self.injector.delay(Point.REPORT)
+        bad_chain = ""
+        with self._balloon_lock:
+            try:
+                pfns = read_pfns(chain, handle.memory_map.memory)
+            except BadChain as bad:
+                bad_chain, pfns = str(bad), []
+            pages = self.ballooned
+            plan = BalloonPlan()
+            if not bad_chain:
+                memory_map = handle.memory_map
+                if kind == "inflate":
+                    plan = pages.inflate(pfns, memory_map)
+                else:
+                    plan = pages.deflate(pfns, memory_map)
+            # Every discard returns before the guest hears the chain is done.
+            result = self._discard(plan, injected)
+        published = self._publish(handle, chain.head, start, injected)
+        strategy = self.settings.discard
+        with self._accounting:
+            self._balloon_seq[kind] += 1
+            seq = self._balloon_seq[kind]
+        record = BalloonRecord(
+            kind=kind,
+            session=self.session,
+            queue=handle.index,
+            seq=seq,
+            head=chain.head,
+            pfns=plan.pfns,
+            pages=plan.pages,
+            ranges=plan.ranges,
+            discard=strategy.value,
+            t_kick_ns=start.kick_ns,
+            t_start_ns=start.start_ns,
+            t_popped_ns=popped_ns,
+            t_discard_start_ns=result.started_ns,
+            t_discard_done_ns=result.done_ns,
+            t_published_ns=published.published_ns,
+            t_notified_ns=published.notified_ns,
+            discard_syscall_ns=result.syscall_ns,
+            discarded_entries=len(plan.targets) if strategy is not DiscardStrategy.NONE else 0,
+            freed_bytes=result.freed_bytes,
+            skipped_outside=plan.skipped_outside,
+            duplicates=plan.duplicates,
+            unknown=plan.unknown,
+            partial_granules=plan.partial_granules,
+            bad_chain=bad_chain,
+            injected_ns=injected,
+            bql_wait_ns=published.bql_wait_ns,
+            settings=self._describe(start.latency),
+            errors=result.errors,
+        )
+        self._account_balloon(record)
+        for hook in self.balloon_hooks:
+            hook(record)
+
+    def _account_balloon(self, record: BalloonRecord) -> None:
+        stats = self.stats
+        with self._accounting:
+            if record.kind == "inflate":
+                stats.inflate_chains += 1
+                stats.inflated_pages += record.pages
+                stats.inflate_freed_bytes += record.freed_bytes
+            else:
+                stats.deflate_chains += 1
+                stats.deflated_pages += record.pages
+                stats.deflate_unknown_pfns += record.unknown
+            stats.balloon_pfns_outside += record.skipped_outside
+            stats.balloon_duplicate_pfns += record.duplicates
+            stats.bad_balloon_chains += bool(record.bad_chain)
+            stats.discard_errors += len(record.errors)
+            stats.discard_syscall_ns += record.discard_syscall_ns
+        if record.bad_chain:
+            self.log.warning(
+                "%s chain %d: %s; acked, nothing used", record.kind, record.seq, record.bad_chain
+            )
+        elif record.skipped_outside or record.duplicates or record.unknown:
+            self.log.warning(
+                "%s chain %d: skipped %d PFNs outside guest RAM, %d repeated, %d never inflated",
+                record.kind,
+                record.seq,
+                record.skipped_outside,
+                record.duplicates,
+                record.unknown,
+            )
+        for error in record.errors:
+            self.log.error("%s chain %d: %s", record.kind, record.seq, error)

@@ -62,7 +62,60 @@ class ReportRecord:
     def to_json(self) -> str:
         # The fields' own values, not asdict()'s deep copy (7x slower): json
         # writes tuples as lists either way, so the line is the same.
-        return json.dumps({name: getattr(self, name) for name in _FIELDS}, separators=(",", ":"))
+        line = {"kind": "report"} | {name: getattr(self, name) for name in _FIELDS}
+        return json.dumps(line, separators=(",", ":"))
 
 
 _FIELDS = tuple(item.name for item in fields(ReportRecord))
+
+
+@dataclass(slots=True)
+class BalloonRecord:
+    """One inflate or deflate chain, as it was handled and published: traced
+    with the same timestamps as a report (kick to notify is the time the
+    guest's balloon step took the host), under its own kind."""
+
+    kind: str  # "inflate" or "deflate"
+    session: str
+    queue: int
+    seq: int  # per kind
+    head: int
+    pfns: int  # in the chain
+    pages: int  # newly ballooned (inflate) or given back (deflate)
+    ranges: list[tuple[int, int]]  # those pages, coalesced (gpa, bytes)
+    discard: str
+    t_kick_ns: int
+    t_popped_ns: int
+    t_start_ns: int = 0
+    t_discard_start_ns: int = 0
+    t_discard_done_ns: int = 0
+    t_published_ns: int = 0
+    t_notified_ns: int = 0
+    discard_syscall_ns: int = 0
+    discarded_entries: int = 0  # discard syscalls' ranges
+    freed_bytes: int = 0
+    skipped_outside: int = 0  # PFNs outside guest RAM
+    duplicates: int = 0  # repeated in the chain, or already ballooned
+    unknown: int = 0  # deflated, never inflated
+    partial_granules: int = 0  # huge pages left partly ballooned by this chain
+    bad_chain: str = ""  # why nothing in the chain was used ("" if it was)
+    injected_ns: dict[str, int] = field(default_factory=dict)
+    bql_wait_ns: dict[str, int] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def bytes(self) -> int:
+        return self.pages << 12
+
+    @property
+    def kick_to_notify_ns(self) -> int | None:
+        return hold_window_ns(self.t_kick_ns, self.t_published_ns, self.t_notified_ns)
+
+    def to_json(self) -> str:
+        line = {name: getattr(self, name) for name in _BALLOON_FIELDS}
+        return json.dumps(line, separators=(",", ":"))
+
+
+_BALLOON_FIELDS = tuple(item.name for item in fields(BalloonRecord))
+TraceRecord = ReportRecord | BalloonRecord

@@ -18,9 +18,18 @@ class DeviceStats:
     discard_errors: int = 0
     discard_syscall_ns: int = 0
     queue_errors: int = 0
-    inflate_acks: int = 0
-    deflate_acks: int = 0
     notifications: int = 0
+    # Inflate and deflate chains (the classic balloon).
+    inflate_chains: int = 0
+    inflated_pages: int = 0
+    inflate_freed_bytes: int = 0
+    deflate_chains: int = 0
+    deflated_pages: int = 0
+    deflate_unknown_pfns: int = 0  # given back but never inflated
+    balloon_pfns_outside: int = 0  # PFNs outside guest RAM
+    balloon_duplicate_pfns: int = 0  # repeated in a chain, or inflated twice
+    bad_balloon_chains: int = 0  # not an array of PFNs: acked, nothing used
+    other_acks: int = 0  # chains of queues nothing is read from (hinting)
 
     def add(self, other: DeviceStats) -> None:
         for item in fields(self):

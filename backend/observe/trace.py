@@ -1,4 +1,6 @@
-"""The per-report trace: ReportRecords appended as JSON lines (invariant 5).
+"""The per-chain trace: ReportRecords, and the BalloonRecords of inflate and
+deflate chains, appended as JSON lines (invariant 5); each line's "kind"
+says which ("report", "inflate", "deflate").
 
 Recording must never stop the device. A queue's thread only enqueues a
 record (put_nowait), after the report's notify; one writer thread
@@ -25,11 +27,11 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from vhost_balloon.backend.balloon.records import ReportRecord
+from vhost_balloon.backend.balloon.records import TraceRecord
 
 LOG = logging.getLogger("vhost_balloon.trace")
 
@@ -77,7 +79,7 @@ class TraceWriter:
         fd = open_for_append(path)
         self._identity = _identity(os.fstat(fd))
         self._lines = _LineWriter(fd, path, write, retry_after_s)
-        self._queue: queue.Queue[ReportRecord | None] = queue.Queue(queue_records)
+        self._queue: queue.Queue[TraceRecord | None] = queue.Queue(queue_records)
         # The enqueueing side, under _enqueue: every queue thread of every session writes.
         self._enqueue = threading.Lock()
         self._accepted = 0
@@ -91,7 +93,7 @@ class TraceWriter:
         self._thread.start()
         _LIVE.append(self)
 
-    def write(self, record: ReportRecord) -> None:
+    def write(self, record: TraceRecord) -> None:
         """Enqueue one record (the record is not changed after publish, so
         the writer thread may serialise it later)."""
         with self._enqueue:
@@ -177,10 +179,10 @@ class TraceWriter:
         finally:
             self._lines.close()
 
-    def _next_batch(self) -> tuple[list[ReportRecord], bool]:
+    def _next_batch(self) -> tuple[list[TraceRecord], bool]:
         """Block for one record, then take what else is queued; True once the
         close marker (None) was taken."""
-        batch: list[ReportRecord] = []
+        batch: list[TraceRecord] = []
         item = self._queue.get()
         while item is not None:
             batch.append(item)
@@ -207,7 +209,7 @@ class _LineWriter:
         self._failed_at: float | None = None  # monotonic time of the last failure
         self._mid_line = False  # the output ends in a fragment that could not be removed
 
-    def put(self, records: Sequence[ReportRecord]) -> None:
+    def put(self, records: Sequence[TraceRecord]) -> None:
         if self._failed_at is not None and (
             time.monotonic() - self._failed_at < self._retry_after_s
         ):
@@ -220,7 +222,7 @@ class _LineWriter:
     def close(self) -> None:
         os.close(self._fd)
 
-    def _serialise(self, records: Sequence[ReportRecord]) -> list[bytes]:
+    def _serialise(self, records: Sequence[TraceRecord]) -> list[bytes]:
         lines = []
         for record in records:
             try:
@@ -340,15 +342,17 @@ def _check_owner(fd: int, path: Path) -> None:
         )
 
 
-def read_trace(path: Path) -> list[dict[str, object]]:
-    """Every record of the trace at `path`, including those a writer of this
-    process has enqueued but not yet written (it is waited for)."""
+def read_trace(path: Path, kinds: Collection[str] = ("report",)) -> list[dict[str, object]]:
+    """The records of `kinds` in the trace at `path` (reports by default; a
+    line without a kind, from an older trace, is a report), including those a
+    writer of this process has enqueued but not yet written (it is waited for)."""
     with path.open(encoding="utf-8") as handle:
         identity = _identity(os.fstat(handle.fileno()))
         for writer in list(_LIVE):
             if writer._identity == identity:
                 writer.flush(READ_WAIT_S)
-        return [json.loads(line) for line in handle if line.strip()]
+        records = [json.loads(line) for line in handle if line.strip()]
+    return [record for record in records if record.get("kind", "report") in kinds]
 
 
 __all__ = ["TraceCounters", "TraceWriter", "open_for_append", "read_trace"]

@@ -32,6 +32,12 @@ from vhost_balloon.protocol.virtqueue import DeviceQueue
 class FrontendLink(Protocol):
     """What a device may ask of the front-end outside a kick."""
 
+    @property
+    def can_change_config(self) -> bool:
+        """Whether config_changed can reach the driver (a backend channel and
+        the CONFIG protocol feature)."""
+        ...
+
     async def config_changed(self) -> bool:
         """Tell the driver the config space changed; False if the front-end
         gave no way to (no backend channel, CONFIG not negotiated) or refused."""

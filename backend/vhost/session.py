@@ -437,6 +437,15 @@ class Session:
             raise RequestRefused("backend request fd is not a socket")
         self.backend_channel.replace(socket.socket(fileno=fds.pop(0)))
 
+    @property
+    def can_change_config(self) -> bool:
+        return self._protocol_feature(ProtocolFeature.CONFIG) and self.backend_channel.connected
+
+    @property
+    def guest_ram_bytes(self) -> int:
+        """The guest's RAM as the memory table describes it."""
+        return sum(mapped.region.size for mapped in self.memory_map.regions)
+
     async def config_changed(self) -> bool:
         """Tell the driver the config changed (CONFIG_CHANGE_MSG on the backend
         channel): the device's FrontendLink.

@@ -111,11 +111,12 @@ def stalled_fifo(path: Path) -> Iterator[Callable[[], None]]:
 # --- the writer alone --------------------------------------------------------
 
 
-def test_a_record_serialises_to_the_line_asdict_gives() -> None:
+def test_a_record_serialises_to_the_line_asdict_gives_with_its_kind() -> None:
     one = record(7)
     one.injected_ns["kick"] = 5
     one.errors.append("EINVAL")
-    assert one.to_json() == json.dumps(dataclasses.asdict(one), separators=(",", ":"))
+    line = {"kind": "report"} | dataclasses.asdict(one)
+    assert one.to_json() == json.dumps(line, separators=(",", ":"))
 
 
 def test_a_full_disk_drops_and_counts_records_and_warns_once(
