@@ -11,13 +11,14 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from vhost_balloon.backend.balloon.device import BalloonDevice, BalloonSettings
 from vhost_balloon.backend.balloon.discard import allocated_bytes
-from vhost_balloon.backend.balloon.records import ReportRecord
+from vhost_balloon.backend.balloon.records import BalloonRecord, ReportRecord
 from vhost_balloon.backend.latency.injection import NO_INJECTION, PhaseLatency
 from vhost_balloon.backend.vhost.device import QueueHandle
 from vhost_balloon.backend.vhost.mapping import MappedRegion, MemoryMap
@@ -28,8 +29,12 @@ from vhost_balloon.protocol.virtqueue import Buffer, DeviceQueue, DriverQueue, R
 
 MiB = 1 << 20
 RAM = 64 * MiB
-REPORTING_QUEUE = 2  # inflate, deflate, reporting (no stats queue offered)
+# inflate, deflate, reporting (no stats queue offered)
+QUEUE_INDEX = {"inflate": 0, "deflate": 1, "reporting": 2}
+REPORTING_QUEUE = QUEUE_INDEX["reporting"]
 FIRST_PAGE = 8 * MiB  # reported pages start here; the ring lives below
+PFN_ARRAY = 1 * MiB  # an inflate chain's PFNs (touched before the rig starts)
+PFN_ARRAY_BYTES = 64 * 1024
 
 
 @dataclass
@@ -42,21 +47,32 @@ class Rig:
     handle: QueueHandle
     memory_map: MemoryMap
     fd: int
-    ring_bytes: int = 0  # the ring's pages, which the host holds throughout
+    ring_bytes: int = 0  # the ring's pages (and the PFN array), held throughout
     notifications: int = 0
-    records: list[ReportRecord] = field(default_factory=list)
+    records: list[ReportRecord | BalloonRecord] = field(default_factory=list)
     # For each used entry pushed: the bytes the host still held at that moment.
     held_at_push: list[int] = field(default_factory=list)
+    kind: str = "reporting"  # the queue the rig runs
 
     def post_report(self, entries: int = 4, length: int = 2 * MiB) -> int:
-        """Dirty `entries` pages of `length` bytes and post them as one report."""
+        """Dirty `entries` pages of `length` bytes and post them as one chain:
+        a report, or on the inflate queue their PFNs (with a gap between the
+        ranges, so that each is one discard, as each report entry is)."""
         view = self.memory_map.regions[0].view
+        stride = length if self.kind == "reporting" else 2 * length
         buffers = []
+        pfns = []
         for index in range(entries):
-            gpa = FIRST_PAGE + index * length
+            gpa = FIRST_PAGE + index * stride
             view[gpa : gpa + length] = b"\xa5" * length  # the host holds these now
             buffers.append(Buffer(gpa, length, True))
-        return self.driver.add(buffers)
+            pfns += range(gpa >> 12, (gpa + length) >> 12)
+        if self.kind == "reporting":
+            return self.driver.add(buffers)
+        array = struct.pack(f"<{len(pfns)}I", *pfns)
+        assert len(array) <= PFN_ARRAY_BYTES
+        view[PFN_ARRAY : PFN_ARRAY + len(array)] = array
+        return self.driver.add([Buffer(PFN_ARRAY, len(array), False)])
 
     def reported_bytes_held(self) -> int:
         """Bytes of the reported pages the host still holds (ring pages excluded)."""
@@ -73,9 +89,12 @@ class Rig:
 
 @contextmanager
 def reporting_rig(
-    latency: PhaseLatency = NO_INJECTION, settings: BalloonSettings | None = None
+    latency: PhaseLatency = NO_INJECTION,
+    settings: BalloonSettings | None = None,
+    kind: str = "reporting",
 ) -> Iterator[Rig]:
-    """A device with its reporting queue started over 64 MiB of sealed memfd."""
+    """A device with its reporting (or inflate) queue started over 64 MiB of
+    sealed memfd."""
     fd = os.memfd_create("rig", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, RAM)
     fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
@@ -97,8 +116,9 @@ def reporting_rig(
         rig.notifications += 1
         return True
 
-    handle = QueueHandle.fixed(REPORTING_QUEUE, queue, memory_map, notify=notify)
-    rig = Rig(device, driver, queue, handle, memory_map, fd)
+    handle = QueueHandle.fixed(QUEUE_INDEX[kind], queue, memory_map, notify=notify)
+    rig = Rig(device, driver, queue, handle, memory_map, fd, kind=kind)
+    region.view[PFN_ARRAY : PFN_ARRAY + PFN_ARRAY_BYTES] = b"\x01" * PFN_ARRAY_BYTES
     rig.ring_bytes = allocated_bytes(fd)
     assert rig.ring_bytes <= FIRST_PAGE
     push = queue.push
@@ -109,6 +129,7 @@ def reporting_rig(
 
     queue.push = watched_push  # type: ignore[method-assign]
     device.record_hooks.append(rig.records.append)
+    device.balloon_hooks.append(rig.records.append)
     device.queue_started(handle)
     try:
         yield rig

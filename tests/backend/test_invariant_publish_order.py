@@ -1,5 +1,6 @@
 """Invariant 1: a report's used entry is published, and the driver signalled,
-only after every discard of the report has returned.
+only after every discard of the report has returned; the same for an
+inflate chain and the discards of its pages.
 
 Each test holds the report at one gate (the discard syscall itself, each
 injection point, each BQL phase) and checks what the guest can see while it
@@ -31,9 +32,8 @@ GATE_TIMEOUT_S = 20.0
 # from another task or thread gets every chance to do it.
 HELD_S = 0.05
 DISCARDING = [s for s in DiscardStrategy if s is not DiscardStrategy.NONE]
-# The queues whose chains are discarded before they are used. Inflate joins
-# when the device issue makes it discard.
-DISCARDING_QUEUES = ["reporting"]
+# The queues whose chains are discarded before they are used.
+DISCARDING_QUEUES = ["reporting", "inflate"]
 
 _T = TypeVar("_T")
 
@@ -163,7 +163,7 @@ async def test_nothing_is_published_or_signalled_while_a_discard_is_held(
         counting(strategy, target)
 
     monkeypatch.setattr(discard_module, "_discard_one", held_discard)
-    with reporting_rig(settings=BalloonSettings(discard=strategy)) as rig:
+    with reporting_rig(settings=BalloonSettings(discard=strategy), kind=queue) as rig:
         assert rig.device.queues.name(rig.handle.index) == queue
         seen = await _held_then_released(rig, gate, discards, strategy)
     assert seen == Seen(discarded=False, published=False, notified=False)
@@ -189,9 +189,11 @@ def test_every_injection_point_and_bql_phase_is_covered() -> None:
     assert set(AT_PHASE) == set(BqlPhase)
 
 
+@pytest.mark.parametrize("queue", DISCARDING_QUEUES)
 @pytest.mark.parametrize("point", list(AT_POINT), ids=lambda p: p.value)
 @pytest.mark.parametrize("strategy", DISCARDING, ids=lambda s: s.value)
 async def test_a_report_held_at_an_injection_point_is_not_published_early(
+    queue: str,
     point: Point,
     strategy: DiscardStrategy,
     discards: Discards,
@@ -211,16 +213,17 @@ async def test_a_report_held_at_an_injection_point_is_not_published_early(
 
         monkeypatch.setattr(discard_module, "sleep_exact_ns", held_sleep)
     latency = GatedLatency(gate, point=point)
-    with reporting_rig(latency, BalloonSettings(discard=strategy)) as rig:
+    with reporting_rig(latency, BalloonSettings(discard=strategy), kind=queue) as rig:
         seen = await _held_then_released(rig, gate, discards, strategy)
     assert seen == AT_POINT[point]
 
 
+@pytest.mark.parametrize("queue", DISCARDING_QUEUES)
 @pytest.mark.parametrize("phase", list(AT_PHASE), ids=lambda p: p.value)
 async def test_a_report_waiting_for_the_bql_is_not_published_early(
-    phase: BqlPhase, discards: Discards
+    queue: str, phase: BqlPhase, discards: Discards
 ) -> None:
     gate = Gate()
-    with reporting_rig(GatedLatency(gate, phase=phase)) as rig:
+    with reporting_rig(GatedLatency(gate, phase=phase), kind=queue) as rig:
         seen = await _held_then_released(rig, gate, discards, DiscardStrategy.PUNCH_HOLE)
     assert seen == AT_PHASE[phase]
