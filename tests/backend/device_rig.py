@@ -61,7 +61,7 @@ class Rig:
         view = self.memory_map.regions[0].view
         stride = length if self.kind == "reporting" else 2 * length
         buffers = []
-        pfns = []
+        pfns: list[int] = []
         for index in range(entries):
             gpa = FIRST_PAGE + index * stride
             view[gpa : gpa + length] = b"\xa5" * length  # the host holds these now

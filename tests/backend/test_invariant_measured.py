@@ -69,6 +69,7 @@ async def _one_report(latency: LatencyInjection, strategy: DiscardStrategy) -> R
         rig.post_report(ENTRIES, 2 * MiB)
         await asyncio.to_thread(rig.device.process_queue, rig.handle, time.monotonic_ns())
         (record,) = rig.records
+        assert isinstance(record, ReportRecord)
         assert rig.device.stats.discard_syscall_ns == record.discard_syscall_ns
         return record
 
