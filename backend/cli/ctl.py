@@ -1,5 +1,5 @@
 """`vhost-balloon ctl`: one request to a running backend's control socket
-(stats, get, set), its JSON reply printed."""
+(stats, get, set, balloon), its JSON reply printed."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from vhost_balloon.backend.observe.control import (
     ControlTimeout,
     control_request,
 )
+from vhost_balloon.protocol.units import argument_type, parse_size
 
 
 def add_parser(commands: Any) -> None:
@@ -40,11 +41,27 @@ def add_parser(commands: Any) -> None:
     change.add_argument("--bql-phases", metavar="pop,publish,notify")
     change.add_argument("--mmap-contention", metavar="SPEC|none")
     change.add_argument("--seed", type=int)
+    target = ctl_commands.add_parser(
+        "balloon",
+        help="set a guest's target memory size (as QMP balloon / virsh setmem do)",
+        description="num_pages = (guest RAM - SIZE) / 4 KiB, then a config change "
+        "interrupt: the guest's driver inflates or deflates towards it.",
+    )
+    target.add_argument(
+        "size", type=argument_type(parse_size), metavar="SIZE", help="e.g. 768M or 1G"
+    )
+    target.add_argument(
+        "--session", metavar="NAME", help="needed when several guests are connected"
+    )
 
 
 def control_request_of(args: argparse.Namespace) -> dict[str, Any]:
     """The control socket request the ctl arguments ask for."""
     request: dict[str, Any] = {"cmd": args.ctl_command}
+    if args.ctl_command == "balloon":
+        request["size"] = args.size
+        if args.session is not None:
+            request["session"] = args.session
     if args.ctl_command == "set":
         # The backend runs elsewhere: a relative replay path means ours, so
         # make it absolute here (the backend refuses relative ones).
