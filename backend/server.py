@@ -24,7 +24,7 @@ from vhost_balloon.backend.balloon.stats import DeviceStats
 from vhost_balloon.backend.latency.in_force import LatencyInForce
 from vhost_balloon.backend.latency.injection import LatencyInjection, LatencySettings
 from vhost_balloon.backend.observe.control import close_control, serve_control
-from vhost_balloon.backend.observe.metrics import Metrics
+from vhost_balloon.backend.observe.metrics import Gauge, Metrics
 from vhost_balloon.backend.observe.metrics_http import serve_metrics
 from vhost_balloon.backend.observe.trace import TraceWriter
 from vhost_balloon.backend.vhost.server import VhostUserServer, listen_unix, socket_from_fd
@@ -37,6 +37,13 @@ __all__ = ["Server", "ServerSettings", "listen_unix", "socket_from_fd"]
 LOG = logging.getLogger("vhost_balloon")
 TRACE_WRITTEN_HELP = "Trace records written."
 TRACE_DROPPED_HELP = "Trace records dropped: the trace's queue was full or its writes failed."
+
+
+BALLOON_GAUGES = (
+    ("target_bytes", "The guest memory size the host asked for (RAM if never set)."),
+    ("ballooned_bytes", "The balloon's size as the driver reports it (actual)."),
+    ("partial_huge_pages", "Huge pages only partly ballooned, so not freed yet."),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +97,20 @@ class Server:
                 ("trace_records_written", TRACE_WRITTEN_HELP, counters.written),
                 ("trace_records_dropped", TRACE_DROPPED_HELP, counters.dropped),
             ]
-        return self.metrics.render(self.totals().counters(), len(self.sessions), extra)
+        return self.metrics.render(
+            self.totals().counters(), len(self.sessions), extra, self._balloon_gauges()
+        )
+
+    def _balloon_gauges(self) -> list[Gauge]:
+        """Each live session's balloon target and size (labels: the session)."""
+        status = {
+            name: self.vhost.devices[name].balloon_status(session.guest_ram_bytes)
+            for name, session in self.sessions.items()
+        }
+        return [
+            Gauge(key, help_text, [({"session": n}, s[key]) for n, s in status.items()])
+            for key, help_text in BALLOON_GAUGES
+        ]
 
     async def handle_control(self, request: dict[str, Any]) -> dict[str, Any]:
         """The control socket's commands: stats, get, set."""

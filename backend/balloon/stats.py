@@ -48,4 +48,7 @@ class DeviceStats:
             "skipped_entries": self.skipped_outside + self.skipped_unaligned,
             "discard_errors": self.discard_errors,
             "queue_errors": self.queue_errors,
+            "inflated_pages": self.inflated_pages,
+            "inflate_freed_bytes": self.inflate_freed_bytes,
+            "deflated_pages": self.deflated_pages,
         }

@@ -43,6 +43,9 @@ COUNTERS = (
     ("skipped_entries", "Entries not discarded: outside guest memory or unaligned."),
     ("discard_errors", "Discard syscalls that failed."),
     ("queue_errors", "Virtqueues broken by a malformed ring."),
+    ("inflated_pages", "4 KiB pages the guests ballooned (inflate chains)."),
+    ("inflate_freed_bytes", "Bytes the host really freed for inflated pages."),
+    ("deflated_pages", "4 KiB pages the guests took back (deflate chains)."),
 )
 SUMMARIES = (
     ("hold", "hold_seconds", "Kick to notification (or publish when none was sent) per report."),
@@ -71,6 +74,15 @@ class Summary:
 
 
 _EMPTY = Summary(0, 0, 0, (0.0,) * len(QUANTILES))
+
+
+@dataclass(frozen=True, slots=True)
+class Gauge:
+    """A gauge with one sample per label set (e.g. per live session)."""
+
+    name: str  # without the vhost_balloon_ prefix
+    help: str
+    samples: Sequence[tuple[Mapping[str, str], float]]
 
 
 class _Series:
@@ -194,6 +206,7 @@ class Metrics:
         counters: Mapping[str, int],
         sessions_live: int,
         extra_counters: Sequence[tuple[str, str, int]] = (),
+        gauges: Sequence[Gauge] = (),
     ) -> str:
         """The exposition text. counters must hold every key of COUNTERS;
         skipped_entries may instead be given as skipped_outside + skipped_unaligned
@@ -219,6 +232,10 @@ class Metrics:
             out.append(f"{name} {int(value)}")
         out += _header("vhost_balloon_sessions", "gauge", "Front-ends connected now.")
         out.append(f"vhost_balloon_sessions {int(sessions_live)}")
+        for gauge in gauges:
+            name = f"vhost_balloon_{gauge.name}"
+            out += _header(name, "gauge", gauge.help)
+            out += [f"{name}{{{_labels(labels)}}} {value}" for labels, value in gauge.samples]
 
         sessions = list(self._sessions())
         for key, suffix, help_text in SUMMARIES:

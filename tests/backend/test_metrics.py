@@ -17,7 +17,7 @@ import pytest
 from vhost_balloon.backend.balloon.records import ReportRecord
 from vhost_balloon.backend.balloon.stats import DeviceStats
 from vhost_balloon.backend.observe import metrics_http as metrics_module
-from vhost_balloon.backend.observe.metrics import ENDED_KEPT, Histograms, Metrics
+from vhost_balloon.backend.observe.metrics import ENDED_KEPT, Gauge, Histograms, Metrics
 from vhost_balloon.backend.observe.metrics_http import parse_listen_address, serve_metrics
 
 US = 1000  # ns
@@ -31,6 +31,9 @@ COUNTERS = {
     "skipped_entries": 3,
     "discard_errors": 1,
     "queue_errors": 0,
+    "inflated_pages": 4096,
+    "inflate_freed_bytes": 1 << 24,
+    "deflated_pages": 1024,
 }
 
 
@@ -533,3 +536,16 @@ async def test_idle_connections_make_room_for_a_scrape_at_the_cap(
     finally:
         for _, writer in idle:
             writer.close()
+
+
+def test_balloon_gauges_have_one_sample_per_session() -> None:
+    gauges = [
+        Gauge("target_bytes", "Target.", [({"session": "s1"}, 768 << 20), ({"session": "s2"}, 1)]),
+        Gauge("ballooned_bytes", "Actual.", []),  # no session: the family alone
+    ]
+    parsed = parse_exposition(Metrics().render(COUNTERS, 2, gauges=gauges))
+    assert parsed.types["vhost_balloon_target_bytes"] == "gauge"
+    assert parsed.value("vhost_balloon_target_bytes", session="s1") == 768 << 20
+    assert parsed.value("vhost_balloon_target_bytes", session="s2") == 1
+    assert parsed.types["vhost_balloon_ballooned_bytes"] == "gauge"
+    assert parsed.value("vhost_balloon_inflated_pages_total") == 4096
