@@ -46,6 +46,9 @@ BALLOON_GAUGES = (
 )
 
 
+GUEST_STAT_HELP = "The guest's last stats-queue sample, by QEMU's stat name."
+
+
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
     balloon: BalloonSettings = field(default_factory=BalloonSettings)
@@ -107,10 +110,19 @@ class Server:
             name: self.vhost.devices[name].balloon_status(session.guest_ram_bytes)
             for name, session in self.sessions.items()
         }
-        return [
+        gauges = [
             Gauge(key, help_text, [({"session": n}, s[key]) for n, s in status.items()])
             for key, help_text in BALLOON_GAUGES
         ]
+        # The guest's last stats sample: at most 16 names per session (tags
+        # QEMU does not name stay in `ctl stats`, off the label set).
+        samples: list[tuple[dict[str, str], float]] = []
+        for name in self.sessions:
+            last = self.vhost.devices[name].guest_stats.last
+            if last is not None:
+                samples += [({"session": name, "stat": k}, v) for k, v in last.stats.items()]
+        gauges.append(Gauge("guest_stat", GUEST_STAT_HELP, samples))
+        return gauges
 
     async def handle_control(self, request: dict[str, Any]) -> dict[str, Any]:
         """The control socket's commands: stats, get, set."""
@@ -134,6 +146,9 @@ class Server:
                     "discard_us": histograms.percentiles("discard"),
                     "bql_wait_us": histograms.percentiles("bql_wait"),
                     "balloon": device.balloon_status(session.guest_ram_bytes),
+                    "guest_stats": device.guest_stats.describe(
+                        self.settings.balloon.stats_interval_s
+                    ),
                 }
             reply = {
                 "ok": True,
@@ -227,6 +242,7 @@ class Server:
         if self._trace is not None:
             device.record_hooks.append(self._trace.write)
             device.balloon_hooks.append(self._trace.write)
+            device.stats_hooks.append(self._trace.write)
         device.record_hooks.append(
             lambda record: histograms.record(
                 record, sum(record.bql_wait_ns.values()), record.injected_ns

@@ -9,6 +9,7 @@ after the notify: a hook must be thread-safe and quick.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import threading
@@ -19,7 +20,9 @@ from typing import Any
 
 from vhost_balloon.backend.balloon.ballooned import BadChain, BalloonedPages, BalloonPlan, read_pfns
 from vhost_balloon.backend.balloon.discard import DiscardResult, DiscardStrategy, run_discards
-from vhost_balloon.backend.balloon.records import BalloonRecord, ReportRecord
+from vhost_balloon.backend.balloon.features import OFFERED_FEATURES
+from vhost_balloon.backend.balloon.guest_stats import BadStats, StatsState, parse_stats
+from vhost_balloon.backend.balloon.records import BalloonRecord, ReportRecord, StatsRecord
 from vhost_balloon.backend.balloon.report_plan import ReportPlan, plan_report
 from vhost_balloon.backend.balloon.stats import DeviceStats
 from vhost_balloon.backend.balloon.target import BalloonTarget
@@ -33,17 +36,8 @@ from vhost_balloon.backend.latency.injection import (
 from vhost_balloon.backend.vhost.device import FrontendLink, QueueHandle, VirtioDevice
 from vhost_balloon.backend.vhost.worker import GilTurns
 from vhost_balloon.protocol import virtio
+from vhost_balloon.protocol.errors import AddressError, QueueError
 from vhost_balloon.protocol.virtqueue import Chain, DeviceQueue
-
-OFFERED_FEATURES = virtio.feature_mask(
-    virtio.F_VERSION_1,
-    virtio.BALLOON_F_MUST_TELL_HOST,
-    virtio.BALLOON_F_DEFLATE_ON_OOM,
-    virtio.BALLOON_F_REPORTING,
-    virtio.BALLOON_F_PAGE_POISON,
-    virtio.F_INDIRECT_DESC,
-    virtio.F_EVENT_IDX,
-)
 
 
 class NotifyPolicy(enum.Enum):
@@ -88,6 +82,9 @@ class BalloonSettings:
     discard: DiscardStrategy = DiscardStrategy.PUNCH_HOLE
     notify: NotifyPolicy = NotifyPolicy.ALWAYS
     features: int = OFFERED_FEATURES
+    # Give the held stats buffer back, asking for a fresh sample, this often
+    # (QEMU's guest-stats-polling-interval); 0: never.
+    stats_interval_s: float = 0.0
 
 
 class BalloonDevice(VirtioDevice):
@@ -117,6 +114,11 @@ class BalloonDevice(VirtioDevice):
         # so that a page given back is never discarded afterwards.
         self._balloon_lock = threading.Lock()
         self._balloon_seq = {"inflate": 0, "deflate": 0}
+        self.guest_stats = StatsState()
+        self.stats_hooks: list[Callable[[StatsRecord], None]] = []
+        # The stats queue's thread pops, the event loop's timer gives back.
+        self._stats_lock = threading.Lock()
+        self._stats_timer: asyncio.TimerHandle | None = None
         self.frontend: FrontendLink | None = None  # raises config changes
         self.handles: dict[int, QueueHandle] = {}  # the started queues, by index
         self._seq = 0
@@ -154,6 +156,8 @@ class BalloonDevice(VirtioDevice):
         self.config = virtio.BalloonConfig(num_pages=self.config.num_pages)
         with self._balloon_lock:
             self.ballooned.clear()
+        with self._stats_lock:
+            self.guest_stats.held_head = None  # its ring is gone with the reset
 
     def balloon_status(self, guest_ram_bytes: int) -> dict[str, Any]:
         """The `balloon` object of `ctl stats`: target, ballooned, freed."""
@@ -180,15 +184,89 @@ class BalloonDevice(VirtioDevice):
 
     def queue_started(self, handle: QueueHandle) -> None:
         self.handles[handle.index] = handle
+        if handle.index == self.queues.stats and self.settings.stats_interval_s > 0:
+            self._arm_stats_timer()
 
     def queue_stopped(self, index: int) -> None:
-        self.handles.pop(index, None)
+        handle = self.handles.pop(index, None)
+        if index == self.queues.stats and handle is not None:
+            if self._stats_timer is not None:
+                self._stats_timer.cancel()
+                self._stats_timer = None
+            # The held buffer goes back with the ring, or the driver, which
+            # waits for it, would never send stats again after a restart.
+            self._give_stats_back(handle)
+
+    # -- the stats queue ---------------------------------------------------------
+
+    def _arm_stats_timer(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._stats_timer = loop.call_later(self.settings.stats_interval_s, self._request_stats)
+
+    def _request_stats(self) -> None:
+        """On the loop, every stats interval: give the held buffer back."""
+        index = self.queues.stats
+        handle = None if index is None else self.handles.get(index)
+        if handle is None:
+            self._stats_timer = None
+            return
+        if handle.running():  # not while memory is being replaced
+            self._give_stats_back(handle)
+        self._arm_stats_timer()
+
+    def _give_stats_back(self, handle: QueueHandle) -> None:
+        with self._stats_lock:
+            head = self.guest_stats.held_head
+            if head is None:
+                return
+            self.guest_stats.held_head = None
+            self.guest_stats.requests += 1
+            try:
+                handle.publish(head)
+                self._notify(handle)
+            except (QueueError, AddressError, ValueError) as error:
+                self.log.warning("stats queue: could not give the buffer back: %s", error)
+
+    def _stats_chain(self, handle: QueueHandle, chain: Chain) -> None:
+        """A stats buffer (under the stats lock): keep its sample, hold it."""
+        state = self.guest_stats
+        if state.held_head is not None:
+            # A second buffer while one is held: the first goes back (QEMU too).
+            handle.publish(state.held_head)
+            self._notify(handle)
+        state.held_head = chain.head
+        try:
+            sample = parse_stats(chain, handle.memory_map.memory)
+        except BadStats as bad:
+            state.bad += 1
+            state.last_error = str(bad)
+            self.log.warning("stats buffer refused: %s", bad)
+            return
+        state.last = sample
+        state.samples += 1
+        record = StatsRecord(
+            session=self.session,
+            queue=handle.index,
+            seq=state.samples,
+            t_ns=sample.monotonic_ns,
+            stats=sample.stats,
+            unknown_tags={str(tag): value for tag, value in sample.unknown.items()},
+        )
+        for hook in self.stats_hooks:
+            hook(record)
 
     def queue_failed(self, index: int, reason: str) -> None:
         with self._accounting:
             self.stats.queue_errors += 1
 
     def process_queue(self, handle: QueueHandle, kick_ns: int) -> None:
+        if handle.index == self.queues.stats:
+            with self._stats_lock:
+                self._process(handle, kick_ns)
+        else:
+            self._process(handle, kick_ns)
+
+    def _process(self, handle: QueueHandle, kick_ns: int) -> None:
         queue = handle.queue
         kind = self.queues.name(handle.index)
         timed = kind in _TIMED
@@ -232,6 +310,8 @@ class BalloonDevice(VirtioDevice):
                         self._balloon_chain(handle, chain, start, kind)
                     kick_delay = 0  # attributed to the first chain of the batch
                     first_kick_ns = None
+                elif kind == "stats":
+                    self._stats_chain(handle, chain)
                 else:
                     self._ack_chain(handle, chain)
                 turns.between_chains()  # a full ring must not keep the GIL

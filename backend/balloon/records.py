@@ -118,4 +118,23 @@ class BalloonRecord:
 
 
 _BALLOON_FIELDS = tuple(item.name for item in fields(BalloonRecord))
-TraceRecord = ReportRecord | BalloonRecord
+
+
+@dataclass(slots=True)
+class StatsRecord:
+    """One sample from the stats queue, named as QEMU names the tags."""
+
+    session: str
+    queue: int
+    seq: int
+    t_ns: int
+    stats: dict[str, int]
+    unknown_tags: dict[str, int]
+
+    def to_json(self) -> str:
+        line = {"kind": "stats"} | {name: getattr(self, name) for name in _STATS_FIELDS}
+        return json.dumps(line, separators=(",", ":"))
+
+
+_STATS_FIELDS = tuple(item.name for item in fields(StatsRecord))
+TraceRecord = ReportRecord | BalloonRecord | StatsRecord

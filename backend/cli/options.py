@@ -9,6 +9,8 @@ from pathlib import Path
 
 from vhost_balloon.backend.balloon.device import BalloonSettings, NotifyPolicy
 from vhost_balloon.backend.balloon.discard import DiscardStrategy
+from vhost_balloon.backend.balloon.features import CHOICES as FEATURE_CHOICES
+from vhost_balloon.backend.balloon.features import OFFERED_FEATURES, parse_features
 from vhost_balloon.backend.latency.contention import parse_bql, parse_mmap_contention
 from vhost_balloon.backend.latency.injection import (
     ALL_BQL_PHASES,
@@ -31,6 +33,17 @@ size = argument_type(units.parse_size)
 count = argument_type(units.parse_positive_int)
 
 
+def parse_stats_interval(text: str) -> float:
+    """Seconds, 0 (never) up to a day; QEMU refuses negative intervals too."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"--stats-interval takes seconds, not {text!r}") from None
+    if not 0 <= value <= 86400:  # also refuses nan and inf
+        raise ValueError(f"--stats-interval {text}: not between 0 and 86400 seconds")
+    return value
+
+
 def add_backend_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--discard",
@@ -47,6 +60,23 @@ def add_backend_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--trace", type=Path, metavar="FILE", help="append one JSON line per report to FILE"
+    )
+    parser.add_argument(
+        "--features",
+        type=argument_type(parse_features),
+        default=OFFERED_FEATURES,
+        metavar="LIST",
+        help="the features offered: a list (stats-vq,reporting,...) or changes to the "
+        f"default (+stats-vq,-deflate-on-oom); known: {', '.join(FEATURE_CHOICES)}. "
+        "The stats queue adds a queue: QEMU's num_vqs must follow (serve prints it)",
+    )
+    parser.add_argument(
+        "--stats-interval",
+        type=argument_type(parse_stats_interval),
+        default=0.0,
+        metavar="S",
+        help="with stats-vq: ask the guest for fresh stats every S seconds, as QEMU's "
+        "guest-stats-polling-interval (default 0: only the sample the driver sends at probe)",
     )
     parser.add_argument(
         "--allow-unsealed-memory",
@@ -118,7 +148,10 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
     )
     return ServerSettings(
         balloon=BalloonSettings(
-            discard=DiscardStrategy(args.discard), notify=NotifyPolicy(args.notify)
+            discard=DiscardStrategy(args.discard),
+            notify=NotifyPolicy(args.notify),
+            features=args.features,
+            stats_interval_s=args.stats_interval,
         ),
         trace_path=args.trace,
         latency=latency,

@@ -12,6 +12,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from vhost_balloon.backend.balloon.features import qemu_device_properties
 from vhost_balloon.backend.cli.options import (
     UsageError,
     add_backend_options,
@@ -28,6 +29,7 @@ from vhost_balloon.backend.vhost.server import (
     socket_from_fd,
 )
 from vhost_balloon.protocol.units import argument_type
+from vhost_balloon.protocol.virtio import describe_features
 
 LOG = logging.getLogger("vhost_balloon")
 
@@ -135,6 +137,12 @@ async def serve(args: argparse.Namespace) -> int:
             where,
             args.discard,
             json.dumps(server.latency.describe()),
+        )
+        features = server.settings.balloon.features
+        LOG.info(
+            "offering %s; QEMU: -device vhost-user-test-device-pci,chardev=CHARDEV,%s",
+            describe_features(features),
+            qemu_device_properties(features),
         )
         await stop.wait()
     finally:

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from vhost_balloon.backend.balloon.device import OFFERED_FEATURES
+from vhost_balloon.backend.balloon.features import OFFERED_FEATURES
 from vhost_balloon.backend.qemu.provisioning import LaunchError, configs_dir
 from vhost_balloon.protocol.units import parse_guest_memory
 from vhost_balloon.protocol.virtio import balloon_queues
