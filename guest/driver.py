@@ -38,8 +38,11 @@ from vhost_balloon.guest.layout import PAGE_SIZE, Block, GuestLayout, plan_layou
 from vhost_balloon.guest.ram import GuestRam
 from vhost_balloon.protocol.errors import QueueError
 from vhost_balloon.protocol.virtio import (
+    BALLOON_F_DEFLATE_ON_OOM,
+    BALLOON_F_MUST_TELL_HOST,
     BALLOON_F_PAGE_POISON,
     BALLOON_F_REPORTING,
+    BALLOON_F_STATS_VQ,
     F_EVENT_IDX,
     F_INDIRECT_DESC,
     F_VERSION_1,
@@ -84,6 +87,17 @@ class DriverConfig:
     # False: the pages stay as the last discard left them, so a run measures
     # the report path without the guest's own 64 MiB memset before each report.
     populate: bool = True
+    # The classic balloon (guest/balloon.py) beside reporting. `balloon` runs
+    # it with no optional feature; each feature below implies it. STATS_VQ
+    # adds a queue, so a device that does not offer it is refused;
+    # MUST_TELL_HOST and DEFLATE_ON_OOM are accepted only when offered.
+    balloon: bool = False
+    must_tell_host: bool = False
+    deflate_on_oom: bool = False
+    stats: bool = False
+    # Write a pattern into each page before inflating it, so a test can see
+    # that the host freed it (False: inflate pages as they are).
+    balloon_fill: bool = True
 
     @property
     def entries_per_report(self) -> int:
@@ -105,17 +119,30 @@ class DriverConfig:
             raise ConfigError("the report timeout must be positive")
 
     @property
+    def uses_balloon(self) -> bool:
+        """Whether the mocked guest runs the inflate/deflate (and stats) driver."""
+        return self.balloon or self.must_tell_host or self.deflate_on_oom or self.stats
+
+    @property
     def wanted_features(self) -> int:
         optional = (
             (F_INDIRECT_DESC, self.indirect),
             (F_EVENT_IDX, self.event_idx),
             (BALLOON_F_PAGE_POISON, self.page_poison),
+            (BALLOON_F_MUST_TELL_HOST, self.must_tell_host),
+            (BALLOON_F_DEFLATE_ON_OOM, self.deflate_on_oom),
+            (BALLOON_F_STATS_VQ, self.stats),
         )
         return feature_mask(F_VERSION_1, BALLOON_F_REPORTING, *(bit for bit, on in optional if on))
 
     @property
     def queue_count(self) -> int:
-        """Queues the driver creates: none of its optional features adds one."""
+        """Queues the driver creates: only STATS_VQ of its optional features adds one.
+
+        The front-end announces this count before negotiation, so it is
+        computed from what the driver wants; negotiate() refuses a device
+        that does not offer STATS_VQ when it is wanted.
+        """
         return balloon_queues(self.wanted_features).count
 
 
@@ -231,6 +258,14 @@ class ReportingDriver:
         self.corrupted_pages: set[int] = set()
         self.kicks = 0
         self.calls = 0
+        # Block gpas the balloon holds (any page inflated): out of rotation
+        # until all their pages are deflated. The balloon owns this set.
+        self.held_blocks: set[int] = set()
+        # Block gpas of the report in flight and of its guard pages, which the
+        # balloon must not take (Linux isolates pages being reported from the
+        # buddy allocator; the guards are read back after the report).
+        self.reporting_blocks: set[int] = set()
+        self.populated_bytes = 0  # bytes written before reports (a fault count proxy)
 
     # -- probe ------------------------------------------------------------------
 
@@ -254,7 +289,12 @@ class ReportingDriver:
 
     def negotiate(self, offered: int) -> int:
         """Accept what the driver wants and the device offers (VERSION_1, REPORTING needed)."""
-        for bit in (F_VERSION_1, BALLOON_F_REPORTING):
+        # STATS_VQ changes the queue numbering the front-end already set up
+        # (reporting moves from 2 to 3): needed as much as REPORTING is.
+        required = [F_VERSION_1, BALLOON_F_REPORTING]
+        if self.config.stats:
+            required.append(BALLOON_F_STATS_VQ)
+        for bit in required:
             if not has_feature(offered, bit):
                 raise DriverError(
                     f"the device does not offer {feature_name(bit)} "
@@ -311,12 +351,30 @@ class ReportingDriver:
     # -- one report -------------------------------------------------------------
 
     def _next_blocks(self) -> list[Block]:
+        """The next blocks in rotation, skipping those the balloon holds."""
         blocks = self.layout.blocks
-        chosen = []
-        for _ in range(self.config.entries_per_report):
-            chosen.append(blocks[self._cursor])
+        wanted = self.config.entries_per_report
+        held = self.held_blocks
+        if len(blocks) - len(held) < wanted:
+            raise DriverError(
+                f"{len(held)} of {len(blocks)} blocks are ballooned, leaving "
+                f"{len(blocks) - len(held)} for a report of {wanted} entries: "
+                "deflate the balloon or give the guest more memory"
+            )
+        chosen: list[Block] = []
+        # At most one pass over the rotation: enough unheld blocks exist, and
+        # no block is chosen twice in one report.
+        while len(chosen) < wanted:
+            block = blocks[self._cursor]
             self._cursor = (self._cursor + 1) % len(blocks)
+            if block.gpa not in held:
+                chosen.append(block)
         return chosen
+
+    def _in_held_block(self, gpa: int) -> bool:
+        # Blocks are aligned to their size in guest-physical space.
+        size = self.layout.block_size
+        return bool(self.held_blocks) and gpa // size * size in self.held_blocks
 
     def _guards(self, blocks: list[Block], seq: int) -> list[tuple[int, bytes]]:
         """Guard pages around each reported range that this report does not cover."""
@@ -336,19 +394,35 @@ class ReportingDriver:
                     continue
                 if self.layout.in_integrity(gpa):
                     continue  # checked with the whole integrity region
+                if self._in_held_block(gpa):
+                    continue  # the guest does not touch ballooned memory
                 guards.append((gpa, _STAMP.pack(gpa, GUARD_MAGIC ^ seq) * (PAGE_SIZE // 16)))
         return guards
 
     async def report(self) -> ReportResult:
         """Populate, report one chain, wait for it, then measure and verify."""
+        blocks = self._next_blocks()
         seq = self._seq
         self._seq += 1
+        guards = self._guards(blocks, seq)
         size = self.layout.block_size
-        blocks = self._next_blocks()
+        # Set before the first await: the balloon may run between our awaits.
+        self.reporting_blocks = {block.gpa for block in blocks} | {
+            gpa // size * size for gpa, _stamp in guards
+        }
+        try:
+            return await self._report(seq, blocks, guards)
+        finally:
+            self.reporting_blocks = set()
+
+    async def _report(
+        self, seq: int, blocks: list[Block], guards: list[tuple[int, bytes]]
+    ) -> ReportResult:
+        size = self.layout.block_size
         for block in blocks if self.config.populate else ():
             mapping, offset = self.ram.locate(block.gpa, size)
             mapping[offset : offset + size] = self._fill
-        guards = self._guards(blocks, seq)
+            self.populated_bytes += size
         for gpa, stamp in guards:
             mapping, offset = self.ram.locate(gpa, PAGE_SIZE)
             mapping[offset : offset + PAGE_SIZE] = stamp

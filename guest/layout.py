@@ -1,8 +1,10 @@
 """Where the driver puts things in guest RAM (pure arithmetic, no I/O).
 
 Region 0 starts with the rings of every queue, each followed by one
-indirect table, then a gap of at least one page, then the integrity region
-(written once, never reported). Every other buddy-aligned block of
+indirect table, then one scratch page (the balloon's PFN array and stats
+buffer: memory the device reads that is neither a ring nor a block), then a
+gap of at least one page, then the integrity region (written once, never
+reported). Every other buddy-aligned block of
 `4096 << order` bytes, in every region, may be reported. Blocks are handed
 out even-numbered first, then odd-numbered, so the entries of one report
 are usually not adjacent and each has its own guard pages.
@@ -18,6 +20,7 @@ from vhost_balloon.protocol.memory import Region
 from vhost_balloon.protocol.virtqueue import DESC_SIZE, MAX_QUEUE_SIZE, RingLayout
 
 PAGE_SIZE = 4096
+SCRATCH_SIZE = PAGE_SIZE
 
 
 def _align_up(value: int, align: int) -> int:
@@ -45,10 +48,18 @@ class GuestLayout:
     integrity_size: int
     block_size: int
     blocks: tuple[Block, ...]  # in rotation order
+    # One page after the indirect tables, before reserved_end: never a
+    # block, a ring or integrity page, so the balloon may write it any time.
+    scratch_gpa: int
+    scratch_size: int = SCRATCH_SIZE
 
     @property
     def integrity_end(self) -> int:
         return self.integrity_gpa + self.integrity_size
+
+    @property
+    def scratch_end(self) -> int:
+        return self.scratch_gpa + self.scratch_size
 
     def in_integrity(self, gpa: int) -> bool:
         return self.integrity_gpa <= gpa < self.integrity_end
@@ -68,7 +79,7 @@ def plan_layout(
     integrity_bytes: int,
     min_blocks: int,
 ) -> GuestLayout:
-    """Place rings, indirect tables, the integrity region and the reportable blocks."""
+    """Place rings, indirect tables, the scratch page, the integrity region and the blocks."""
     if not 1 <= queue_size <= MAX_QUEUE_SIZE or queue_size & (queue_size - 1):
         raise ConfigError(f"queue size {queue_size} is not a power of two up to {MAX_QUEUE_SIZE}")
     if not 0 <= order <= 20:
@@ -86,6 +97,8 @@ def plan_layout(
         rings.append(ring)
         tables.append(table)
         cursor = table + DESC_SIZE * capacity
+    scratch_gpa = _align_up(cursor, PAGE_SIZE)
+    cursor = scratch_gpa + SCRATCH_SIZE
     # A page of slack after the rings: the page before the first block that
     # may carry a guard stamp is never a ring page.
     reserved_end = _align_up(cursor + PAGE_SIZE, block_size)
@@ -118,4 +131,5 @@ def plan_layout(
         integrity_size,
         block_size,
         rotation,
+        scratch_gpa,
     )

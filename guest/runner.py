@@ -7,16 +7,24 @@
 Entering connects, runs the vhost-user init sequence and probes the driver
 (which starts the device); leaving stops the rings (when the connection is
 still usable) and closes every fd and mapping.
+
+With a balloon feature wanted (DriverConfig.balloon, must_tell_host,
+deflate_on_oom or stats), `guest.balloon` is a BalloonDriver on the same
+queues; unless `balloon_follow` is off, it follows the target on every
+CONFIG_CHANGE_MSG and refills the stats buffer in background tasks, as
+Linux's work items do, from start until stop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vhost_balloon.guest.balloon import BalloonDriver
 from vhost_balloon.guest.driver import DriverConfig, ReportingDriver, ReportResult, RunResult
 from vhost_balloon.guest.errors import GuestError
 from vhost_balloon.guest.frontend import FrontendOptions, VhostUserFrontend
@@ -39,6 +47,8 @@ class GuestOptions:
     connect_timeout: float = 5.0
     reply_timeout: float = 5.0
     discard_label: str | None = None
+    # With the balloon: run follow() and stats_loop() in the background.
+    balloon_follow: bool = True
 
     def frontend_options(self) -> FrontendOptions:
         return FrontendOptions(
@@ -53,7 +63,7 @@ class GuestOptions:
 
 
 class MockGuest:
-    """A guest with RAM, a vhost-user front-end and a reporting driver."""
+    """A guest with RAM, a vhost-user front-end, a reporting driver and maybe a balloon."""
 
     def __init__(self, options: GuestOptions) -> None:
         options.driver.validate()
@@ -65,12 +75,47 @@ class MockGuest:
         except BaseException:
             self.ram.close()
             raise
+        self.balloon: BalloonDriver | None = (
+            BalloonDriver(self.driver) if options.driver.uses_balloon else None
+        )
+        self._balloon_stop = asyncio.Event()
+        self._balloon_tasks: list[asyncio.Task[Any]] = []
         self.stopped_bases: list[int] | None = None
 
     async def start(self) -> None:
         await self.frontend.connect(self.options.connect_timeout)
         await self.frontend.init()
         await self.driver.probe()
+        if self.balloon is not None:
+            await self.balloon.start()
+            if self.options.balloon_follow:
+                stop = self._balloon_stop
+                self._balloon_tasks = [
+                    asyncio.create_task(self.balloon.follow(stop), name="balloon-follow"),
+                    asyncio.create_task(self.balloon.stats_loop(stop), name="balloon-stats"),
+                ]
+
+    async def _stop_balloon(self, grace_s: float) -> BaseException | None:
+        """Stop the background tasks; returns the first error one of them hit.
+
+        follow() gets `grace_s` to finish the chain it may be waiting for (it
+        stops between chains); stats_loop() only waits, so it is cancelled.
+        """
+        tasks, self._balloon_tasks = self._balloon_tasks, []
+        if not tasks:
+            return None
+        self._balloon_stop.set()
+        follow, *others = tasks
+        for task in others:
+            task.cancel()
+        if grace_s > 0:
+            await asyncio.wait([follow], timeout=grace_s)
+        follow.cancel()  # a no-op once it is done
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                return result
+        return None
 
     async def report(self) -> ReportResult:
         return await self.driver.report()
@@ -99,18 +144,27 @@ class MockGuest:
             config_change_msgs=self.frontend.config_change_msgs,
             kicks=driver.kicks,
             calls=driver.calls,
+            balloon=self.balloon.describe() if self.balloon is not None else None,
         )
 
     def summary(self, result: RunResult) -> dict[str, Any]:
         return build_summary(result, self.context())
 
     async def stop(self) -> list[int]:
-        """Stop the rings (SET_VRING_ENABLE 0, GET_VRING_BASE); returns next avail indices."""
+        """Stop the rings (SET_VRING_ENABLE 0, GET_VRING_BASE); returns next avail indices.
+
+        The balloon's background tasks stop first (one chain's timeout to
+        finish what they are doing); an error one of them hit is raised here.
+        """
+        error = await self._stop_balloon(self.options.driver.report_timeout)
+        if error is not None:
+            raise error
         self.stopped_bases = await self.driver.remove()
         return self.stopped_bases
 
     async def close(self) -> None:
         try:
+            await self._stop_balloon(0.0)
             await self.frontend.close()
         finally:
             self.ram.close()

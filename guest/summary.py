@@ -31,13 +31,15 @@ class RunContext:
     config_change_msgs: int = 0
     kicks: int = 0
     calls: int = 0
+    # BalloonDriver.describe() when the classic balloon ran (None: not wanted).
+    balloon: dict[str, Any] | None = None
 
 
 def build_summary(result: RunResult, context: RunContext) -> dict[str, Any]:
     """The JSON-ready summary object (see the module docs of guest.cli)."""
     reports = result.reports
     hold_us = [r.hold_ns / 1000 for r in reports]
-    return {
+    summary: dict[str, Any] = {
         "reports": len(reports),
         "entries": sum(r.entries for r in reports),
         "reported_bytes": sum(r.reported_bytes for r in reports),
@@ -61,6 +63,10 @@ def build_summary(result: RunResult, context: RunContext) -> dict[str, Any]:
         "calls": context.calls,
         "duration_s": round(result.duration_s, 6),
     }
+    if context.balloon is not None:
+        # Only with the balloon, so a reporting-only summary keeps its keys.
+        summary["balloon"] = dict(context.balloon)
+    return summary
 
 
 def _mib(value: int) -> str:
@@ -91,4 +97,32 @@ def format_table(summary: dict[str, Any]) -> str:
         ),
         ("duration", f"{summary['duration_s']:.3f} s"),
     ]
+    balloon = summary.get("balloon")
+    if balloon is not None:
+        target = balloon["target_pages"]
+        rows += [
+            (
+                "ballooned",
+                f"{_mib(balloon['ballooned_bytes'])} ({balloon['ballooned_pages']} pages, "
+                f"target {'unset' if target is None else target})",
+            ),
+            (
+                "inflated / deflated",
+                f"{balloon['inflated_pages']} / {balloon['deflated_pages']} pages in "
+                f"{balloon['inflate_chains']} / {balloon['deflate_chains']} chains",
+            ),
+            (
+                "balloon features",
+                ", ".join(
+                    name
+                    for name, key in (
+                        ("MUST_TELL_HOST", "must_tell_host"),
+                        ("DEFLATE_ON_OOM", "deflate_on_oom"),
+                        ("STATS_VQ", "stats_vq"),
+                    )
+                    if balloon[key]
+                )
+                or "none",
+            ),
+        ]
     return two_columns(rows)
