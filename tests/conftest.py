@@ -17,6 +17,7 @@ import pytest
 
 from vhost_balloon.backend.balloon.device import BalloonSettings, NotifyPolicy
 from vhost_balloon.backend.balloon.discard import DiscardStrategy
+from vhost_balloon.backend.balloon.features import OFFERED_FEATURES
 from vhost_balloon.backend.latency.injection import LatencySettings
 from vhost_balloon.backend.observe.trace import read_trace
 from vhost_balloon.backend.server import Server, ServerSettings, listen_unix
@@ -33,8 +34,8 @@ class RunningBackend:
     socket_path: Path
     trace_path: Path
 
-    def trace(self) -> list[dict[str, Any]]:
-        """The records so far. A record is written after its report's call
+    def trace(self, kinds: tuple[str, ...] = ("report",)) -> list[dict[str, Any]]:
+        """The records of `kinds` so far. A record is written after its report's call
         signal, by the queue's thread: a guest that has seen the signal may
         ask a moment too early, so wait for the running batches first."""
         deadline = time.monotonic() + 5.0
@@ -42,7 +43,7 @@ class RunningBackend:
             session.rings.busy for session in self.server.sessions.values()
         ):
             time.sleep(0.001)
-        return read_trace(self.trace_path) if self.trace_path.exists() else []
+        return read_trace(self.trace_path, kinds) if self.trace_path.exists() else []
 
     def guest_options(self, memory: int = TEST_MEMORY, **driver: Any) -> GuestOptions:
         frontend_keys = {
@@ -54,6 +55,7 @@ class RunningBackend:
             "backend_req",
             "reply_timeout",
             "discard_label",
+            "balloon_follow",
         }
         frontend = {k: driver.pop(k) for k in list(driver) if k in frontend_keys}
         driver.setdefault("report_timeout", 10.0)
@@ -77,12 +79,19 @@ async def start_backend(tmp_path: Path) -> AsyncIterator[StartBackend]:
         notify: str = "always",
         latency: LatencySettings | None = None,
         control: bool = False,
+        features: int = OFFERED_FEATURES,
+        stats_interval_s: float = 0.0,
     ) -> RunningBackend:
         index = len(running)
         path = tmp_path / f"backend{index}.sock"
         trace = tmp_path / f"trace{index}.jsonl"
         settings = ServerSettings(
-            BalloonSettings(discard=DiscardStrategy(discard), notify=NotifyPolicy(notify)),
+            BalloonSettings(
+                discard=DiscardStrategy(discard),
+                notify=NotifyPolicy(notify),
+                features=features,
+                stats_interval_s=stats_interval_s,
+            ),
             trace_path=trace,
             latency=latency or LatencySettings(),
             control_socket=tmp_path / f"control{index}.sock" if control else None,
