@@ -257,7 +257,8 @@ class Server:
         self.metrics.end_session(session.name)
         session.log.info(
             "session ended: %d reports, %d entries, %d bytes reported, %d freed, "
-            "%d skipped, %d discard errors, %d queue errors",
+            "%d skipped, %d discard errors, %d queue errors; %d pages inflated "
+            "(%d bytes freed), %d deflated",
             stats.reports,
             stats.entries,
             stats.reported_bytes,
@@ -265,6 +266,9 @@ class Server:
             stats.skipped_outside + stats.skipped_unaligned,
             stats.discard_errors,
             stats.queue_errors,
+            stats.inflated_pages,
+            stats.inflate_freed_bytes,
+            stats.deflated_pages,
         )
 
     async def close(self) -> None:

@@ -158,6 +158,31 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds to wait for one report to come back",
     )
+    balloon = parser.add_argument_group(
+        "classic balloon (what Linux's driver does beside reporting)"
+    )
+    balloon.add_argument(
+        "--balloon",
+        action="store_true",
+        help="follow the device's target (num_pages): inflate and deflate in chains of "
+        "256 PFNs, writing actual back (needs MUST_TELL_HOST offered; `ctl balloon SIZE` "
+        "sets the target)",
+    )
+    balloon.add_argument(
+        "--deflate-on-oom", action="store_true", help="accept DEFLATE_ON_OOM (with --balloon)"
+    )
+    balloon.add_argument(
+        "--stats",
+        action="store_true",
+        help="use the stats queue (the backend must offer stats-vq: serve --features +stats-vq)",
+    )
+    balloon.add_argument(
+        "--linger",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="S",
+        help="after the reports, stay connected S seconds (following the target, sending stats)",
+    )
     _add_model_options(parser)
     return parser
 
@@ -240,6 +265,10 @@ def options_from_args(args: argparse.Namespace) -> GuestOptions:
         page_poison=args.page_poison,
         report_timeout=args.report_timeout,
         populate=not args.no_populate,
+        balloon=args.balloon,
+        must_tell_host=args.balloon,
+        deflate_on_oom=args.deflate_on_oom,
+        stats=args.stats,
     )
     return GuestOptions(
         socket_path=args.socket_path,
@@ -300,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except UsageError as error:
         return _fail(str(error), EXIT_USAGE)
+    if args.deflate_on_oom and not args.balloon:
+        return _fail("--deflate-on-oom needs --balloon", EXIT_USAGE)
     try:
         options = options_from_args(args)
         options.driver.validate()
@@ -315,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                     pause_s=args.pause_ms / 1000,
                     progress=_progress_printer(),
                     report_log=args.report_log,
+                    linger_s=args.linger,
                 )
             )
     except (GuestError, ProtocolError) as error:

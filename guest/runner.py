@@ -192,15 +192,19 @@ async def run_guest(
     pause_s: float = 0.0,
     progress: Callable[[int, int], None] | None = None,
     report_log: Path | None = None,
+    linger_s: float = 0.0,
 ) -> dict[str, Any]:
     """Connect, report `reports` times, stop, and return the JSON summary.
 
     With `report_log`, each report as the guest saw it is written there as
     one JSON line (its own clock: monotonic ns, comparable with the backend's
-    trace on the same host).
+    trace on the same host). With `linger_s`, the guest stays connected that
+    long after its reports (a balloon follows the target meanwhile).
     """
     async with MockGuest(options) as guest:
         result = await guest.run(reports, pause_s=pause_s, progress=progress)
+        if linger_s:
+            await asyncio.sleep(linger_s)  # the balloon follows the target meanwhile
         summary = guest.summary(result)
     if report_log is not None:
         with report_log.open("w", encoding="utf-8") as log:

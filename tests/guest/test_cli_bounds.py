@@ -66,6 +66,8 @@ def test_guest_ram_refuses_memory_beyond_the_limit() -> None:
         (["--reports", "99999999999"], "argument --reports"),
         (["--pause-ms", "inf"], "argument --pause-ms"),
         (["--report-timeout", "inf"], "argument --report-timeout"),
+        (["--linger", "inf"], "argument --linger"),
+        (["--deflate-on-oom"], "--deflate-on-oom needs --balloon"),
     ],
 )
 def test_an_unbounded_value_is_a_usage_error(
