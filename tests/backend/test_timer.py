@@ -49,25 +49,46 @@ def _recording_sleeps(monkeypatch: pytest.MonkeyPatch, late_ns: int = 0) -> list
     return asked
 
 
+class _FakeClock:
+    """timer's clock and sleep, and os.sched_yield, on a clock of their own:
+    a timed sleep wakes exactly `late_ns` late, a yield takes `yield_ns`."""
+
+    def __init__(self, late_ns: int = 0, yield_ns: int = 10 * US) -> None:
+        self.now_ns = 1_000_000_000
+        self.late_ns = late_ns
+        self.yield_ns = yield_ns
+        self.asked: list[float] = []
+        self.yields = 0
+
+    def monotonic_ns(self) -> int:
+        return self.now_ns
+
+    def sleep(self, seconds: float) -> None:
+        self.asked.append(seconds)
+        self.now_ns += round(seconds * 1e9) + self.late_ns
+
+    def sched_yield(self) -> None:
+        self.yields += 1
+        self.now_ns += self.yield_ns
+
+
+def _fake_clock(monkeypatch: pytest.MonkeyPatch, **kwargs: int) -> _FakeClock:
+    clock = _FakeClock(**kwargs)
+    monkeypatch.setattr(timer, "time", clock)
+    monkeypatch.setattr(os, "sched_yield", clock.sched_yield)
+    return clock
+
+
 def test_the_timed_sleep_wakes_early_by_the_margin_and_the_finish_yields(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    asked = _recording_sleeps(monkeypatch)
-    yields = 0
-    real_yield = os.sched_yield
-
-    def counting_yield() -> None:
-        nonlocal yields
-        yields += 1
-        real_yield()
-
-    monkeypatch.setattr(os, "sched_yield", counting_yield)
+    # On a clock of its own: on a loaded machine a real sleep can wake past
+    # the whole margin, and the finish has nothing left to do.
+    clock = _fake_clock(monkeypatch, late_ns=20 * US)
     lateness = WakeLateness(initial_ns=150 * US, floor_ns=150 * US, ceiling_ns=150 * US)
-    assert sleep_exact_ns(2 * MS, lateness) >= 2 * MS
-    (seconds,) = asked
-    # Asked to wake 150 us early (less the few us spent before the sleep).
-    assert 1.75e-3 <= seconds <= 1.85e-3
-    assert yields > 0  # the last ~150 us were finished by yielding
+    assert sleep_exact_ns(2 * MS, lateness) == 2 * MS
+    assert clock.asked == [1.85e-3]  # woken 150 us early
+    assert clock.yields == 13  # the last 130 us, yielded in 10 us steps
 
 
 def test_a_sleep_shorter_than_the_margin_only_yields(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -81,20 +102,21 @@ def test_a_margin_grown_by_gil_waits_is_slept_not_spun(monkeypatch: pytest.Monke
     # Catches: a finish that yields through a whole 1 ms margin (the margin
     # learnt from wake-ups delayed by other threads' Python): a CPU spun per
     # delay per session, for nothing, since every yield waits for the GIL too.
-    asked = _recording_sleeps(monkeypatch)
+    clock = _fake_clock(monkeypatch, late_ns=20 * US)
+    start = clock.now_ns
     remaining_at_yield: list[int] = []
-    deadline = 0
+    counting = clock.sched_yield
 
     def recording_yield() -> None:
-        remaining_at_yield.append(deadline - time.monotonic_ns())
+        remaining_at_yield.append(start + 5 * MS - clock.now_ns)
+        counting()
 
     monkeypatch.setattr(os, "sched_yield", recording_yield)
     lateness = WakeLateness(initial_ns=MS, floor_ns=MS, ceiling_ns=MS)
-    deadline = time.monotonic_ns() + 5 * MS
-    assert sleep_exact_ns(5 * MS, lateness) >= 5 * MS
-    assert len(asked) >= 2  # the timed sleep to 1 ms early, then the rest but the spin
-    assert remaining_at_yield, "the finish never yielded"
-    # (deadline was taken just before the call: a few us later than the sleep's own)
+    assert sleep_exact_ns(5 * MS, lateness) == 5 * MS
+    # To 1 ms early; woken 20 us late, the rest but the last 200 us is slept too.
+    assert clock.asked == [4e-3, 780e-6]
+    assert len(remaining_at_yield) == 18  # the last 180 us, in 10 us yields
     assert max(remaining_at_yield) <= timer.SPIN_LIMIT_NS
 
 
