@@ -162,6 +162,13 @@ class Server:
             return reply
         raise ValueError(f"unknown command {command!r}; accepted: stats, get, set, balloon")
 
+    async def set_balloon_target(self, size: int, session: str | None = None) -> dict[str, Any]:
+        """What `ctl balloon SIZE [--session NAME]` does; ValueError when refused."""
+        request: dict[str, Any] = {"size": size}
+        if session is not None:
+            request["session"] = session
+        return await self._set_balloon_target(request)
+
     async def _set_balloon_target(self, request: dict[str, Any]) -> dict[str, Any]:
         """Set a session's target guest memory size, as QMP `balloon` does:
         num_pages = (guest RAM - size) / 4 KiB, then a config change. Refused,

@@ -15,6 +15,12 @@
 #             1 GiB-aligned range that is all RAM (-m 2560M), and is meant for
 #             `nokaslr init_on_alloc=0` (docs/qemu.md says why). Runs without
 #             a balloon device too (the no-balloon control).
+#   balloon   classic ballooning, driven by the host: populate vb.size MiB
+#             and free it, say "ready", wait for the balloon to take
+#             vb.balloon MiB (MemFree falls), optionally fill past what is
+#             free so that deflate-on-oom must give pages back (vb.oom MiB),
+#             wait for the host to deflate (MemFree comes back), then fill
+#             vb.size MiB again: the deflated memory is the guest's again.
 #
 # Parameters, from the kernel command line (/proc/cmdline):
 #   vb.workload=W   fill (default) or gigantic
@@ -27,7 +33,11 @@
 #                   driver's boot-time reports of all free memory are over
 #                   (default 20: a 2560 MiB guest's are done ~12 s after the
 #                   driver loads under TCG, see docs/qemu.md)
-#   vb.duration=S   gigantic: length of the attempt loop (default 30)
+#   vb.duration=S   gigantic: length of the attempt loop (default 30);
+#                   balloon: how long to wait for each host step (default 30)
+#   vb.balloon=MIB  balloon: the MiB the host will inflate (default 0)
+#   vb.oom=MIB      balloon: after inflating, fill this much more than is
+#                   free (default 0: no OOM step)
 #   vb.keep=MIB     size of the integrity region (default 16)
 #   vb.trace=0      do not set up ftrace (no report lines, no events)
 #   vb.shell=1      start a shell on the console at the end instead of
@@ -67,6 +77,10 @@
 #   VB gigantic attempts=N failures=F isolation_failures=I events=E t_start_mono=S t_end_mono=S
 #                                              totals (attempts and failures
 #                                              counted by the loop itself)
+#   VB balloon_phase=P t=... memfree_kib=... [mib=... ok=0|1]
+#                                              balloon: P = populated, ready,
+#                                              inflated, oom_filled,
+#                                              deflated, refilled
 #   VB ftrace_overrun=N                        events lost (0 expected)
 #   VB done t=...
 #   VB error=WHAT ...                          something failed (then poweroff)
@@ -94,6 +108,7 @@ echo "VB init t=$(vbt) kernel=$(uname -r)"
 
 # ------------------------------------------------------------ parameters
 WORKLOAD=fill ROUNDS=2 SIZE=300 PAUSE=5 SETTLE='' DURATION=30 KEEP=16 TRACE=1 SHELL_AT_END=0
+BALLOON=0 OOM=0
 for arg in $(cat /proc/cmdline); do
     case $arg in
         vb.workload=*) WORKLOAD=${arg#*=} ;;
@@ -105,15 +120,17 @@ for arg in $(cat /proc/cmdline); do
         vb.keep=*) KEEP=${arg#*=} ;;
         vb.trace=*) TRACE=${arg#*=} ;;
         vb.shell=*) SHELL_AT_END=${arg#*=} ;;
+        vb.balloon=*) BALLOON=${arg#*=} ;;
+        vb.oom=*) OOM=${arg#*=} ;;
     esac
 done
 case $WORKLOAD in
-    fill) SETTLE=${SETTLE:-0} ;;
+    fill|balloon) SETTLE=${SETTLE:-0} ;;
     gigantic) SETTLE=${SETTLE:-20} ;;
-    *) die bad-workload "vb.workload=$WORKLOAD: expected fill or gigantic" ;;
+    *) die bad-workload "vb.workload=$WORKLOAD: expected fill, gigantic or balloon" ;;
 esac
-for v in "$ROUNDS" "$SIZE" "$PAUSE" "$SETTLE" "$DURATION" "$KEEP"; do
-    case $v in ''|*[!0-9]*) die bad-parameter "vb.rounds, vb.size, vb.pause, vb.settle, vb.duration and vb.keep take whole numbers, not '$v'" ;; esac
+for v in "$ROUNDS" "$SIZE" "$PAUSE" "$SETTLE" "$DURATION" "$KEEP" "$BALLOON" "$OOM"; do
+    case $v in ''|*[!0-9]*) die bad-parameter "vb.rounds, vb.size, vb.pause, vb.settle, vb.duration, vb.keep, vb.balloon and vb.oom take whole numbers, not '$v'" ;; esac
 done
 echo "VB params workload=$WORKLOAD rounds=$ROUNDS size_mib=$SIZE pause_s=$PAUSE settle_s=$SETTLE duration_s=$DURATION keep_mib=$KEEP trace=$TRACE"
 
@@ -265,9 +282,52 @@ gigantic_loop() {
     echo "VB gigantic_loop=end t=$(vbt) attempts=$ATTEMPTS failures=$FAILURES"
 }
 
+# ------------------------------------------------------ classic balloon
+# wait_memfree CMP KIB: until MemFree is below (lt) or above (gt) KIB, for
+# at most DURATION seconds; 1 on timeout.
+wait_memfree() {
+    waited=0
+    while :; do
+        free=$(memfree)
+        if [ "$1" = lt ] && [ "$free" -lt "$2" ]; then return 0; fi
+        if [ "$1" = gt ] && [ "$free" -gt "$2" ]; then return 0; fi
+        [ "$waited" -ge $((DURATION * 4)) ] && return 1
+        sleep 0.25
+        waited=$((waited + 1))
+    done
+}
+phase() { echo "VB balloon_phase=$1 t=$(vbt) memfree_kib=$(memfree)${2:+ $2}"; }
+balloon_steps() {
+    mount -t tmpfs -o size=$((SIZE + OOM + 1024))m tmpfs /fill || die mount-fill
+    out=$(dd if=/dev/zero of=/fill/data bs=1M count="$SIZE" 2>&1) || die fill "$out"
+    rm -f /fill/data
+    phase populated "mib=$SIZE"
+    sleep 1
+    ready=$(memfree)
+    phase ready "balloon_mib=$BALLOON oom_mib=$OOM"
+    # The balloon takes its pages from the free lists: MemFree falls by them.
+    wait_memfree lt $((ready - BALLOON * 1024 * 9 / 10)) ||
+        die balloon-not-inflated "MemFree still $(memfree) KiB after ${DURATION}s (was $ready)"
+    phase inflated
+    if [ "$OOM" != 0 ]; then
+        sleep "$PAUSE"   # the host measures its memory meanwhile
+        want=$(( $(memfree) / 1024 + OOM ))
+        if out=$(dd if=/dev/zero of=/fill/data bs=1M count="$want" 2>&1); then ok=1; else ok=0; fi
+        phase oom_filled "mib=$want ok=$ok"
+        rm -f /fill/data
+    fi
+    wait_memfree gt $((ready - 32 * 1024)) ||
+        die balloon-not-deflated "MemFree still $(memfree) KiB after ${DURATION}s (was $ready)"
+    phase deflated
+    if out=$(dd if=/dev/zero of=/fill/data bs=1M count="$SIZE" 2>&1); then ok=1; else ok=0; fi
+    rm -f /fill/data
+    phase refilled "mib=$SIZE ok=$ok"
+}
+
 case $WORKLOAD in
     fill) fill_rounds ;;
     gigantic) gigantic_loop ;;
+    balloon) balloon_steps ;;
 esac
 
 # -------------------------------------------------------------- results

@@ -105,7 +105,7 @@ done
 for v in "$ROUNDS" "$SIZE" "$PAUSE" "${SETTLE:-0}" "$DURATION" "$TIMEOUT"; do
     case $v in ''|*[!0-9]*) fail "--rounds, --size, --pause, --settle, --duration and --timeout take whole numbers, not '$v'" ;; esac
 done
-case $WORKLOAD in fill|gigantic) ;; *) fail "--workload must be fill or gigantic, not '$WORKLOAD'" ;; esac
+case $WORKLOAD in fill|gigantic|balloon) ;; *) fail "--workload must be fill, gigantic or balloon, not '$WORKLOAD'" ;; esac
 [ "$NO_BALLOON" = 0 ] || [ "$WORKLOAD" = gigantic ] ||
     fail "--no-balloon is a control for --workload gigantic (the fill workload needs a balloon device)"
 case $ACCEL in auto|tcg|kvm) ;; *) fail "--accel must be auto, tcg or kvm, not '$ACCEL'" ;; esac
@@ -233,7 +233,7 @@ fi
 if [ "$NO_BALLOON" = 1 ]; then
     WHAT="no balloon device"
 elif [ "$BUILTIN" = 1 ]; then
-    ARGS+=(-device virtio-balloon-pci,free-page-reporting=on)
+    ARGS+=(-device virtio-balloon-pci,id=balloon0,free-page-reporting=on)
     WHAT="QEMU's built-in virtio-balloon-pci,free-page-reporting=on"
 else
     ARGS+=(

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from vhost_balloon.backend.cli.options import (
     add_service_options,
     count,
     server_settings,
+    size,
 )
 from vhost_balloon.backend.qemu import provisioning
 from vhost_balloon.backend.qemu.command import (
@@ -27,7 +29,11 @@ from vhost_balloon.backend.qemu.command import (
 from vhost_balloon.backend.qemu.launch import Launch
 from vhost_balloon.backend.qemu.provisioning import LaunchError
 from vhost_balloon.backend.qemu.summary_table import format_launch_summary
+from vhost_balloon.backend.server import ServerSettings
 from vhost_balloon.backend.vhost.server import check_unix_path
+from vhost_balloon.protocol.virtio import BALLOON_F_STATS_VQ
+
+BALLOON_STATS_INTERVAL_S = 2.0
 
 
 def add_parser(commands: Any) -> None:
@@ -49,8 +55,23 @@ def add_parser(commands: Any) -> None:
     guest.add_argument(
         "--workload",
         choices=WORKLOADS,
-        default="fill",
-        help="fill: fill/free rounds; gigantic: allocate and free a 1 GiB page in a loop (fill)",
+        help="fill: fill/free rounds; gigantic: allocate and free a 1 GiB page in a loop; "
+        "balloon: inflate to --balloon SIZE and deflate back (fill, or balloon with --balloon)",
+    )
+    guest.add_argument(
+        "--balloon",
+        type=size,
+        metavar="SIZE",
+        help="balloon workload: once the driver is up, set the guest's target memory size "
+        "(as QMP balloon), wait for it, measure what QEMU gave back, then deflate",
+    )
+    guest.add_argument(
+        "--balloon-oom",
+        type=int,
+        default=0,
+        metavar="MIB",
+        help="balloon workload: at the target, the guest fills MIB past its free memory, so "
+        "deflate-on-oom must give pages back (0: no such step)",
     )
     guest.add_argument("--rounds", type=count, default=2, help="fill/free rounds (2)")
     guest.add_argument("--size", type=count, default=300, metavar="MIB", help="MiB/round (300)")
@@ -126,8 +147,19 @@ def launch_options(args: argparse.Namespace) -> LaunchOptions:
         raise UsageError("--no-balloon is a control for --workload gigantic")
     if args.settle is not None and args.settle < 0:
         raise UsageError(f"--settle takes seconds >= 0, not {args.settle}")
+    workload = args.workload or ("balloon" if args.balloon is not None else "fill")
+    if workload == "balloon" and args.balloon is None:
+        raise UsageError("--workload balloon needs --balloon SIZE (the target)")
+    if args.balloon is not None and workload != "balloon":
+        raise UsageError(f"--balloon is for the balloon workload, not --workload {workload}")
+    if args.balloon_oom < 0:
+        raise UsageError(f"--balloon-oom takes MiB >= 0, not {args.balloon_oom}")
+    if args.balloon_oom and workload != "balloon":
+        raise UsageError("--balloon-oom is for the balloon workload")
+    if workload == "balloon" and args.no_balloon:
+        raise UsageError("the balloon workload needs a balloon device")
     options = LaunchOptions(
-        workload=args.workload,
+        workload=workload,
         rounds=args.rounds,
         size_mib=args.size,
         pause_s=args.pause,
@@ -148,11 +180,20 @@ def launch_options(args: argparse.Namespace) -> LaunchOptions:
         socket_path=args.socket_path,
         qemu_args=tuple(a for a in args.qemu_args if a != "--"),
         console_to_stderr=args.json,
+        balloon_target=args.balloon,
+        oom_mib=args.balloon_oom,
     )
     try:  # before provisioning and QEMU: a user's mistake is found at once
         check_qemu_option_values(options)
     except LaunchError as error:
         raise UsageError(str(error)) from None
+    if options.balloon_target is not None:
+        ram = options.guest_ram_bytes
+        if not 0 < options.balloon_target < ram:
+            raise UsageError(
+                f"--balloon {options.balloon_target >> 20} MiB is not between 0 and the "
+                f"guest's RAM ({ram >> 20} MiB)"
+            )
     return options
 
 
@@ -161,6 +202,8 @@ async def launch(args: argparse.Namespace) -> int:
     if args.control_socket is not None:  # else bind() says only "AF_UNIX path too long"
         check_unix_path(args.control_socket)
     settings = None if args.baseline or args.no_balloon else server_settings(args)
+    if settings is not None and options.workload == "balloon":
+        settings = with_balloon_stats(settings)
 
     def note(text: str) -> None:
         print(f"launch: {text}", file=sys.stderr, flush=True)
@@ -177,6 +220,15 @@ async def launch(args: argparse.Namespace) -> int:
     if failure is not None:
         raise UsageError(failure)
     return 130 if run.interrupted else 0
+
+
+def with_balloon_stats(settings: ServerSettings) -> ServerSettings:
+    """The balloon workload reports the guest's stats: offer the stats queue,
+    and poll it every BALLOON_STATS_INTERVAL_S unless an interval was given."""
+    balloon = settings.balloon
+    interval = balloon.stats_interval_s or BALLOON_STATS_INTERVAL_S
+    features = balloon.features | 1 << BALLOON_F_STATS_VQ
+    return replace(settings, balloon=replace(balloon, features=features, stats_interval_s=interval))
 
 
 def run_setup(args: argparse.Namespace) -> int:

@@ -18,14 +18,14 @@ from vhost_balloon.backend.qemu.provisioning import LaunchError, configs_dir
 from vhost_balloon.protocol.units import parse_guest_memory
 from vhost_balloon.protocol.virtio import balloon_queues
 
-WORKLOADS = ("fill", "gigantic")
+WORKLOADS = ("fill", "gigantic", "balloon")
 # Per workload: guest RAM and kernel command line when the user gives none.
 # The gigantic workload needs a 1 GiB-aligned range that is all RAM (2560M
 # leaves GPA 1-2 GiB), the kernel image out of it (nokaslr), and no zeroing
 # of the whole 1 GiB on every allocation (init_on_alloc=0: 2.5-4 s per
 # attempt under TCG otherwise). See docs/qemu.md.
-DEFAULT_MEM = {"fill": "512M", "gigantic": "2560M"}
-DEFAULT_APPEND = {"fill": "", "gigantic": "nokaslr init_on_alloc=0"}
+DEFAULT_MEM = {"fill": "512M", "gigantic": "2560M", "balloon": "512M"}
+DEFAULT_APPEND = {"fill": "", "gigantic": "nokaslr init_on_alloc=0", "balloon": ""}
 # What QEMU's -m and size= take: a number and an optional unit (qemu_strtosz).
 _QEMU_SIZE = re.compile(r"[0-9]+(\.[0-9]+)?[BKMGTPEbkmgtpe]?")
 
@@ -57,6 +57,25 @@ class LaunchOptions:
     socket_path: Path | None = None
     qemu_args: tuple[str, ...] = ()
     console_to_stderr: bool = False
+    balloon_target: int | None = None  # balloon workload: the guest's target size, bytes
+    oom_mib: int = 0  # balloon workload: fill this much past free memory (deflate-on-oom)
+
+    @property
+    def guest_ram_bytes(self) -> int:
+        """--mem in bytes, as QEMU reads -m: MiB without a unit, fractions allowed."""
+        text = self.guest_mem
+        unit = text[-1:].upper()
+        scale = {"B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+        if unit in scale:
+            return int(float(text[:-1]) * scale[unit])
+        return int(float(text) * (1 << 20))
+
+    @property
+    def balloon_bytes(self) -> int:
+        """What the balloon takes: guest RAM - the target."""
+        if self.balloon_target is None:
+            return 0
+        return max(0, self.guest_ram_bytes - self.balloon_target)
 
     @property
     def guest_mem(self) -> str:
@@ -121,8 +140,13 @@ def run_guest_command(
     ]
     if o.settle_s is not None:
         command += ["--settle", str(o.settle_s)]
-    if o.kernel_append:
-        command += ["--append", o.kernel_append]
+    append = o.kernel_append
+    if o.workload == "balloon":
+        # The guest waits for the host to inflate this much, then to deflate.
+        balloon_mib = o.balloon_bytes >> 20
+        append = f"{append} vb.balloon={balloon_mib} vb.oom={o.oom_mib}".strip()
+    if append:
+        command += ["--append", append]
     for flag, value in (
         ("--kernel", o.kernel),
         ("--initrd", o.initrd),

@@ -110,6 +110,8 @@ class GuestConsole:
     errors: list[str] = field(default_factory=list)
     vb_lines: int = 0
     gigantic: GiganticRun | None = None
+    # balloon workload: each phase the guest reached, with its host time and pairs
+    balloon_phases: dict[str, tuple[float, dict[str, str]]] = field(default_factory=dict)
 
     def feed(self, line: str, t_host: float) -> None:
         """Take one console line; a garbled `VB` line (a printk can land in the
@@ -131,6 +133,8 @@ class GuestConsole:
             self.workload = pairs.get("workload") or None
         elif first == "balloon":
             self.balloon_absent = pairs["balloon"] == "none"
+        elif first == "balloon_phase":
+            self.balloon_phases[pairs["balloon_phase"]] = (t_host, pairs)
         elif "features" in pairs:
             self.features = int(pairs["features"], 16)
             bits = pairs.get("bits", "")

@@ -8,22 +8,35 @@ server, QEMU as a child process group with its console and notes
 (sampler.py), then the summary (summary.py; summary_table.py prints it).
 The backend stops when QEMU exits; Ctrl-C or SIGTERM stops QEMU first.
 
-Workloads: `fill` (fill/free rounds) and `gigantic` (a 1 GiB hugetlb page
+Workloads: `fill` (fill/free rounds), `gigantic` (a 1 GiB hugetlb page
 allocated and freed in a loop; its failures are attributed to the reports
-that held the pages, backend/qemu/attribution.py). Balloon devices: the backend
+that held the pages, backend/qemu/attribution.py) and `balloon` (inflate to
+a target and deflate back, the host's side in balloon_steps.py; on the
+baseline through QMP). Balloon devices: the backend
 (default), QEMU's built-in device (`baseline`), or none (`no_balloon`, a
 control for the gigantic workload).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from qemu.qmp import QMPError
+
 from vhost_balloon.backend.balloon.records import ReportRecord
+from vhost_balloon.backend.qemu.balloon_steps import (
+    BackendBalloon,
+    BalloonControl,
+    BalloonError,
+    QmpBalloon,
+    run_balloon_steps,
+)
 from vhost_balloon.backend.qemu.command import (
     LaunchOptions,
     check_qemu_option_values,
@@ -48,6 +61,9 @@ from vhost_balloon.backend.qemu.summary import (
 from vhost_balloon.backend.server import Server, ServerSettings
 from vhost_balloon.backend.vhost.server import UnixListener, bind_unix
 
+BALLOON_STEP_TIMEOUT_S = 300.0  # each balloon step, under TCG
+BUILTIN_STATS_INTERVAL_S = 2  # QEMU's guest-stats-polling-interval in the baseline
+
 
 class Launch:
     """One run: backend (unless baseline) + run-guest.sh + console + sampler."""
@@ -69,6 +85,8 @@ class Launch:
         self.sampler = MemorySampler()
         self.server: Server | None = None
         self.records: list[ReportRecord] = []  # every report, in completion order
+        self.balloon: dict[str, Any] | None = None  # the balloon workload's steps
+        self.balloon_error: str | None = None
         self.qemu_version: str | None = None
         self.guest_kernel: str | None = None
         self.process: QemuProcess | None = None
@@ -114,7 +132,19 @@ class Launch:
                 notes=self.notes,
                 sampler=self.sampler,
             )
-            await self.process.run(run_guest_command(self.options, socket_path, features))
+            command = run_guest_command(self.options, socket_path, features)
+            qmp_path: Path | None = None
+            if self.options.workload == "balloon" and self.options.baseline:
+                qmp_path = Path(env.get("VB_RUN_DIR", "/tmp")) / f"launch-{os.getpid()}.qmp"
+                command += ["-qmp", f"unix:{qmp_path},server=on,wait=off"]
+            balloon_task = None
+            if self.options.workload == "balloon":
+                balloon_task = asyncio.ensure_future(self._balloon(qmp_path))
+            try:
+                await self.process.run(command)
+            finally:
+                if balloon_task is not None:
+                    await self._end_balloon(balloon_task)
         finally:
             if self.server is not None:
                 await self.server.close()
@@ -123,6 +153,50 @@ class Launch:
             if console_log is not None:
                 console_log.close()
         return self.summary()
+
+    async def _balloon(self, qmp_path: Path | None) -> None:
+        """The host's steps of the balloon workload (balloon_steps.py)."""
+        options = self.options
+        assert options.balloon_target is not None
+        qmp: QmpBalloon | None = None
+        try:
+            control: BalloonControl
+            if qmp_path is not None:
+                qmp = await QmpBalloon.connect(
+                    qmp_path, options.guest_ram_bytes, BALLOON_STEP_TIMEOUT_S
+                )
+                await qmp.poll_stats(BUILTIN_STATS_INTERVAL_S)
+                control = qmp
+            else:
+                assert self.server is not None
+                control = BackendBalloon(self.server)
+            self.balloon = await run_balloon_steps(
+                control,
+                self.guest,
+                self.sampler,
+                ram_bytes=options.guest_ram_bytes,
+                target=options.balloon_target,
+                oom=options.oom_mib > 0,
+                timeout_s=BALLOON_STEP_TIMEOUT_S,
+                note=self.note,
+            )
+            if isinstance(control, BackendBalloon):
+                self.balloon["backend"] = control.status()
+        except (BalloonError, QMPError, ValueError) as error:
+            self.balloon_error = f"balloon: {error}"
+            self.note(self.balloon_error)
+        finally:
+            if qmp is not None:
+                with contextlib.suppress(QMPError, OSError):
+                    await qmp.close()
+
+    async def _end_balloon(self, task: asyncio.Future[None]) -> None:
+        if not task.done():
+            task.cancel()
+            if self.balloon_error is None and self.balloon is None:
+                self.balloon_error = "balloon: QEMU exited before the balloon steps were done"
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     def _socket_path(self, env: dict[str, str]) -> Path | None:
         if self.options.mode != "vhost-user":
@@ -145,6 +219,8 @@ class Launch:
         if self.options.workload == "gigantic":
             records = self.records if self.server is not None else None
             result["gigantic"] = gigantic_summary(self.guest, records)
+        if self.options.workload == "balloon":
+            result["balloon"] = {**(self.balloon or {}), "error": self.balloon_error}
         result |= {
             "qemu_version": self.qemu_version,
             "guest_kernel": self.guest_kernel,
@@ -160,6 +236,8 @@ class Launch:
 
     def failure(self) -> str | None:
         """The one-sentence reason this run failed, or None."""
+        if self.balloon_error is not None and not self.interrupted:
+            return self.balloon_error
         return launch_failure(
             self.options,
             interrupted=self.interrupted,
