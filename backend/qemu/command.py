@@ -25,7 +25,7 @@ WORKLOADS = ("fill", "gigantic", "balloon")
 # of the whole 1 GiB on every allocation (init_on_alloc=0: 2.5-4 s per
 # attempt under TCG otherwise). See docs/qemu.md.
 DEFAULT_MEM = {"fill": "512M", "gigantic": "2560M", "balloon": "512M"}
-DEFAULT_APPEND = {"fill": "", "gigantic": "nokaslr init_on_alloc=0", "balloon": ""}
+DEFAULT_APPEND = {"fill": "", "gigantic": "nokaslr init_on_alloc=0", "balloon": "init_on_alloc=0"}
 # What QEMU's -m and size= take: a number and an optional unit (qemu_strtosz).
 _QEMU_SIZE = re.compile(r"[0-9]+(\.[0-9]+)?[BKMGTPEbkmgtpe]?")
 

@@ -50,8 +50,9 @@ class LaunchRun:
     stdout: str
     stderr: str
     console: str
-    trace: list[dict[str, Any]]
+    trace: list[dict[str, Any]]  # the reports
     seconds: float
+    chains: list[dict[str, Any]]  # every other record: inflate, deflate, stats
 
     @property
     def summary(self) -> dict[str, Any]:
@@ -77,16 +78,17 @@ def run_launch(tmp: Path, *args: str, timeout: float = RUN_TIMEOUT_S) -> LaunchR
     result = subprocess.run(
         command, capture_output=True, text=True, timeout=timeout, check=False, cwd=ROOT
     )
+    lines = trace.read_text().splitlines() if trace.exists() else []
+    records = [json.loads(line) for line in lines if line.strip()]
     return LaunchRun(
         args=command,
         returncode=result.returncode,
         stdout=result.stdout,
         stderr=result.stderr,
         console=console.read_text(errors="replace") if console.exists() else "",
-        trace=[json.loads(line) for line in trace.read_text().splitlines() if line.strip()]
-        if trace.exists()
-        else [],
+        trace=[r for r in records if r.get("kind", "report") == "report"],
         seconds=time.monotonic() - start,
+        chains=[r for r in records if r.get("kind", "report") != "report"],
     )
 
 
