@@ -24,7 +24,7 @@ from vhost_balloon.backend.qemu.console import GuestConsole
 from vhost_balloon.backend.qemu.sampler import MemorySampler
 from vhost_balloon.backend.server import Server
 
-POLL_S = 0.05
+POLL_S = 0.01  # the same for both devices: the time to target is as fine as this
 SETTLE_S = 1.0  # after the target is reached, before QEMU's RAM is read
 BUILTIN_PATH = "/machine/peripheral/balloon0"  # run-guest.sh's id=balloon0
 
