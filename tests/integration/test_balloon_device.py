@@ -22,6 +22,7 @@ from vhost_balloon.backend.latency.delays import parse_delay
 from vhost_balloon.backend.latency.injection import LatencySettings, Point
 from vhost_balloon.backend.observe.control import control_request
 from vhost_balloon.guest.runner import MockGuest
+from vhost_balloon.protocol.vhost_user import FrontendRequest, VringState
 from vhost_balloon.protocol.virtio import BALLOON_F_STATS_VQ
 from vhost_balloon.protocol.virtqueue import Buffer
 
@@ -355,3 +356,51 @@ async def test_bad_balloon_chains_are_acked_counted_and_discard_nothing_else(
     reasons = [c["bad_chain"] for c in chains]
     assert "device-writable" in reasons[0] and "whole number of PFNs" in reasons[1]
     assert "outside guest RAM" in reasons[2] and reasons[3:] == ["", "", "", ""]
+
+
+# 8. Catches: a stats buffer that is not whole 10-byte records taken as a
+# sample (garbage stats) or ending the session; the buffer held before it
+# not given back (a second buffer while one is held: QEMU returns the first).
+async def test_a_bad_stats_buffer_is_held_counted_and_not_a_sample(
+    start_backend: StartBackend,
+) -> None:
+    backend = await start_backend(features=STATS_FEATURES)
+    options = backend.guest_options(memory=MEMORY, stats=True, balloon_follow=False)
+    async with MockGuest(options) as guest:
+        balloon = guest.balloon
+        queues = guest.driver.queues
+        assert balloon is not None and queues is not None and queues.stats is not None
+        await _until("the probe's sample", lambda: bool(backend.trace(("stats",))))
+        first_head = 0  # the probe's buffer is the first chain of the queue
+        head = _post(guest, queues.stats, [Buffer(balloon.stats_gpa, 15, False)])
+        await _used(guest, queues.stats, first_head)  # the held one came back
+        session = await _session_stats(backend)
+        stats = session["guest_stats"]
+        assert stats["bad_buffers"] == 1 and "whole number" in stats["last_error"]
+        assert stats["samples"] == 1 and session["state"] == "running"
+        assert head != first_head
+        summary = guest.summary(await guest.run(2))
+    assert summary["integrity_ok"] and summary["reports"] == 2
+
+
+# 9. Catches: the held stats buffer lost when its ring stops (GET_VRING_BASE):
+# the driver, which waits for it, would never send stats again.
+async def test_the_held_stats_buffer_goes_back_when_its_ring_stops(
+    start_backend: StartBackend,
+) -> None:
+    backend = await start_backend(features=STATS_FEATURES)
+    options = backend.guest_options(memory=MEMORY, stats=True, balloon_follow=False)
+    async with MockGuest(options) as guest:
+        queues = guest.driver.queues
+        assert queues is not None and queues.stats is not None
+        await _until("the probe's sample", lambda: bool(backend.trace(("stats",))))
+        vq = guest.driver.queue(queues.stats)
+        assert vq.get_used() == []  # held
+        reply = await guest.frontend.request(
+            FrontendRequest.GET_VRING_BASE,
+            VringState(queues.stats, 0),
+            need_reply=False,
+            expect_reply=True,
+        )
+        assert reply is not None and VringState.decode(reply).num == 1
+        assert [head for head, _ in vq.get_used()] == [0]
