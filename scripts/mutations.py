@@ -50,6 +50,7 @@ class Mutation:
 DEVICE = "backend/balloon/device.py"
 DISCARD = "backend/balloon/discard.py"
 PLAN = "backend/balloon/report_plan.py"
+BALLOONED = "backend/balloon/ballooned.py"
 MAPPING = "backend/vhost/mapping.py"
 SESSION = "backend/vhost/session.py"
 RINGS = "backend/vhost/rings.py"
@@ -268,6 +269,36 @@ MUTATIONS = (
             ),
         ),
         ("tests/unit/test_virtqueue_notify.py",),
+    ),
+    Mutation(
+        "inflate-without-discard",
+        "1: an inflate chain's pages are discarded before it is published",
+        (
+            Edit(
+                DEVICE,
+                "            result = self._discard(plan, injected)\n",
+                "            result = self._discard(BalloonPlan(), injected)\n",
+            ),
+        ),
+        (
+            "tests/backend/test_invariant_publish_order.py"
+            "::test_nothing_is_published_or_signalled_while_a_discard_is_held",
+        ),
+    ),
+    Mutation(
+        "partial-huge-page-discarded",
+        "1: a huge page is discarded only when every piece of it is ballooned",
+        (
+            Edit(
+                BALLOONED,
+                "                if self._all(gpa >> BALLOON_PFN_SHIFT, pages):\n",
+                "                if True:\n",
+            ),
+        ),
+        (
+            "tests/backend/test_ballooned_pages.py"
+            "::test_a_huge_page_is_discarded_only_once_every_piece_is_ballooned",
+        ),
     ),
     Mutation(
         "no-pass-after-a-pause",
