@@ -38,7 +38,8 @@ def test_balloon_alone_picks_the_balloon_workload_and_tells_the_guest_how_much()
     assert options.workload == "balloon" and options.balloon_target == 384 * MiB
     assert options.guest_ram_bytes == 512 * MiB and options.balloon_bytes == 128 * MiB
     command = run_guest_command(options, Path("/tmp/s.sock"))
-    assert command[command.index("--append") + 1] == "vb.balloon=128 vb.oom=64"
+    # init_on_alloc=0: the kernel would zero every page it hands the balloon.
+    assert command[command.index("--append") + 1] == "init_on_alloc=0 vb.balloon=128 vb.oom=64"
     assert command[command.index("--workload") + 1] == "balloon"
 
 

@@ -232,6 +232,10 @@ async def test_a_session_cancelled_while_get_vring_base_waits_still_waits_for_th
     (record,) = backend.trace()
     assert record["head"] == head and record["errors"] == []
     assert record["freed_bytes"] == record["bytes"] > 0
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_S
+    while _queue_threads(session.name) and loop.time() < deadline:
+        await asyncio.sleep(0.01)  # a thread ends a moment after saying so
     assert _queue_threads(session.name) == []
 
 
