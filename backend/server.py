@@ -27,6 +27,7 @@ from vhost_balloon.backend.observe.control import close_control, serve_control
 from vhost_balloon.backend.observe.metrics import Gauge, Metrics
 from vhost_balloon.backend.observe.metrics_http import serve_metrics
 from vhost_balloon.backend.observe.trace import TraceWriter
+from vhost_balloon.backend.vhost.backend_channel import ChannelFailed
 from vhost_balloon.backend.vhost.server import VhostUserServer, listen_unix, socket_from_fd
 from vhost_balloon.backend.vhost.session import Session, SessionLogger
 from vhost_balloon.backend.vhost.worker import share_the_gil_fairly
@@ -202,10 +203,18 @@ class Server:
                 "(no backend channel, or the CONFIG protocol feature not negotiated)"
             )
         device = self.vhost.devices[name]
-        device.set_target((ram - size) >> BALLOON_PFN_SHIFT)
-        notified = await session.config_changed()
+        undo = device.set_target((ram - size) >> BALLOON_PFN_SHIFT)
+        try:
+            notified = await session.config_changed()
+        except ChannelFailed as error:
+            undo()
+            raise ValueError(f"balloon: session {name}: {error}; the target is unchanged") from None
         if not notified:
-            raise ValueError(f"balloon: session {name}'s front-end refused the config change")
+            undo()
+            raise ValueError(
+                f"balloon: session {name}'s front-end refused the config change; "
+                "the target is unchanged"
+            )
         return {"ok": True, "session": name, "balloon": device.balloon_status(ram)}
 
     @property

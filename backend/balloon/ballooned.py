@@ -14,8 +14,9 @@ Every PFN is checked as strictly as a report entry: outside guest RAM,
 repeated in the chain, or already ballooned (inflate) or never ballooned
 (deflate), it is counted and skipped, never discarded.
 
-The ballooned set is a bitmap indexed by PFN: 32 KiB per GiB of guest
-address space, 512 KiB for a 16 GiB guest.
+The ballooned set is a bitmap indexed by PFN, kept in 32 KiB chunks of one
+GiB of guest address space each, only where pages are ballooned: at most
+512 KiB for a 16 GiB guest, whatever its layout.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from vhost_balloon.protocol.virtqueue import Chain
 
 PAGE = 1 << BALLOON_PFN_SHIFT
 PFN_BYTES = 4
+CHUNK_SHIFT = 18  # PFNs per bitmap chunk: 2**18 pages of 4 KiB, 1 GiB
+CHUNK_MASK = (1 << CHUNK_SHIFT) - 1
+CHUNK_BYTES = 1 << (CHUNK_SHIFT - 3)
 # Linux sends at most 256 PFNs a chain (VIRTIO_BALLOON_ARRAY_PFNS_MAX); a
 # chain may be longer, but not without bound: its PFNs are read in one go.
 MAX_CHAIN_BYTES = 1 << 20
@@ -74,6 +78,7 @@ class BalloonPlan:
     targets: list[DiscardTarget] = field(default_factory=list)
     files: dict[FileIdentity, int] = field(default_factory=dict)
     skipped_outside: int = 0  # PFNs outside guest RAM
+    skipped_unaligned: int = 0  # in a region whose pages are not the file's pages
     duplicates: int = 0  # repeated in the chain, or inflated twice
     unknown: int = 0  # deflated but never inflated
     partial_granules: int = 0  # huge pages this chain left partly ballooned
@@ -84,7 +89,11 @@ class BalloonedPages:
     that are only partly ballooned."""
 
     def __init__(self) -> None:
-        self._bits = bytearray()
+        # Sparse: one 32 KiB bitmap per GiB of guest address space that holds
+        # a ballooned page, so a region far up the address space (hotplug,
+        # device memory, a hostile front-end) costs 32 KiB, not 32 KiB per
+        # GiB below it.
+        self._chunks: dict[int, bytearray] = {}
         self.count = 0
         self._partial: set[int] = set()  # gpa of each partly ballooned granule
 
@@ -94,37 +103,58 @@ class BalloonedPages:
 
     def clear(self) -> None:
         """The driver was reset: it owns every page again."""
-        self._bits = bytearray()
+        self._chunks.clear()
         self.count = 0
         self._partial.clear()
 
     def __contains__(self, pfn: int) -> bool:
-        byte = pfn >> 3
-        return byte < len(self._bits) and bool(self._bits[byte] >> (pfn & 7) & 1)
+        chunk = self._chunks.get(pfn >> CHUNK_SHIFT)
+        bit = pfn & CHUNK_MASK
+        return chunk is not None and bool(chunk[bit >> 3] >> (bit & 7) & 1)
 
     def _add(self, pfn: int) -> None:
-        byte = pfn >> 3
-        if byte >= len(self._bits):
-            self._bits.extend(bytes(byte + 1 - len(self._bits) + 4096))
-        self._bits[byte] |= 1 << (pfn & 7)
+        chunk = self._chunks.get(pfn >> CHUNK_SHIFT)
+        if chunk is None:
+            chunk = self._chunks[pfn >> CHUNK_SHIFT] = bytearray(CHUNK_BYTES)
+        bit = pfn & CHUNK_MASK
+        chunk[bit >> 3] |= 1 << (bit & 7)
         self.count += 1
 
     def _remove(self, pfn: int) -> None:
-        self._bits[pfn >> 3] &= ~(1 << (pfn & 7)) & 0xFF
+        chunk = self._chunks[pfn >> CHUNK_SHIFT]
+        bit = pfn & CHUNK_MASK
+        chunk[bit >> 3] &= ~(1 << (bit & 7)) & 0xFF
         self.count -= 1
+        if not self.count:
+            self._chunks.clear()  # an empty balloon holds nothing
+
+    def _slice(self, first_pfn: int, pages: int) -> bytes | None:
+        """The bitmap bytes of a byte-aligned range inside one chunk; None if
+        the range is not so (then it is checked page by page)."""
+        if (
+            first_pfn & 7
+            or pages & 7
+            or first_pfn >> CHUNK_SHIFT != (first_pfn + pages - 1) >> CHUNK_SHIFT
+        ):
+            return None
+        chunk = self._chunks.get(first_pfn >> CHUNK_SHIFT)
+        if chunk is None:
+            return bytes(pages >> 3)
+        start = (first_pfn & CHUNK_MASK) >> 3
+        return bytes(chunk[start : start + (pages >> 3)])
 
     def _all(self, first_pfn: int, pages: int) -> bool:
         """Every page of a granule ballooned."""
-        if first_pfn & 7 or pages & 7:  # not byte-aligned in the bitmap (never on hugetlbfs)
+        bits = self._slice(first_pfn, pages)
+        if bits is None:
             return all(pfn in self for pfn in range(first_pfn, first_pfn + pages))
-        start, end = first_pfn >> 3, (first_pfn + pages) >> 3
-        return end <= len(self._bits) and self._bits[start:end] == b"\xff" * (end - start)
+        return bits == b"\xff" * len(bits)
 
     def _any(self, first_pfn: int, pages: int) -> bool:
-        if first_pfn & 7 or pages & 7:
+        bits = self._slice(first_pfn, pages)
+        if bits is None:
             return any(pfn in self for pfn in range(first_pfn, first_pfn + pages))
-        start, end = first_pfn >> 3, (first_pfn + pages) >> 3
-        return any(self._bits[start:end])
+        return any(bits)
 
     # -- one chain ---------------------------------------------------------------
 
@@ -147,6 +177,12 @@ class BalloonedPages:
                 index, _ = table.find(pfn << BALLOON_PFN_SHIFT, PAGE, Space.GPA)
             except AddressError:
                 plan.skipped_outside += 1
+                continue
+            region = table.regions[index]
+            if (region.mmap_offset - region.guest_phys_addr) % PAGE:
+                # The page is not a page of the file (a front-end's odd region):
+                # a discard would cut into its neighbour.
+                plan.skipped_unaligned += 1
                 continue
             by_region.setdefault(index, []).append(pfn)
         return by_region

@@ -10,6 +10,7 @@ after the notify: a hook must be thread-safe and quick.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 import threading
@@ -73,6 +74,7 @@ class _Published:
 
 
 _NO_LATENCY = LatencySettings()  # stats and hinting chains: nothing injected
+RECORD_RANGES = 64  # ranges kept in a balloon chain's record
 # The queues whose chains take the injected latency, as reports do.
 _TIMED = ("reporting", "inflate", "deflate")
 
@@ -113,10 +115,11 @@ class BalloonDevice(VirtioDevice):
         # Inflate and deflate run on their own threads: one chain at a time,
         # so that a page given back is never discarded afterwards.
         self._balloon_lock = threading.Lock()
+        self._discard_lock = threading.Lock()  # taken after _balloon_lock, never before
         self._balloon_seq = {"inflate": 0, "deflate": 0}
         self.guest_stats = StatsState()
         self.stats_hooks: list[Callable[[StatsRecord], None]] = []
-        # The stats queue's thread pops, the event loop's timer gives back.
+        # The stats ring's pushes: its thread's, and the event loop's timer's.
         self._stats_lock = threading.Lock()
         self._stats_timer: asyncio.TimerHandle | None = None
         self.frontend: FrontendLink | None = None  # raises config changes
@@ -152,8 +155,10 @@ class BalloonDevice(VirtioDevice):
 
     def reset(self) -> None:
         self.set_features(0)
-        # The target stays (as in QEMU); a reset driver owns every page again.
+        # The target stays (as in QEMU); a reset driver owns every page again,
+        # and has the target still to reach.
         self.config = virtio.BalloonConfig(num_pages=self.config.num_pages)
+        self.target.driver_reset()
         with self._balloon_lock:
             self.ballooned.clear()
         with self._stats_lock:
@@ -171,13 +176,19 @@ class BalloonDevice(VirtioDevice):
             "partial_huge_pages": self.ballooned.partial_granules,
         }
 
-    def set_target(self, num_pages: int) -> None:
+    def set_target(self, num_pages: int) -> Callable[[], None]:
         """The driver should balloon `num_pages` 4 KiB pages (on the loop;
-        the caller then raises a config change)."""
-        self.config = virtio.BalloonConfig(
-            num_pages, self.config.actual, self.config.free_page_hint_cmd_id, self.config.poison_val
-        )
+        the caller then raises a config change). Returns what undoes it, for
+        a driver that could not be told."""
+        config, target = self.config, self.target.copy()
+        self.config = dataclasses.replace(config, num_pages=num_pages)
         self.target.set(num_pages, self.config.actual)
+
+        def undo() -> None:
+            self.config = dataclasses.replace(self.config, num_pages=config.num_pages)
+            self.target = target
+
+        return undo
 
     def attach(self, frontend: FrontendLink) -> None:
         self.frontend = frontend
@@ -228,13 +239,17 @@ class BalloonDevice(VirtioDevice):
                 self.log.warning("stats queue: could not give the buffer back: %s", error)
 
     def _stats_chain(self, handle: QueueHandle, chain: Chain) -> None:
-        """A stats buffer (under the stats lock): keep its sample, hold it."""
+        """A stats buffer: hold it, and keep its sample."""
         state = self.guest_stats
-        if state.held_head is not None:
-            # A second buffer while one is held: the first goes back (QEMU too).
-            handle.publish(state.held_head)
-            self._notify(handle)
-        state.held_head = chain.head
+        # Only the pushes are locked: the loop's timer pushes too, and must
+        # never wait for a batch (a guest that keeps its ring full would stop
+        # the loop, every session with it).
+        with self._stats_lock:
+            previous, state.held_head = state.held_head, chain.head
+            if previous is not None:
+                # A second buffer while one is held: the first goes back (QEMU too).
+                handle.publish(previous)
+                self._notify(handle)
         try:
             sample = parse_stats(chain, handle.memory_map.memory)
         except BadStats as bad:
@@ -260,13 +275,6 @@ class BalloonDevice(VirtioDevice):
             self.stats.queue_errors += 1
 
     def process_queue(self, handle: QueueHandle, kick_ns: int) -> None:
-        if handle.index == self.queues.stats:
-            with self._stats_lock:
-                self._process(handle, kick_ns)
-        else:
-            self._process(handle, kick_ns)
-
-    def _process(self, handle: QueueHandle, kick_ns: int) -> None:
         queue = handle.queue
         kind = self.queues.name(handle.index)
         timed = kind in _TIMED
@@ -394,7 +402,11 @@ class BalloonDevice(VirtioDevice):
         strategy = self.settings.discard
         entry_delays = self.injector.entry_delays(len(plan.targets)) if plan.targets else None
         if plan.targets and (strategy is not DiscardStrategy.NONE or entry_delays):
-            result = run_discards(strategy, plan.targets, plan.files, entry_delays)
+            # One discard at a time per device: freed bytes are measured over
+            # the whole file, and the reporting and inflate threads discard in
+            # the same memfd (QEMU does both under its big lock).
+            with self._discard_lock:
+                result = run_discards(strategy, plan.targets, plan.files, entry_delays)
         else:
             now = time.monotonic_ns()
             result = DiscardResult(started_ns=now, done_ns=now)
@@ -498,7 +510,10 @@ class BalloonDevice(VirtioDevice):
             head=chain.head,
             pfns=plan.pfns,
             pages=plan.pages,
-            ranges=plan.ranges,
+            # A chain may hold 262144 PFNs: its record must stay small (the
+            # trace queue is sized for records of tens of ranges).
+            ranges=plan.ranges[:RECORD_RANGES],
+            ranges_total=len(plan.ranges),
             discard=strategy.value,
             t_kick_ns=start.kick_ns,
             t_start_ns=start.start_ns,
@@ -511,6 +526,7 @@ class BalloonDevice(VirtioDevice):
             discarded_entries=len(plan.targets) if strategy is not DiscardStrategy.NONE else 0,
             freed_bytes=result.freed_bytes,
             skipped_outside=plan.skipped_outside,
+            skipped_unaligned=plan.skipped_unaligned,
             duplicates=plan.duplicates,
             unknown=plan.unknown,
             partial_granules=plan.partial_granules,
@@ -536,6 +552,7 @@ class BalloonDevice(VirtioDevice):
                 stats.deflated_pages += record.pages
                 stats.deflate_unknown_pfns += record.unknown
             stats.balloon_pfns_outside += record.skipped_outside
+            stats.balloon_pfns_unaligned += record.skipped_unaligned
             stats.balloon_duplicate_pfns += record.duplicates
             stats.bad_balloon_chains += bool(record.bad_chain)
             stats.discard_errors += len(record.errors)
@@ -544,12 +561,19 @@ class BalloonDevice(VirtioDevice):
             self.log.warning(
                 "%s chain %d: %s; acked, nothing used", record.kind, record.seq, record.bad_chain
             )
-        elif record.skipped_outside or record.duplicates or record.unknown:
+        elif (
+            record.skipped_outside
+            or record.skipped_unaligned
+            or record.duplicates
+            or record.unknown
+        ):
             self.log.warning(
-                "%s chain %d: skipped %d PFNs outside guest RAM, %d repeated, %d never inflated",
+                "%s chain %d: skipped %d PFNs outside guest RAM, %d in unaligned regions, "
+                "%d repeated, %d never inflated",
                 record.kind,
                 record.seq,
                 record.skipped_outside,
+                record.skipped_unaligned,
                 record.duplicates,
                 record.unknown,
             )

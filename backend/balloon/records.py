@@ -82,7 +82,7 @@ class BalloonRecord:
     head: int
     pfns: int  # in the chain
     pages: int  # newly ballooned (inflate) or given back (deflate)
-    ranges: list[tuple[int, int]]  # those pages, coalesced (gpa, bytes)
+    ranges: list[tuple[int, int]]  # those pages, coalesced (gpa, bytes), the first 64
     discard: str
     t_kick_ns: int
     t_popped_ns: int
@@ -95,10 +95,12 @@ class BalloonRecord:
     discarded_entries: int = 0  # discard syscalls' ranges
     freed_bytes: int = 0
     skipped_outside: int = 0  # PFNs outside guest RAM
+    skipped_unaligned: int = 0  # PFNs in a region not page-aligned in its file
     duplicates: int = 0  # repeated in the chain, or already ballooned
     unknown: int = 0  # deflated, never inflated
     partial_granules: int = 0  # huge pages left partly ballooned by this chain
     bad_chain: str = ""  # why nothing in the chain was used ("" if it was)
+    ranges_total: int = 0  # len(ranges) before it was cut to the first 64
     injected_ns: dict[str, int] = field(default_factory=dict)
     bql_wait_ns: dict[str, int] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)

@@ -27,6 +27,7 @@ class DeviceStats:
     deflated_pages: int = 0
     deflate_unknown_pfns: int = 0  # given back but never inflated
     balloon_pfns_outside: int = 0  # PFNs outside guest RAM
+    balloon_pfns_unaligned: int = 0  # in a region not page-aligned in its file
     balloon_duplicate_pfns: int = 0  # repeated in a chain, or inflated twice
     bad_balloon_chains: int = 0  # not an array of PFNs: acked, nothing used
     other_acks: int = 0  # chains of queues nothing is read from (hinting)

@@ -29,6 +29,19 @@ class BalloonTarget:
         self.reached_ns = self.set_ns if actual == num_pages else 0
         self.actual = actual
 
+    def copy(self) -> BalloonTarget:
+        copied = BalloonTarget()
+        copied.num_pages, copied.set_ns = self.num_pages, self.set_ns
+        copied.reached_ns, copied.actual = self.reached_ns, self.actual
+        return copied
+
+    def driver_reset(self) -> None:
+        """The device was reset: the new driver has ballooned nothing, and the
+        target (if any) is to be reached again, timed from now."""
+        self.actual = 0
+        if self.num_pages is not None:
+            self.set(self.num_pages, 0)
+
     def actual_written(self, actual: int) -> None:
         self.actual = actual
         if self.num_pages is not None and not self.reached_ns and actual == self.num_pages:

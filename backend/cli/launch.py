@@ -194,6 +194,11 @@ def launch_options(args: argparse.Namespace) -> LaunchOptions:
                 f"--balloon {options.balloon_target >> 20} MiB is not between 0 and the "
                 f"guest's RAM ({ram >> 20} MiB)"
             )
+        if options.balloon_target % 4096 or ram % 4096:
+            # num_pages counts 4 KiB pages: such a target can never be reached exactly.
+            raise UsageError(
+                f"--balloon {options.balloon_target}: not a whole number of 4 KiB pages"
+            )
     return options
 
 

@@ -185,6 +185,9 @@ class Launch:
         except (BalloonError, QMPError, ValueError) as error:
             self.balloon_error = f"balloon: {error}"
             self.note(self.balloon_error)
+        except Exception as error:  # a bug must not cost the run's summary
+            self.balloon_error = f"balloon: the steps failed: {error!r}"
+            self.note(self.balloon_error)
         finally:
             if qmp is not None:
                 with contextlib.suppress(QMPError, OSError):

@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from vhost_balloon.backend.vhost.transport import MessageChannel, close_fds
+from vhost_balloon.backend.vhost.transport import ConnectionClosed, MessageChannel, close_fds
+from vhost_balloon.protocol.errors import MessageError
 from vhost_balloon.protocol.vhost_user import (
     U64,
     BackendRequest,
@@ -25,6 +26,9 @@ class BackendChannel:
 
     def __init__(self) -> None:
         self._channel: MessageChannel | None = None
+        # One request at a time: two waiting for replies on one socket would
+        # take each other's (and the later ones would stay out of step).
+        self._busy = asyncio.Lock()
 
     @property
     def connected(self) -> bool:
@@ -42,16 +46,34 @@ class BackendChannel:
     async def config_changed(self, *, need_reply: bool) -> bool:
         """Send CONFIG_CHANGE_MSG; with REPLY_ACK, wait for the front-end's ack.
 
-        False when there is no channel or the front-end refused.
+        False when there is no channel or the front-end refused. Raises
+        ChannelFailed when the channel broke or no reply came (the channel is
+        closed then: a late reply would be taken for the next request's).
         """
-        if self._channel is None:
-            return False
-        await self._channel.send(
-            encode_backend_request(BackendRequest.CONFIG_CHANGE_MSG, need_reply=need_reply)
-        )
-        if not need_reply:
-            return True
-        header, payload, fds = await asyncio.wait_for(self._channel.receive(), REPLY_TIMEOUT_S)
-        close_fds(fds)
-        check_reply(header, BackendRequest.CONFIG_CHANGE_MSG)
-        return len(payload) == 8 and U64.decode(payload).value == 0
+        async with self._busy:
+            channel = self._channel
+            if channel is None:
+                return False
+            try:
+                await channel.send(
+                    encode_backend_request(BackendRequest.CONFIG_CHANGE_MSG, need_reply=need_reply)
+                )
+                if not need_reply:
+                    return True
+                header, payload, fds = await asyncio.wait_for(channel.receive(), REPLY_TIMEOUT_S)
+                close_fds(fds)
+                check_reply(header, BackendRequest.CONFIG_CHANGE_MSG)
+            except TimeoutError:
+                self.close()
+                raise ChannelFailed(
+                    f"no reply to CONFIG_CHANGE_MSG within {REPLY_TIMEOUT_S:g} s"
+                ) from None
+            except (OSError, ConnectionClosed, MessageError) as error:
+                self.close()
+                raise ChannelFailed(f"the backend channel failed: {error}") from None
+            return len(payload) == 8 and U64.decode(payload).value == 0
+
+
+class ChannelFailed(Exception):
+    """The backend channel broke, or the front-end did not answer on it; it
+    is closed (the session goes on without it)."""

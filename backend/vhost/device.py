@@ -40,7 +40,8 @@ class FrontendLink(Protocol):
 
     async def config_changed(self) -> bool:
         """Tell the driver the config space changed; False if the front-end
-        gave no way to (no backend channel, CONFIG not negotiated) or refused."""
+        gave no way to (no backend channel, CONFIG not negotiated) or refused;
+        ChannelFailed if the channel broke or no reply came."""
         ...
 
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.backend.device_rig import FIRST_PAGE, PFN_ARRAY, reporting_rig
 from vhost_balloon.backend.balloon.ballooned import (
     MAX_CHAIN_BYTES,
     BadChain,
@@ -20,9 +21,10 @@ from vhost_balloon.backend.balloon.ballooned import (
     coalesce,
     read_pfns,
 )
+from vhost_balloon.backend.balloon.records import BalloonRecord
 from vhost_balloon.backend.vhost.mapping import MappedRegion, MemoryMap
 from vhost_balloon.protocol.vhost_user import MemoryRegionDesc
-from vhost_balloon.protocol.virtqueue import DESC_F_WRITE, Chain, Descriptor
+from vhost_balloon.protocol.virtqueue import DESC_F_WRITE, Buffer, Chain, Descriptor
 
 MiB = 1 << 20
 PAGE = 4096
@@ -163,3 +165,53 @@ def test_a_chain_that_is_not_a_pfn_array_is_refused_whole(
 def test_coalesce() -> None:
     assert coalesce([]) == []
     assert coalesce([5, 3, 4, 9]) == [(3, 3), (9, 1)]
+
+
+def _region_map(gpa: int, mmap_offset: int = 0) -> MemoryMap:
+    fd = os.memfd_create("far", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, mmap_offset + 16 * MiB)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    return MemoryMap(
+        [MappedRegion(MemoryRegionDesc(gpa, 16 * MiB, 0x7F0000000000, mmap_offset), fd)]
+    )
+
+
+def test_a_region_not_page_aligned_in_its_file_is_never_discarded() -> None:
+    # Catches: a front-end's region whose GPA-to-file shift is not a whole
+    # page: a discard of a ballooned page would cut into its neighbour.
+    memory_map = _region_map(0x800)
+    try:
+        memory_map.regions[0].granularity = HUGE
+        plan = BalloonedPages().inflate(_pfns(0x200800 - 0x800, 512), memory_map)
+        assert plan.targets == [] and plan.skipped_unaligned == 512 and plan.pages == 0
+    finally:
+        memory_map.close()
+
+
+def test_the_bitmap_costs_what_is_ballooned_not_where_it_lies() -> None:
+    # Catches: a bitmap sized by the highest PFN (32 MiB for one page at 1 TiB).
+    memory_map = _region_map(1 << 40)
+    try:
+        pages = BalloonedPages()
+        pages.inflate([(1 << 40) // PAGE + 3], memory_map)
+        assert pages.count == 1 and (1 << 40) // PAGE + 3 in pages
+        assert sum(len(chunk) for chunk in pages._chunks.values()) == 32 * 1024
+        pages.deflate([(1 << 40) // PAGE + 3], memory_map)
+        assert pages._chunks == {}
+    finally:
+        memory_map.close()
+
+
+def test_a_chain_of_many_runs_keeps_its_record_small() -> None:
+    # Catches: a record holding every range of a 262144-PFN chain (32 MiB of
+    # objects, a 4 MiB trace line, a trace queue sized for small records).
+    with reporting_rig(kind="inflate") as rig:
+        pfns = [FIRST_PAGE // PAGE + 2 * i for i in range(200)]  # every other page
+        view = rig.memory_map.regions[0].view
+        view[PFN_ARRAY : PFN_ARRAY + 800] = struct.pack("<200I", *pfns)
+        rig.driver.add([Buffer(PFN_ARRAY, 800, False)])
+        rig.device.process_queue(rig.handle, 0)
+        (record,) = rig.records
+    assert isinstance(record, BalloonRecord)
+    assert record.pages == 200 and record.ranges_total == 200 and len(record.ranges) == 64
+    assert record.discarded_entries == 200

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from vhost_balloon.backend.balloon.device import BalloonDevice, BalloonSettings
 from vhost_balloon.backend.cli import launch as launch_cli
 from vhost_balloon.backend.cli.options import UsageError
 from vhost_balloon.backend.qemu.balloon_steps import BalloonError, run_balloon_steps
@@ -52,6 +54,7 @@ def test_balloon_alone_picks_the_balloon_workload_and_tells_the_guest_how_much()
         (["--balloon", "1G", "--mem", "768"], r"not between 0 and the guest's RAM \(768 MiB\)"),
         (["--balloon", "256M", "--balloon-oom", "-1"], "MiB >= 0"),
         (["--balloon-oom", "8"], "for the balloon workload"),
+        (["--balloon", "402654184"], "not a whole number of 4 KiB pages"),
     ],
 )
 def test_a_bad_balloon_launch_is_refused_before_qemu(argv: list[str], message: str) -> None:
@@ -66,7 +69,7 @@ def test_the_balloon_workload_offers_the_stats_queue_and_polls_it() -> None:
     assert settings.balloon.stats_interval_s == launch_cli.BALLOON_STATS_INTERVAL_S
     assert (
         launch_cli.with_balloon_stats(
-            ServerSettings(balloon=settings.balloon.__class__(stats_interval_s=7.0))
+            ServerSettings(balloon=BalloonSettings(stats_interval_s=7.0))
         ).balloon.stats_interval_s
         == 7.0
     )
@@ -146,3 +149,18 @@ async def test_a_guest_that_never_gets_ready_is_a_clear_error() -> None:
             timeout_s=0.2,
             note=lambda _text: None,
         )
+
+
+def test_a_device_reset_starts_the_target_over() -> None:
+    # Catches: after a guest reboot, the old balloon size and the old time to
+    # target shown, and the new driver's time never recorded.
+    device = BalloonDevice(BalloonSettings(), "s1", logging.getLogger("t"))
+    device.set_target(1024)
+    device.write_config(4, (1024).to_bytes(4, "little"))
+    assert device.balloon_status(512 * MiB)["seconds_to_target"] is not None
+    device.reset()
+    status = device.balloon_status(512 * MiB)
+    assert status["ballooned_bytes"] == 0 and status["target_pages"] == 1024
+    assert status["seconds_to_target"] is None and status["pending_seconds"] is not None
+    device.write_config(4, (1024).to_bytes(4, "little"))
+    assert device.balloon_status(512 * MiB)["seconds_to_target"] is not None

@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from tests.conftest import MiB, RunningBackend, StartBackend
+from vhost_balloon.backend.balloon import device as device_module
 from vhost_balloon.backend.balloon.features import OFFERED_FEATURES
+from vhost_balloon.backend.balloon.guest_stats import parse_stats
 from vhost_balloon.backend.latency.delays import parse_delay
 from vhost_balloon.backend.latency.injection import LatencySettings, Point
 from vhost_balloon.backend.observe.control import control_request
+from vhost_balloon.backend.vhost.backend_channel import ChannelFailed
 from vhost_balloon.guest.runner import MockGuest
 from vhost_balloon.protocol.vhost_user import FrontendRequest, VringState
 from vhost_balloon.protocol.virtio import BALLOON_F_STATS_VQ
@@ -404,3 +408,85 @@ async def test_the_held_stats_buffer_goes_back_when_its_ring_stops(
         )
         assert reply is not None and VringState.decode(reply).num == 1
         assert [head for head, _ in vq.get_used()] == [0]
+
+
+# 10. Catches: a target left set when the front-end refused it, did not
+# answer, or broke the channel (the driver would act on it at its next config
+# interrupt or reboot), or such a failure ending in a traceback.
+@pytest.mark.parametrize("failure", ["refused", "channel-failed"])
+async def test_a_target_the_front_end_was_not_told_of_is_undone(
+    start_backend: StartBackend, failure: str
+) -> None:
+    backend = await start_backend(control=True)
+    async with MockGuest(backend.guest_options(memory=MEMORY, balloon=True)):
+        (session,) = backend.server.sessions.values()
+
+        async def config_changed(*, need_reply: bool) -> bool:
+            if failure == "refused":
+                return False
+            raise ChannelFailed("no reply to CONFIG_CHANGE_MSG within 5 s")
+
+        session.backend_channel.config_changed = config_changed  # type: ignore[method-assign]
+        reply = await _target(backend, MEMORY // 2)
+        assert reply["ok"] is False and "the target is unchanged" in reply["error"]
+        status = (await _session_stats(backend))["balloon"]
+        assert status["target_set"] is False and status["target_pages"] == 0
+        device = next(iter(backend.server.vhost.devices.values()))
+        assert device.config.num_pages == 0
+
+
+# 11. Catches: two targets set at once (two ctl clients, or launch beside a
+# user) taking each other's reply on the backend channel: one waits out the
+# reply timeout and fails, and later replies stay out of step.
+async def test_two_targets_at_once_are_both_answered(start_backend: StartBackend) -> None:
+    backend = await start_backend(control=True)
+    async with MockGuest(backend.guest_options(memory=MEMORY, balloon=True)) as guest:
+        replies = await asyncio.wait_for(
+            asyncio.gather(
+                backend.server.set_balloon_target(MEMORY - 4 * MiB),
+                backend.server.set_balloon_target(MEMORY - 8 * MiB),
+                backend.server.set_balloon_target(MEMORY - 12 * MiB),
+            ),
+            2.0,
+        )
+        assert all(reply["ok"] for reply in replies)
+        assert guest.frontend.config_change_msgs == 3
+        assert (await _target(backend, MEMORY - 16 * MiB))["ok"]  # still in step
+        assert guest.balloon is not None
+        await _until(
+            "the last target", lambda: guest.balloon is not None and guest.balloon.num_pages == 4096
+        )
+
+
+# 12. Catches: the event loop (every session, every vhost-user message, the
+# control socket) waiting for a stats batch to finish because the stats
+# timer takes a lock the queue thread holds for the batch.
+async def test_the_stats_timer_never_waits_for_a_stats_batch(
+    start_backend: StartBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    held = threading.Event()
+    release = threading.Event()
+    real_parse = parse_stats
+    calls = 0
+
+    def slow_parse(chain: Any, memory: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the first refill: hold the stats thread in its batch
+            held.set()
+            release.wait(5.0)
+        return real_parse(chain, memory)
+
+    monkeypatch.setattr(device_module, "parse_stats", slow_parse)
+    backend = await start_backend(features=STATS_FEATURES, stats_interval_s=0.02)
+    async with MockGuest(backend.guest_options(memory=MEMORY, stats=True)):
+        assert await asyncio.to_thread(held.wait, 5.0)
+        loop = asyncio.get_running_loop()
+        worst = 0.0
+        end = loop.time() + 0.5
+        while loop.time() < end:  # the timer fires ~25 times meanwhile
+            before = loop.time()
+            await asyncio.sleep(0.01)
+            worst = max(worst, loop.time() - before - 0.01)
+        release.set()
+    assert worst < 0.2, f"the event loop stalled {worst:.3f} s behind a stats batch"
