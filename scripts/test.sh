@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what it needs, then ruff, mypy --strict,
-# import-linter's contracts (pyproject.toml), pytest.
+# import-linter's contracts (pyproject.toml), pytest, a short fuzzing run.
 # Extra arguments go to pytest (e.g. scripts/test.sh -k discard).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -15,3 +15,5 @@ echo "== lint-imports" >&2
 .venv/bin/lint-imports --no-cache --config pyproject.toml
 echo "== pytest" >&2
 .venv/bin/pytest "$@"
+echo "== fuzz (a short run of every target; scripts/fuzz.py for the long one)" >&2
+.venv/bin/python scripts/fuzz.py --runs 3000
