@@ -126,6 +126,8 @@ def main() -> int:
             failed = True
             print(o.log[-4000:], file=sys.stderr)
             print(f"artifacts in {out / target / 'artifacts'}", file=sys.stderr)
+    if args.out is None and not failed:
+        shutil.rmtree(out, ignore_errors=True)  # nothing to look at: leave no temp dir behind
     return 1 if failed else 0
 
 
