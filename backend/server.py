@@ -81,6 +81,7 @@ class Server:
         self.metrics = Metrics()
         self._services: list[asyncio.AbstractServer] = []
         self._control: asyncio.AbstractServer | None = None
+        self._balloon_targets = asyncio.Lock()
 
     async def start_services(self) -> None:
         """Contention threads, the control socket and the metrics endpoint."""
@@ -203,18 +204,22 @@ class Server:
                 "(no backend channel, or the CONFIG protocol feature not negotiated)"
             )
         device = self.vhost.devices[name]
-        undo = device.set_target((ram - size) >> BALLOON_PFN_SHIFT)
-        try:
-            notified = await session.config_changed()
-        except ChannelFailed as error:
-            undo()
-            raise ValueError(f"balloon: session {name}: {error}; the target is unchanged") from None
-        if not notified:
-            undo()
-            raise ValueError(
-                f"balloon: session {name}'s front-end refused the config change; "
-                "the target is unchanged"
-            )
+        # One target at a time: an undo must restore what the driver was told.
+        async with self._balloon_targets:
+            undo = device.set_target((ram - size) >> BALLOON_PFN_SHIFT)
+            try:
+                notified = await session.config_changed()
+            except ChannelFailed as error:
+                undo()
+                raise ValueError(
+                    f"balloon: session {name}: {error}; the target is unchanged"
+                ) from None
+            if not notified:
+                undo()
+                raise ValueError(
+                    f"balloon: session {name}'s front-end refused the config change; "
+                    "the target is unchanged"
+                )
         return {"ok": True, "session": name, "balloon": device.balloon_status(ram)}
 
     @property

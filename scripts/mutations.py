@@ -303,7 +303,7 @@ MUTATIONS = (
     Mutation(
         "no-pass-after-a-pause",
         "notification: a batch cut short by a memory change re-enables kicks",
-        (Edit(RINGS, "                thread.kick(now_ns)\n", "                pass\n"),),
+        (Edit(RINGS, "                    thread.kick(now_ns)\n", "                    pass\n"),),
         (
             "tests/integration/test_queue_threads.py"
             "::test_a_memory_change_waits_for_the_report_in_flight",

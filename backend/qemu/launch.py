@@ -190,7 +190,8 @@ class Launch:
             self.note(self.balloon_error)
         finally:
             if qmp is not None:
-                with contextlib.suppress(QMPError, OSError):
+                # QEMU may be gone already (qemu.qmp then raises EOFError, among others).
+                with contextlib.suppress(Exception):
                     await qmp.close()
 
     async def _end_balloon(self, task: asyncio.Future[None]) -> None:
@@ -239,9 +240,7 @@ class Launch:
 
     def failure(self) -> str | None:
         """The one-sentence reason this run failed, or None."""
-        if self.balloon_error is not None and not self.interrupted:
-            return self.balloon_error
-        return launch_failure(
+        failure = launch_failure(
             self.options,
             interrupted=self.interrupted,
             returncode=None if self.process is None else self.process.returncode,
@@ -250,3 +249,8 @@ class Launch:
             server=self.server,
             records=self.records,
         )
+        # The guest's or QEMU's own reason first: it says more than "the balloon
+        # steps were not done".
+        if failure is None and self.balloon_error is not None and not self.interrupted:
+            return self.balloon_error
+        return failure

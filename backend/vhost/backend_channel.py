@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from typing import Any
 
 from vhost_balloon.backend.vhost.transport import ConnectionClosed, MessageChannel, close_fds
 from vhost_balloon.protocol.errors import MessageError
@@ -29,6 +30,10 @@ class BackendChannel:
         # One request at a time: two waiting for replies on one socket would
         # take each other's (and the later ones would stay out of step).
         self._busy = asyncio.Lock()
+        # The request waiting for its reply, and on which channel: closing that
+        # channel under it must wait until it has stopped watching the fd (a
+        # new session may get the same fd number at once).
+        self._in_flight: tuple[asyncio.Task[Any], MessageChannel] | None = None
 
     @property
     def connected(self) -> bool:
@@ -39,9 +44,13 @@ class BackendChannel:
         self._channel = MessageChannel(sock)
 
     def close(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
+        channel, self._channel = self._channel, None
+        if channel is None:
+            return
+        if self._in_flight is not None and self._in_flight[1] is channel:
+            self._in_flight[0].cancel()  # it closes the channel once it has let go of it
+        else:
+            channel.close()
 
     async def config_changed(self, *, need_reply: bool) -> bool:
         """Send CONFIG_CHANGE_MSG; with REPLY_ACK, wait for the front-end's ack.
@@ -54,6 +63,9 @@ class BackendChannel:
             channel = self._channel
             if channel is None:
                 return False
+            task = asyncio.current_task()
+            assert task is not None
+            self._in_flight = (task, channel)
             try:
                 await channel.send(
                     encode_backend_request(BackendRequest.CONFIG_CHANGE_MSG, need_reply=need_reply)
@@ -63,15 +75,30 @@ class BackendChannel:
                 header, payload, fds = await asyncio.wait_for(channel.receive(), REPLY_TIMEOUT_S)
                 close_fds(fds)
                 check_reply(header, BackendRequest.CONFIG_CHANGE_MSG)
+            except asyncio.CancelledError:
+                if self._channel is channel:
+                    self._channel = None  # cancelled from outside: out of step, unusable
+                    raise
+                task.uncancel()  # close() cancelled it: the session is going
+                raise ChannelFailed("the backend channel was closed") from None
             except TimeoutError:
-                self.close()
+                self._forget(channel)
                 raise ChannelFailed(
                     f"no reply to CONFIG_CHANGE_MSG within {REPLY_TIMEOUT_S:g} s"
                 ) from None
             except (OSError, ConnectionClosed, MessageError) as error:
-                self.close()
+                self._forget(channel)
                 raise ChannelFailed(f"the backend channel failed: {error}") from None
+            finally:
+                self._in_flight = None
+                if self._channel is not channel:
+                    channel.close()  # closed or replaced meanwhile: no longer watched
             return len(payload) == 8 and U64.decode(payload).value == 0
+
+    def _forget(self, channel: MessageChannel) -> None:
+        # Only the channel that failed: a new one may have replaced it meanwhile.
+        if self._channel is channel:
+            self._channel = None
 
 
 class ChannelFailed(Exception):

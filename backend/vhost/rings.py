@@ -146,8 +146,13 @@ class RingSet:
             # suppression would never kick again. The pass re-enables them (and
             # drains what came meanwhile); a kick held back is folded into it.
             now_ns = time.monotonic_ns()
-            for thread in self._threads.values():
-                thread.kick(now_ns)
+            for index, thread in self._threads.items():
+                vring = self.vrings[index]
+                # A disabled ring gets its pass when it is enabled (with the
+                # time of that, not of this): a kick left pending here would
+                # open its first report's window now.
+                if vring.enabled and not vring.broken:
+                    thread.kick(now_ns)
 
     def pause_for_good(self) -> None:
         """The session is closing: no batch starts again."""

@@ -110,7 +110,7 @@ class QueueThread:
         behind and the error is raised."""
         try:
             self._thread.start()
-        except BaseException:
+        except RuntimeError:  # "can't start new thread": it never ran, so end it here
             self._end()
             raise
 

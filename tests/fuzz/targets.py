@@ -48,7 +48,6 @@ SESSION_RAM = 1 * MiB
 MAX_MESSAGES = 24
 REQUESTS = list(FrontendRequest)
 HEADER = struct.Struct("<III")
-logging.getLogger("vhost_balloon").setLevel(logging.CRITICAL)  # the fuzzer's inputs are all bad
 
 
 # -- session ---------------------------------------------------------------------
