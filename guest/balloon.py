@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vhost_balloon.guest.driver import ReportingDriver
+from vhost_balloon.guest.driver import ReportingDriver, timeout_reason
 from vhost_balloon.guest.errors import DriverError, ReplyTimeoutError, ReportTimeoutError
 from vhost_balloon.guest.frontend import VhostUserFrontend
 from vhost_balloon.guest.layout import PAGE_SIZE, SCRATCH_SIZE, Block
@@ -366,7 +366,7 @@ class BalloonDriver:
             try:
                 await self.frontend.wait_call(index, max(deadline - loop.time(), 0.0))
             except ReplyTimeoutError:
-                raise ReportTimeoutError(self._timeout_reason(vq, head, what, timeout)) from None
+                raise ReportTimeoutError(timeout_reason(vq, head, what, timeout)) from None
             calls += 1
             self.calls += 1
             used = self._get_used(vq)
@@ -383,19 +383,6 @@ class BalloonDriver:
             return vq.get_used()
         except QueueError as error:
             raise DriverError(f"the device corrupted the used ring: {error}") from None
-
-    @staticmethod
-    def _timeout_reason(vq: DriverQueue, head: int, what: str, timeout: float) -> str:
-        try:
-            used = vq.get_used()
-        except QueueError as error:
-            return f"the device corrupted the used ring: {error}"
-        if any(used_head == head for used_head, _len in used):
-            return (
-                f"the device returned {what} but did not signal the call eventfd "
-                f"within {timeout:g} s"
-            )
-        return f"the device did not return {what} within {timeout:g} s"
 
     # -- config space -----------------------------------------------------------------
 

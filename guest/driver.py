@@ -497,17 +497,7 @@ class ReportingDriver:
                 raise DriverError(f"the device returned heads {used} while {head} was in flight")
 
     def _timeout_reason(self, vq: DriverQueue, head: int) -> str:
-        limit = f"{self.config.report_timeout:g} s"
-        try:
-            used = vq.get_used()
-        except QueueError as error:
-            return f"the device corrupted the used ring: {error}"
-        if any(used_head == head for used_head, _len in used):
-            return (
-                f"the device returned report {self._seq - 1} but did not signal the call "
-                f"eventfd within {limit}"
-            )
-        return f"the device did not return report {self._seq - 1} within {limit}"
+        return timeout_reason(vq, head, f"report {self._seq - 1}", self.config.report_timeout)
 
     def _zeroed_bytes(self, blocks: list[Block]) -> int:
         """Bytes of the reported ranges that read back as zero (first u64 of each page)."""
@@ -574,3 +564,16 @@ class ReportingDriver:
     async def remove(self) -> list[int]:
         """Device removal: the front-end stops the rings; returns their next avail index."""
         return await self.frontend.stop()
+
+
+def timeout_reason(vq: DriverQueue, head: int, what: str, timeout: float) -> str:
+    """Why `head` (`what`: "report 3", "inflate chain 0 ...") was not seen used in time."""
+    try:
+        used = vq.get_used()
+    except QueueError as error:
+        return f"the device corrupted the used ring: {error}"
+    if any(used_head == head for used_head, _len in used):
+        return (
+            f"the device returned {what} but did not signal the call eventfd within {timeout:g} s"
+        )
+    return f"the device did not return {what} within {timeout:g} s"

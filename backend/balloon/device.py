@@ -341,12 +341,7 @@ class BalloonDevice(VirtioDevice):
         """One report: its delays, its discards, then (and only then) its
         publish and notify, and its record."""
         popped_ns = time.monotonic_ns()
-        injector = self.injector
-        injected: dict[str, int] = {}
-        if start.kick_delay_ns or injector.has(Point.KICK):
-            injected[Point.KICK.value] = start.kick_delay_ns
-        if injector.has(Point.REPORT):
-            injected[Point.REPORT.value] = injector.delay(Point.REPORT)
+        injected = self._delays_before(start)
         # QEMU acks without discarding when the guest poisons freed pages with
         # a non-zero value: a discarded page would read back as zeros.
         poison = self.config.poison_val != 0 and bool(
@@ -368,16 +363,7 @@ class BalloonDevice(VirtioDevice):
             bytes=plan.reported_bytes,
             ranges=plan.ranges,
             discard=strategy.value,
-            t_kick_ns=start.kick_ns,
-            t_start_ns=start.start_ns,
-            t_popped_ns=popped_ns,
-            t_discard_start_ns=result.started_ns,
-            t_discard_done_ns=result.done_ns,
-            t_published_ns=published.published_ns,
-            t_notified_ns=published.notified_ns,
-            discard_syscall_ns=result.syscall_ns,
-            discarded_entries=len(plan.targets) if strategy is not DiscardStrategy.NONE else 0,
-            freed_bytes=result.freed_bytes,
+            **self._timeline(start, popped_ns, result, published, len(plan.targets)),
             skipped_outside=plan.skipped_outside,
             skipped_unaligned=plan.skipped_unaligned,
             poison_ack=poison,
@@ -389,6 +375,41 @@ class BalloonDevice(VirtioDevice):
         self._account(record)
         for hook in self.record_hooks:
             hook(record)
+
+    def _delays_before(self, start: _ReportStart) -> dict[str, int]:
+        """The kick delay (already slept) and the per-chain delay (slept
+        here), measured, as a chain's record carries them."""
+        injector = self.injector
+        injected: dict[str, int] = {}
+        if start.kick_delay_ns or injector.has(Point.KICK):
+            injected[Point.KICK.value] = start.kick_delay_ns
+        if injector.has(Point.REPORT):
+            injected[Point.REPORT.value] = injector.delay(Point.REPORT)
+        return injected
+
+    def _timeline(
+        self,
+        start: _ReportStart,
+        popped_ns: int,
+        result: DiscardResult,
+        published: _Published,
+        targets: int,
+    ) -> dict[str, int]:
+        """The fields a report's and a balloon chain's records share: when
+        each phase happened, and what the discards did."""
+        discarding = self.settings.discard is not DiscardStrategy.NONE
+        return {
+            "t_kick_ns": start.kick_ns,
+            "t_start_ns": start.start_ns,
+            "t_popped_ns": popped_ns,
+            "t_discard_start_ns": result.started_ns,
+            "t_discard_done_ns": result.done_ns,
+            "t_published_ns": published.published_ns,
+            "t_notified_ns": published.notified_ns,
+            "discard_syscall_ns": result.syscall_ns,
+            "discarded_entries": targets if discarding else 0,
+            "freed_bytes": result.freed_bytes,
+        }
 
     def _describe(self, latency: LatencySettings) -> dict[str, Any]:
         described = self._described
@@ -476,11 +497,7 @@ class BalloonDevice(VirtioDevice):
         """One inflate or deflate chain: its delays, its discards (inflate),
         then its publish and notify, and its record, as a report's."""
         popped_ns = time.monotonic_ns()
-        injected: dict[str, int] = {}
-        if start.kick_delay_ns or self.injector.has(Point.KICK):
-            injected[Point.KICK.value] = start.kick_delay_ns
-        if self.injector.has(Point.REPORT):
-            injected[Point.REPORT.value] = self.injector.delay(Point.REPORT)
+        injected = self._delays_before(start)
         bad_chain = ""
         with self._balloon_lock:
             try:
@@ -515,16 +532,7 @@ class BalloonDevice(VirtioDevice):
             ranges=plan.ranges[:RECORD_RANGES],
             ranges_total=len(plan.ranges),
             discard=strategy.value,
-            t_kick_ns=start.kick_ns,
-            t_start_ns=start.start_ns,
-            t_popped_ns=popped_ns,
-            t_discard_start_ns=result.started_ns,
-            t_discard_done_ns=result.done_ns,
-            t_published_ns=published.published_ns,
-            t_notified_ns=published.notified_ns,
-            discard_syscall_ns=result.syscall_ns,
-            discarded_entries=len(plan.targets) if strategy is not DiscardStrategy.NONE else 0,
-            freed_bytes=result.freed_bytes,
+            **self._timeline(start, popped_ns, result, published, len(plan.targets)),
             skipped_outside=plan.skipped_outside,
             skipped_unaligned=plan.skipped_unaligned,
             duplicates=plan.duplicates,
