@@ -1,15 +1,19 @@
 """Syscalls the standard library lacks, through cffi in ABI mode (no compiler).
 
 The only place in the project that loads libc: every other module calls the
-typed functions below. cffi releases the GIL around each call, so a long
-punch-hole on a queue's thread does not stall the event loop, and
-mmap_lock contention threads hold the GIL only between their syscalls.
+typed functions below (two of them through ctypes, to keep the GIL). cffi
+releases the GIL around each call, so a long punch-hole on a queue's thread
+does not stall the event loop, and mmap_lock contention threads hold the GIL
+only between their syscalls.
 Each wrapper reads errno right after its call and raises OSError with it.
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 import threading
+from errno import EFAULT
 from typing import Any
 
 import cffi
@@ -89,6 +93,60 @@ def buffer_address(buffer: object) -> int:
         return int(_ffi.cast("uintptr_t", pointer))
     finally:
         _ffi.release(pointer)
+
+
+# ------------------------------------------------------- copies that fail
+
+# process_vm_readv/writev on our own pid copy through the kernel's page
+# walk: a page that would SIGBUS on a plain load (a shared file truncated
+# under its mapping, a hugetlbfs pool with no page left) makes the call fail
+# with EFAULT instead, and no signal is sent. These two go through ctypes'
+# PyDLL, which keeps the GIL: they take a microsecond or two, and handing
+# the GIL to another thread and winning it back cost ~20 us a call here
+# (a report makes several), where cffi would release it around each call.
+
+
+class _IoVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("length", ctypes.c_size_t)]
+
+
+_IOVEC_P = ctypes.POINTER(_IoVec)
+_pylibc = ctypes.PyDLL(None, use_errno=True)
+_process_vm: dict[str, Any] = {}
+for _name in ("process_vm_readv", "process_vm_writev"):
+    _call = getattr(_pylibc, _name)
+    _call.restype = ctypes.c_ssize_t
+    _call.argtypes = [
+        ctypes.c_int,
+        _IOVEC_P,
+        ctypes.c_ulong,
+        _IOVEC_P,
+        ctypes.c_ulong,
+        ctypes.c_ulong,
+    ]
+    _process_vm[_name] = _call
+
+
+def _own_copy(name: str, local: int, address: int, length: int) -> None:
+    local_iov = _IoVec(local, length)
+    remote_iov = _IoVec(address, length)
+    done = _process_vm[name](os.getpid(), local_iov, 1, remote_iov, 1, 0)
+    if done != length:
+        errno = ctypes.get_errno() if done < 0 else EFAULT
+        raise OSError(errno, f"{name} of {length} bytes at {address:#x} failed (copied {done})")
+
+
+def read_without_fault(address: int, length: int) -> bytes:
+    """The bytes at `address` in this process; OSError, never SIGBUS, if unbacked."""
+    local = ctypes.create_string_buffer(length)
+    _own_copy("process_vm_readv", ctypes.addressof(local), address, length)
+    return local.raw
+
+
+def write_without_fault(address: int, data: bytes) -> None:
+    """Store `data` at `address` in this process; OSError, never SIGBUS, if unbacked."""
+    local = ctypes.create_string_buffer(data, len(data))
+    _own_copy("process_vm_writev", ctypes.addressof(local), address, len(data))
 
 
 # ------------------------------------------------------------------ timers

@@ -11,7 +11,10 @@ For each run, in the same process tree and the same minute:
                reports; per report the trace gives kick->notify and the time
                spent inside the discard syscalls.
   overhead  -- the same with `--discard none`: the pure per-report Python
-               path (kick, pop, publish, notify) with no syscall at all.
+               path (kick, pop, publish, notify) with no syscall at all;
+  guarded   -- `--discard none` again over unsealed RAM (as hugetlbfs or
+               tmpfs RAM is): every ring access is a copy that cannot fault
+               (process_vm_readv/writev), what fault isolation costs.
 
 Printed: medians over reports, then the median over runs, and the ratio of
 backend kick->notify to the bare cross-process syscalls (`bare_us`).
@@ -88,12 +91,20 @@ def bare_punch_hole_us(reports: int, *, populated_by_other_process: bool) -> flo
     return statistics.median(samples)
 
 
-def backend_run(discard: str, reports: int, workdir: Path) -> dict[str, float]:
-    sock = workdir / f"{discard}.sock"
-    trace = workdir / f"{discard}.jsonl"
+def backend_run(
+    discard: str, reports: int, workdir: Path, *, sealed: bool = True
+) -> dict[str, float]:
+    name = discard if sealed else f"{discard}-unsealed"
+    sock = workdir / f"{name}.sock"
+    trace = workdir / f"{name}.jsonl"
     trace.unlink(missing_ok=True)
-    with harness.backend(sock, "--discard", discard, "--trace", str(trace)):
-        summary = harness.run_guest(sock, "--memory", "512M", "--reports", str(reports))
+    serve = ["--discard", discard, "--trace", str(trace)]
+    guest = ["--memory", "512M", "--reports", str(reports)]
+    if not sealed:
+        serve.append("--allow-unsealed-memory")
+        guest.append("--no-seal")
+    with harness.backend(sock, *serve):
+        summary = harness.run_guest(sock, *guest)
     records = [json.loads(line) for line in trace.read_text().splitlines()]
     measured = [
         (hold_ns / 1000, r["discard_syscall_ns"] / 1000)
@@ -125,6 +136,7 @@ def main() -> int:
             bare = bare_punch_hole_us(args.reports, populated_by_other_process=True)
             punched = backend_run("punch-hole", args.reports, Path(tmp))
             nothing = backend_run("none", args.reports, Path(tmp))
+            guarded = backend_run("none", args.reports, Path(tmp), sealed=False)
             row = {
                 "bare_same_process_us": bare_same,
                 "bare_us": bare,
@@ -134,6 +146,7 @@ def main() -> int:
                 "guest_hold_us": punched["guest_hold_us"],
                 "none_path_us": nothing["kick_to_notify_us"],
                 "none_guest_hold_us": nothing["guest_hold_us"],
+                "guarded_none_path_us": guarded["kick_to_notify_us"],
                 "ratio": punched["kick_to_notify_us"] / bare,
             }
             rows.append(row)

@@ -130,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--page-poison", action="store_true", help="accept PAGE_POISON (poison_val 0)"
     )
+    parser.add_argument(
+        "--no-seal",
+        action="store_true",
+        help="leave RAM unsealed, as hugetlbfs or tmpfs RAM is (the backend then needs "
+        "--allow-unsealed-memory and reaches it through copies that cannot fault)",
+    )
     parser.add_argument("--pause-ms", type=_milliseconds, default=0.0, help="pause between reports")
     parser.add_argument(
         "--discard-label", default=None, help="discard strategy name to record in the summary"
@@ -277,6 +283,7 @@ def options_from_args(args: argparse.Namespace) -> GuestOptions:
         driver=driver,
         connect_timeout=args.connect_timeout,
         discard_label=args.discard_label,
+        seal=not args.no_seal,
     )
 
 

@@ -47,6 +47,9 @@ class GuestOptions:
     connect_timeout: float = 5.0
     reply_timeout: float = 5.0
     discard_label: str | None = None
+    # Seal RAM against shrinking, as QEMU's memfd backend does; off to stand
+    # in for hugetlbfs or tmpfs RAM, which a front-end can truncate.
+    seal: bool = True
     # With the balloon: run follow() and stats_loop() in the background.
     balloon_follow: bool = True
 
@@ -68,7 +71,7 @@ class MockGuest:
     def __init__(self, options: GuestOptions) -> None:
         options.driver.validate()
         self.options = options
-        self.ram = GuestRam(options.memory_bytes, regions=options.regions)
+        self.ram = GuestRam(options.memory_bytes, regions=options.regions, seal=options.seal)
         try:
             self.frontend = VhostUserFrontend(options.socket_path, options.frontend_options())
             self.driver = ReportingDriver(self.frontend, self.ram, options.driver)

@@ -30,6 +30,11 @@ class AddressError(ProtocolError):
     """An address range that is not fully inside one memory region."""
 
 
+class MemoryFault(ProtocolError):
+    """Guest memory that is mapped but has no page behind it any more (the
+    front-end truncated the file): the session's memory is gone."""
+
+
 class QueueErrorKind(enum.Enum):
     HEAD_OUT_OF_RANGE = "descriptor index >= queue size"
     NEXT_OUT_OF_RANGE = "next descriptor index >= table size"

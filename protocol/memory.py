@@ -8,10 +8,12 @@ one region; crossing a region end is refused, never split.
 
 from __future__ import annotations
 
+import abc
 import bisect
 import enum
 import itertools
 import mmap
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
@@ -102,6 +104,55 @@ class RegionTable:
 WritableBuffer: TypeAlias = mmap.mmap | bytearray | memoryview
 
 
+class GuardedBuffer(abc.ABC):
+    """Bytes that are read and written by copies that can fail.
+
+    A region whose file the front-end can shrink (hugetlbfs, tmpfs, an
+    unsealed memfd) would SIGBUS the whole process on a plain load; the
+    backend wraps such a region in one of these, whose copies raise
+    `MemoryFault` instead (the syscalls live in the back-end, not here).
+    """
+
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
+
+    @abc.abstractmethod
+    def read(self, offset: int, length: int) -> bytes:
+        """`length` bytes at `offset`; MemoryFault if they are gone."""
+
+    @abc.abstractmethod
+    def write(self, offset: int, data: bytes) -> None:
+        """Store `data` at `offset`; MemoryFault if the bytes are gone."""
+
+
+RegionBuffer: TypeAlias = WritableBuffer | GuardedBuffer
+# What ring fields are loaded from: a region, or a copy taken out of one.
+LoadableBuffer: TypeAlias = RegionBuffer | bytes
+
+
+def load(layout: struct.Struct, buffer: LoadableBuffer, offset: int) -> tuple[int, ...]:
+    """`layout.unpack_from`, through a copy when the buffer is guarded."""
+    if isinstance(buffer, GuardedBuffer):
+        return layout.unpack(buffer.read(offset, layout.size))
+    return layout.unpack_from(buffer, offset)
+
+
+def store(layout: struct.Struct, buffer: RegionBuffer, offset: int, *values: int) -> None:
+    """`layout.pack_into`, through a copy when the buffer is guarded."""
+    if isinstance(buffer, GuardedBuffer):
+        buffer.write(offset, layout.pack(*values))
+    else:
+        layout.pack_into(buffer, offset, *values)
+
+
+def snapshot(buffer: RegionBuffer, offset: int, length: int) -> tuple[LoadableBuffer, int]:
+    """A guarded buffer's bytes copied out in one call (one syscall rather
+    than one per field); any other buffer as it is."""
+    if isinstance(buffer, GuardedBuffer):
+        return buffer.read(offset, length), 0
+    return buffer, offset
+
+
 class GuestMemory:
     """A region table plus one byte buffer per region (no syscalls here).
 
@@ -109,25 +160,28 @@ class GuestMemory:
     unit tests plain bytearrays: the same ring code runs over all of them.
     """
 
-    def __init__(self, table: RegionTable, buffers: Sequence[WritableBuffer]) -> None:
+    def __init__(self, table: RegionTable, buffers: Sequence[RegionBuffer]) -> None:
         if len(buffers) != len(table):
             raise ValueError("one buffer per region is required")
         for region, buffer in zip(table.regions, buffers, strict=True):
             if len(buffer) < region.size:
                 raise ValueError("buffer smaller than its region")
         self.table = table
-        self.buffers: tuple[WritableBuffer, ...] = tuple(buffers)
+        self.buffers: tuple[RegionBuffer, ...] = tuple(buffers)
 
-    def locate(
-        self, addr: int, length: int, space: Space = Space.GPA
-    ) -> tuple[WritableBuffer, int]:
+    def locate(self, addr: int, length: int, space: Space = Space.GPA) -> tuple[RegionBuffer, int]:
         index, offset = self.table.find(addr, length, space)
         return self.buffers[index], offset
 
     def read(self, addr: int, length: int, space: Space = Space.GPA) -> bytes:
         buffer, offset = self.locate(addr, length, space)
+        if isinstance(buffer, GuardedBuffer):
+            return buffer.read(offset, length)
         return bytes(buffer[offset : offset + length])
 
     def write(self, addr: int, data: bytes, space: Space = Space.GPA) -> None:
         buffer, offset = self.locate(addr, len(data), space)
-        buffer[offset : offset + len(data)] = data
+        if isinstance(buffer, GuardedBuffer):
+            buffer.write(offset, data)
+        else:
+            buffer[offset : offset + len(data)] = data

@@ -7,7 +7,8 @@ kick, collect used entries; the mocked guest and unit tests use it to build
 real ring bytes that the device side then parses.
 
 Every malformed ring state raises `QueueError` with a `QueueErrorKind`; no
-other exception escapes the device side for bad guest data.
+other exception escapes the device side for bad guest data, except
+`MemoryFault` from a `GuardedBuffer` whose pages the front-end took away.
 
 Memory ordering: used entries are written before used.idx and avail.idx is
 read before the ring entries; on x86 (TSO) program order gives that. The two
@@ -23,7 +24,17 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from vhost_balloon.protocol.errors import AddressError, QueueError, QueueErrorKind
-from vhost_balloon.protocol.memory import GuestMemory, Space, WritableBuffer
+from vhost_balloon.protocol.memory import (
+    GuardedBuffer,
+    GuestMemory,
+    LoadableBuffer,
+    RegionBuffer,
+    Space,
+    WritableBuffer,
+    load,
+    snapshot,
+    store,
+)
 
 DESC = struct.Struct("<QIHH")
 U16 = struct.Struct("<H")
@@ -123,11 +134,21 @@ class Chain:
 
 def _locate(
     memory: GuestMemory, addr: int, length: int, space: Space, what: str
-) -> tuple[WritableBuffer, int]:
+) -> tuple[RegionBuffer, int]:
     try:
         return memory.locate(addr, length, space)
     except AddressError as error:
         raise QueueError(QueueErrorKind.ADDRESS, f"{what}: {error}") from None
+
+
+def _locate_own(
+    memory: GuestMemory, addr: int, length: int, space: Space, what: str
+) -> tuple[WritableBuffer, int]:
+    """The driver's rings: always in its own plain mappings."""
+    buffer, offset = _locate(memory, addr, length, space, what)
+    if isinstance(buffer, GuardedBuffer):
+        raise TypeError("a driver's rings must be plain buffers")
+    return buffer, offset
 
 
 class DeviceQueue:
@@ -162,13 +183,13 @@ class DeviceQueue:
         self.next_avail = next_avail & 0xFFFF
         # Continue from what the used ring says (a ring may be restarted with
         # SET_VRING_BASE after GET_VRING_BASE).
-        (self.next_used,) = U16.unpack_from(self._used_buf, self._used + 2)
+        (self.next_used,) = load(U16, self._used_buf, self._used + 2)
         self._signalled_used: int | None = None
 
     # -- avail side -------------------------------------------------------
 
     def avail_idx(self) -> int:
-        (idx,) = U16.unpack_from(self._avail_buf, self._avail + 2)
+        (idx,) = load(U16, self._avail_buf, self._avail + 2)
         return int(idx)
 
     def has_available(self) -> bool:
@@ -184,7 +205,7 @@ class DeviceQueue:
         if not self.has_available():
             return None
         slot = self._avail + 4 + 2 * (self.next_avail % self.size)
-        (head,) = U16.unpack_from(self._avail_buf, slot)
+        (head,) = load(U16, self._avail_buf, slot)
         if head >= self.size:
             raise QueueError(QueueErrorKind.HEAD_OUT_OF_RANGE, f"head {head} >= {self.size}")
         chain = self._walk(head)
@@ -192,14 +213,16 @@ class DeviceQueue:
         return chain
 
     def _walk(self, head: int) -> Chain:
-        table_buf, table, table_size = self._desc_buf, self._desc, self.size
+        # A guarded table is copied out whole: one syscall, not one per descriptor.
+        table_buf, table = snapshot(self._desc_buf, self._desc, self.size * DESC_SIZE)
+        table_size = self.size
         descriptors: list[Descriptor] = []
         index, walked, indirect, seen_writable = head, 0, False, False
         while True:
             walked += 1
             if walked > table_size:
                 raise QueueError(QueueErrorKind.LOOP, f"chain from head {head}")
-            addr, length, flags, nxt = DESC.unpack_from(table_buf, table + DESC_SIZE * index)
+            addr, length, flags, nxt = load(DESC, table_buf, table + DESC_SIZE * index)
             if flags & DESC_F_INDIRECT:
                 table_buf, table, table_size = self._enter_indirect(addr, length, flags, indirect)
                 indirect, index, walked = True, 0, 0
@@ -219,7 +242,7 @@ class DeviceQueue:
 
     def _enter_indirect(
         self, addr: int, length: int, flags: int, nested: bool
-    ) -> tuple[WritableBuffer, int, int]:
+    ) -> tuple[LoadableBuffer, int, int]:
         # Direct descriptors may precede the indirect one (virtio 1.x 2.7.5.3.2:
         # the device MUST handle it); Linux only ever puts it at the head.
         if nested:
@@ -235,46 +258,44 @@ class DeviceQueue:
         if addr + length > 1 << 64:
             raise QueueError(QueueErrorKind.OVERFLOW, f"indirect table {addr:#x}+{length:#x}")
         buf, offset = _locate(self.memory, addr, length, Space.GPA, "indirect table")
-        return buf, offset, length // DESC_SIZE
+        return (*snapshot(buf, offset, length), length // DESC_SIZE)
 
     # -- used side --------------------------------------------------------
 
     def push(self, head: int, length: int) -> None:
         """Publish one used entry: the element first, then used.idx."""
         slot = self._used + 4 + USED_ELEM.size * (self.next_used % self.size)
-        USED_ELEM.pack_into(self._used_buf, slot, head, length)
+        store(USED_ELEM, self._used_buf, slot, head, length)
         self.next_used = (self.next_used + 1) & 0xFFFF
-        U16.pack_into(self._used_buf, self._used + 2, self.next_used)
+        store(U16, self._used_buf, self._used + 2, self.next_used)
 
     def needs_notify(self) -> bool:
         """Whether the driver asked to be interrupted for what was published."""
         if not self.event_idx:
-            (flags,) = U16.unpack_from(self._avail_buf, self._avail)
+            (flags,) = load(U16, self._avail_buf, self._avail)
             return not flags & AVAIL_F_NO_INTERRUPT
         self.fence()
         old, new = self._signalled_used, self.next_used
         self._signalled_used = new
         if old is None:
             return True
-        (used_event,) = U16.unpack_from(self._avail_buf, self._avail + 4 + 2 * self.size)
+        (used_event,) = load(U16, self._avail_buf, self._avail + 4 + 2 * self.size)
         return vring_need_event(used_event, new, old)
 
     # -- kick suppression -------------------------------------------------
 
     def disable_notifications(self) -> None:
         if not self.event_idx:
-            (flags,) = U16.unpack_from(self._used_buf, self._used)
-            U16.pack_into(self._used_buf, self._used, flags | USED_F_NO_NOTIFY)
+            (flags,) = load(U16, self._used_buf, self._used)
+            store(U16, self._used_buf, self._used, flags | USED_F_NO_NOTIFY)
 
     def enable_notifications(self) -> bool:
         """Ask for kicks again; True if buffers arrived meanwhile (drain again)."""
         if self.event_idx:
-            U16.pack_into(
-                self._used_buf, self._used + 4 + USED_ELEM.size * self.size, self.next_avail
-            )
+            store(U16, self._used_buf, self._used + 4 + USED_ELEM.size * self.size, self.next_avail)
         else:
-            (flags,) = U16.unpack_from(self._used_buf, self._used)
-            U16.pack_into(self._used_buf, self._used, flags & ~USED_F_NO_NOTIFY)
+            (flags,) = load(U16, self._used_buf, self._used)
+            store(U16, self._used_buf, self._used, flags & ~USED_F_NO_NOTIFY)
         self.fence()
         return self.has_available()
 
@@ -305,13 +326,13 @@ class DriverQueue:
         self.size = layout.size
         self.event_idx = event_idx
         self.fence = fence
-        self._desc_buf, self._desc = _locate(
+        self._desc_buf, self._desc = _locate_own(
             memory, layout.desc, layout.desc_bytes, Space.GPA, "descriptor table"
         )
-        self._avail_buf, self._avail = _locate(
+        self._avail_buf, self._avail = _locate_own(
             memory, layout.avail, layout.avail_bytes, Space.GPA, "avail ring"
         )
-        self._used_buf, self._used = _locate(
+        self._used_buf, self._used = _locate_own(
             memory, layout.used, layout.used_bytes, Space.GPA, "used ring"
         )
         for buf, offset, length in (
@@ -354,7 +375,7 @@ class DriverQueue:
         if not buffers:
             raise ValueError("a chain needs at least one buffer")
         if indirect_table is not None:
-            table_buf, table = _locate(
+            table_buf, table = _locate_own(
                 self.memory, indirect_table, DESC_SIZE * len(buffers), Space.GPA, "indirect table"
             )
             for i, buffer in enumerate(buffers):

@@ -56,6 +56,7 @@ class RunningBackend:
             "reply_timeout",
             "discard_label",
             "balloon_follow",
+            "seal",
         }
         frontend = {k: driver.pop(k) for k in list(driver) if k in frontend_keys}
         driver.setdefault("report_timeout", 10.0)
@@ -81,6 +82,7 @@ async def start_backend(tmp_path: Path) -> AsyncIterator[StartBackend]:
         control: bool = False,
         features: int = OFFERED_FEATURES,
         stats_interval_s: float = 0.0,
+        allow_unsealed_memory: bool = False,
     ) -> RunningBackend:
         index = len(running)
         path = tmp_path / f"backend{index}.sock"
@@ -95,6 +97,7 @@ async def start_backend(tmp_path: Path) -> AsyncIterator[StartBackend]:
             trace_path=trace,
             latency=latency or LatencySettings(),
             control_socket=tmp_path / f"control{index}.sock" if control else None,
+            allow_unsealed_memory=allow_unsealed_memory,
         )
         listener = listen_unix(path)
         server = Server(settings)

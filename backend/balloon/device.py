@@ -37,7 +37,7 @@ from vhost_balloon.backend.latency.injection import (
 from vhost_balloon.backend.vhost.device import FrontendLink, QueueHandle, VirtioDevice
 from vhost_balloon.backend.vhost.worker import GilTurns
 from vhost_balloon.protocol import virtio
-from vhost_balloon.protocol.errors import AddressError, QueueError
+from vhost_balloon.protocol.errors import AddressError, MemoryFault, QueueError
 from vhost_balloon.protocol.virtqueue import Chain, DeviceQueue
 
 
@@ -237,6 +237,9 @@ class BalloonDevice(VirtioDevice):
                 self._notify(handle)
             except (QueueError, AddressError, ValueError) as error:
                 self.log.warning("stats queue: could not give the buffer back: %s", error)
+            except MemoryFault as fault:
+                if self.frontend is not None:
+                    self.frontend.lost_memory(f"guest memory is gone: {fault}")
 
     def _stats_chain(self, handle: QueueHandle, chain: Chain) -> None:
         """A stats buffer: hold it, and keep its sample."""

@@ -38,6 +38,10 @@ class FrontendLink(Protocol):
         the CONFIG protocol feature)."""
         ...
 
+    def lost_memory(self, reason: str) -> None:
+        """The guest's memory faulted (MemoryFault): the session must end."""
+        ...
+
     async def config_changed(self) -> bool:
         """Tell the driver the config space changed; False if the front-end
         gave no way to (no backend channel, CONFIG not negotiated) or refused;

@@ -15,8 +15,15 @@ import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from vhost_balloon.backend.libc import buffer_address
-from vhost_balloon.protocol.memory import GuestMemory, Region, RegionTable
+from vhost_balloon.backend.libc import buffer_address, read_without_fault, write_without_fault
+from vhost_balloon.protocol.errors import MemoryFault
+from vhost_balloon.protocol.memory import (
+    GuardedBuffer,
+    GuestMemory,
+    Region,
+    RegionBuffer,
+    RegionTable,
+)
 from vhost_balloon.protocol.vhost_user import MemoryRegionDesc
 
 PAGE_SIZE = mmap.PAGESIZE
@@ -32,6 +39,50 @@ class FileIdentity:
 
     device: int
     inode: int
+
+
+class GuardedRegion(GuardedBuffer):
+    """A region's bytes reached by copies that fail rather than fault.
+
+    For files the front-end can shrink under our mapping: a plain load from a
+    truncated page would SIGBUS the process and every session in it, these
+    copies raise MemoryFault and only this session ends. The price is one
+    syscall (about 3 us) per ring access, paid only by such regions.
+    """
+
+    def __init__(self, address: int, size: int) -> None:
+        self._address = address
+        self._size = size
+        self._closed = False
+
+    def __len__(self) -> int:
+        return self._size
+
+    def _at(self, offset: int, length: int) -> int:
+        # Like a released memoryview: a queue still holding the region after
+        # close gets ValueError, never a copy from whatever is mapped there now.
+        if self._closed:
+            raise ValueError("guest memory region was unmapped")
+        if offset < 0 or length < 0 or offset + length > self._size:
+            raise ValueError(f"{offset:#x}+{length:#x} is outside the region")
+        return self._address + offset
+
+    def read(self, offset: int, length: int) -> bytes:
+        address = self._at(offset, length)
+        try:
+            return read_without_fault(address, length)
+        except OSError as error:
+            raise MemoryFault(f"guest memory at region offset {offset:#x}: {error}") from None
+
+    def write(self, offset: int, data: bytes) -> None:
+        address = self._at(offset, len(data))
+        try:
+            write_without_fault(address, data)
+        except OSError as error:
+            raise MemoryFault(f"guest memory at region offset {offset:#x}: {error}") from None
+
+    def close(self) -> None:
+        self._closed = True
 
 
 class MappedRegion:
@@ -84,11 +135,20 @@ class MappedRegion:
         except (OSError, OverflowError, ValueError) as error:
             raise MappingError(f"mmap of {end:#x} bytes failed: {error}") from None
         self.address = buffer_address(self.mapping)
-        # The region's bytes, for ring access only. Released on close: a
-        # queue still holding it then gets ValueError, never a stale pointer.
+        # The region's bytes. Released on close: a queue still holding it
+        # then gets ValueError, never a stale pointer.
         self.view: memoryview = memoryview(self.mapping)[desc.mmap_offset : end]
+        # What rings, balloon and stats buffers are read through: the plain
+        # view where the file cannot shrink (a sealed memfd), else copies
+        # that fail with MemoryFault instead of SIGBUS.
+        self.guarded: GuardedRegion | None = None
+        if not self.sealed_against_shrink:
+            self.guarded = GuardedRegion(self.address + desc.mmap_offset, desc.memory_size)
+        self.ring_bytes: RegionBuffer = self.view if self.guarded is None else self.guarded
 
     def close(self) -> None:
+        if self.guarded is not None:
+            self.guarded.close()
         self.view.release()
         if self.mapping is not None:
             self.mapping.close()
@@ -135,7 +195,7 @@ class MemoryMap:
         """Guest memory over the mappings (rebuilt after each change)."""
         if self._memory is None:
             table = RegionTable([r.region for r in self.regions])
-            self._memory = GuestMemory(table, [r.view for r in self.regions])
+            self._memory = GuestMemory(table, [r.ring_bytes for r in self.regions])
         return self._memory
 
     def add(self, region: MappedRegion) -> None:

@@ -24,7 +24,7 @@ from vhost_balloon.backend.vhost.device import QueueHandle, VirtioDevice
 from vhost_balloon.backend.vhost.mapping import MemoryMap
 from vhost_balloon.backend.vhost.vring import Vring
 from vhost_balloon.backend.vhost.worker import QueueThread
-from vhost_balloon.protocol.errors import AddressError, QueueError, QueueErrorKind
+from vhost_balloon.protocol.errors import AddressError, MemoryFault, QueueError, QueueErrorKind
 from vhost_balloon.protocol.memory import Space
 from vhost_balloon.protocol.virtio import F_EVENT_IDX, F_INDIRECT_DESC, has_feature
 from vhost_balloon.protocol.virtqueue import DeviceQueue, RingLayout
@@ -40,6 +40,7 @@ class RingSet:
         memory_map: Callable[[], MemoryMap],
         acked_features: Callable[[], int],
         on_broken: Callable[[], None],
+        on_memory_lost: Callable[[str], None],
     ) -> None:
         self._name = name
         self._device = device
@@ -47,6 +48,7 @@ class RingSet:
         self._memory_map = memory_map
         self._acked_features = acked_features
         self._on_broken = on_broken
+        self._on_memory_lost = on_memory_lost
         self._loop = asyncio.get_running_loop()
         self.vrings = [Vring(i) for i in range(device.max_queues)]
         self._threads: dict[int, QueueThread] = {}  # one per started ring
@@ -232,6 +234,10 @@ class RingSet:
                 return  # the ring stopped before this batch could run
             self._batch_queues[vring.index] = self._parsed_queue(vring)
             self._device.process_queue(handle, kick_ns)
+        except MemoryFault as fault:
+            # The front-end shrank a file under our mapping: nothing of this
+            # guest can be served any more, but no other session is touched.
+            self._break_from_thread(vring, f"guest memory is gone: {fault}", memory_lost=True)
         except (QueueError, AddressError) as error:
             self._break_from_thread(vring, str(error))
         except ValueError as error:
@@ -244,14 +250,16 @@ class RingSet:
             self._log.exception("queue %d: report processing failed", vring.index)
             self._break_from_thread(vring, f"report processing failed: {error!r}")
 
-    def _break_from_thread(self, vring: Vring, reason: str) -> None:
+    def _break_from_thread(self, vring: Vring, reason: str, *, memory_lost: bool = False) -> None:
         # At once, on the thread: no further batch runs on this ring. The rest
         # (the device, the session's state, the log) belongs to the event loop.
         vring.broken = True
         with contextlib.suppress(RuntimeError):  # the loop is closed: the session is gone
-            self._loop.call_soon_threadsafe(self._break_on_loop, vring, reason)
+            self._loop.call_soon_threadsafe(self._break_on_loop, vring, reason, memory_lost)
 
-    def _break_on_loop(self, vring: Vring, reason: str) -> None:
+    def _break_on_loop(self, vring: Vring, reason: str, memory_lost: bool = False) -> None:
+        if memory_lost:
+            self._on_memory_lost(reason)
         if self.vrings[vring.index] is not vring:
             # The rings were reset meanwhile: the ring it broke is gone.
             self._log.error("queue %d failed as it was reset: %s", vring.index, reason)

@@ -138,11 +138,13 @@ class Session:
             memory_map=lambda: self.memory_map,
             acked_features=lambda: self.acked_features,
             on_broken=lambda: self._set_state(SessionState.BROKEN),
+            on_memory_lost=self.lost_memory,
         )
         self.acked_features = 0
         self.acked_protocol_features = 0
         self.backend_channel = BackendChannel()
         self.end_reason = ""
+        self._memory_lost: str | None = None
         # Each request's handler, typed by the payload its spec decodes to.
         self.routes: dict[FrontendRequest, _Route[Any]] = {
             FrontendRequest.GET_FEATURES: _Route(Empty, self._get_features),
@@ -179,8 +181,11 @@ class Session:
                 header, payload, fds = await self.channel.receive()
                 await self._dispatch(header.request, header.need_reply, header, payload, fds)
         except ConnectionClosed as closed:
-            self.end_reason = str(closed)
-            self.log.info("front-end disconnected: %s", closed)
+            if self._memory_lost is not None:
+                self.end_reason = self._memory_lost
+            else:
+                self.end_reason = str(closed)
+                self.log.info("front-end disconnected: %s", closed)
         except MessageError as error:
             self.end_reason = str(error)
             self.log.error("ending session: %s", error)
@@ -459,6 +464,13 @@ class Session:
         )
 
     # -- lifecycle ----------------------------------------------------------------
+
+    def lost_memory(self, reason: str) -> None:
+        """The guest's memory faulted under us: end this session (only this one)."""
+        if self._memory_lost is None:
+            self._memory_lost = reason
+            self.log.error("ending session: %s", reason)
+            self.channel.hang_up()
 
     def _set_state(self, state: SessionState) -> None:
         if self.state is not state and self.state is not SessionState.CLOSED:

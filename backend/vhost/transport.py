@@ -116,5 +116,10 @@ class MessageChannel:
             view = view[sent:]
             ancillary = []
 
+    def hang_up(self) -> None:
+        """End the connection from our side: a pending receive sees EOF."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
     def close(self) -> None:
         self.sock.close()

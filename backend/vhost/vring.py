@@ -10,7 +10,9 @@ kick fd is closed only once its thread has ended.)
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import select
 import threading
 from dataclasses import dataclass, field
 
@@ -41,17 +43,33 @@ def check_eventfd(fd: int) -> None:
 
 
 # O_NONBLOCK lives on the open file the front-end shares with us, so it can
-# switch it off again: set it before every read and write, so that a peer
-# cannot make the event loop block (one fcntl pair, about a microsecond).
+# switch it off again at any moment. Reads therefore never depend on it:
+# preadv2(RWF_NOWAIT) is non-blocking whatever the file's flags say. Writes
+# cannot do that (eventfd writes answer RWF_NOWAIT with EOPNOTSUPP), and block
+# only on a counter one short of 2**64-1: the flag is set right before the
+# write, and a counter that poll says is full is left alone, so a peer must
+# both clear the flag and fill the counter inside those few instructions.
 
 
 def read_eventfd(fd: int) -> None:
+    """Take the counter; BlockingIOError if it is zero. Never blocks."""
+    try:
+        os.preadv(fd, [bytearray(8)], -1, os.RWF_NOWAIT)
+        return
+    except OSError as error:
+        if error.errno != errno.EOPNOTSUPP:
+            raise
+    # A kernel whose eventfd lacks RWF_NOWAIT: the flag, with its race.
     os.set_blocking(fd, False)
     os.read(fd, 8)
 
 
 def signal_eventfd(fd: int) -> None:
     os.set_blocking(fd, False)
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    if not poller.poll(0):
+        return  # a full counter: a notification is pending anyway
     # A saturated counter (EAGAIN) means a notification is pending anyway.
     with contextlib.suppress(BlockingIOError):
         os.write(fd, _ONE)

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
-from vhost_balloon.protocol.memory import GuestMemory, Region, RegionTable
+from vhost_balloon.protocol.memory import GuestMemory, Region, RegionTable, store
 from vhost_balloon.protocol.virtqueue import (
     DESC,
     DESC_F_NEXT,
@@ -140,9 +140,9 @@ def start_driver_at(driver: DriverQueue, index: int) -> None:
     driver._kicked_idx = index
     layout = driver.layout
     avail_buf, avail_offset = driver.memory.locate(layout.avail, layout.avail_bytes)
-    U16.pack_into(avail_buf, avail_offset + 2, index)
+    store(U16, avail_buf, avail_offset + 2, index)
     used_buf, used_offset = driver.memory.locate(layout.used, layout.used_bytes)
-    U16.pack_into(used_buf, used_offset + 2, index)
+    store(U16, used_buf, used_offset + 2, index)
 
 
 class Hang(AssertionError):

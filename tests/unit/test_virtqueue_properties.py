@@ -25,7 +25,7 @@ from tests.unit.ringkit import (
     u16_at,
 )
 from vhost_balloon.protocol.errors import QueueError
-from vhost_balloon.protocol.memory import GuestMemory
+from vhost_balloon.protocol.memory import GuestMemory, load
 from vhost_balloon.protocol.virtqueue import (
     DESC,
     DESC_F_INDIRECT,
@@ -490,7 +490,7 @@ def test_driver_refuses_a_chain_it_has_no_descriptors_for() -> None:
     else:
         raise AssertionError("a 3-buffer chain fitted in a 2-entry queue")
     head = driver.add([Buffer(0, 1, True)] * 3, indirect_table=INDIRECT_AREA)
-    entry = struct.unpack_from("<QIHH", memory.buffers[0], DESC_SIZE * head)
+    entry = load(struct.Struct("<QIHH"), memory.buffers[0], DESC_SIZE * head)
     assert entry == (INDIRECT_AREA, 3 * DESC_SIZE, IND, 0)
 
 
