@@ -50,6 +50,9 @@
 #   --share on|off    share= of the RAM backend (on); off only to see QEMU's
 #                     error when vhost-user cannot map guest RAM [VB_SHARE]
 #   --qemu BIN        run this QEMU instead of the provisioned one [VB_QEMU]
+#   --listen          QEMU listens at SOCKET (server=on,wait=on) and the backend
+#                     connects (`vhost-balloon serve --connect SOCKET`): QEMU
+#                     waits for it before the guest starts [VB_LISTEN]
 # Exit status: QEMU's (0 after the guest's poweroff), 124 on timeout.
 # Host-side notes go to stderr, prefixed "run-guest:".
 # shellcheck disable=SC2054  # QEMU options are comma-separated by design
@@ -63,7 +66,7 @@ NUM_VQS=${VB_NUM_VQS:-3}
 MEM=${VB_MEM:-512M} ACCEL=${VB_ACCEL:-auto} APPEND=${VB_APPEND:-} TIMEOUT=${VB_TIMEOUT:-900}
 MEM_LOG=${VB_MEM_LOG:-} TIMESTAMPS=0 BUILD=1
 USER_KERNEL=${VB_KERNEL:-} USER_INITRD=${VB_INITRD:-} MEM_PATH=${VB_MEM_PATH:-}
-SHARE=${VB_SHARE:-on} USER_QEMU=${VB_QEMU:-}
+SHARE=${VB_SHARE:-on} USER_QEMU=${VB_QEMU:-} LISTEN=${VB_LISTEN:-0}
 SOCK='' BUILTIN=0 NO_BALLOON=0
 
 note() { echo "run-guest: $*" >&2; }
@@ -94,6 +97,7 @@ while [ $# -gt 0 ]; do
         --mem-path) MEM_PATH=$2; shift 2 ;;
         --share) SHARE=$2; shift 2 ;;
         --qemu) USER_QEMU=$2; shift 2 ;;
+        --listen) LISTEN=1; shift ;;
         --builtin) BUILTIN=1; shift; break ;;
         --no-balloon) NO_BALLOON=1; shift; break ;;
         -h|--help) usage; exit 0 ;;
@@ -141,7 +145,14 @@ under_shared() {
     return 1
 }
 
-if [ "$BUILTIN" = 0 ] && [ "$NO_BALLOON" = 0 ]; then
+if [ "$BUILTIN" = 0 ] && [ "$NO_BALLOON" = 0 ] && [ "$LISTEN" = 1 ]; then
+    # QEMU makes the socket: only its directory must exist and be shared.
+    [ -n "$SOCK" ] || fail "--listen needs a SOCKET path for QEMU to listen on"
+    [ -e "$SOCK" ] && fail "$SOCK exists: QEMU must create the socket it listens on (remove it first)"
+    [ -d "$(dirname "$SOCK")" ] || fail "directory $(dirname "$SOCK") does not exist"
+    SOCK=$(cd "$(dirname "$SOCK")" && pwd -P)/$(basename "$SOCK")
+    under_shared "$SOCK" || fail "socket $SOCK is outside the directories QEMU shares with the host ($QEMU_SHARED_DIRS): put it in $VB_RUN_DIR or /tmp, or set VHOST_BALLOON_SHARED_DIRS=$(dirname "$SOCK")"
+elif [ "$BUILTIN" = 0 ] && [ "$NO_BALLOON" = 0 ]; then
     [ -e "$SOCK" ] || fail "socket $SOCK does not exist: start the backend first (vhost-balloon serve --socket-path $SOCK)"
     [ -S "$SOCK" ] || fail "$SOCK is not a unix socket"
     SOCK=$(cd "$(dirname "$SOCK")" && pwd -P)/$(basename "$SOCK")
@@ -237,7 +248,7 @@ elif [ "$BUILTIN" = 1 ]; then
     WHAT="QEMU's built-in virtio-balloon-pci,free-page-reporting=on"
 else
     ARGS+=(
-        -chardev "socket,id=vub,path=$(qemu_opt "$SOCK")"
+        -chardev "socket,id=vub,path=$(qemu_opt "$SOCK")$([ "$LISTEN" = 1 ] && echo ,server=on,wait=on)"
         -device "vhost-user-test-device-pci,chardev=vub,virtio-id=5,num_vqs=$NUM_VQS,config_size=16,vq_size=64"
     )
     WHAT="vhost-user balloon at $SOCK"

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from vhost_balloon.protocol.units import argument_type
 from vhost_balloon.protocol.virtio import describe_features
 
 LOG = logging.getLogger("vhost_balloon")
+CONNECT_RETRY_S = 0.2
 
 
 def add_parser(commands: Any) -> None:
@@ -42,6 +44,14 @@ def add_parser(commands: Any) -> None:
         "--fd",
         type=argument_type(parse_fd),
         help="an inherited unix socket: listening (accept front-ends) or connected (serve one)",
+    )
+    where.add_argument(
+        "--connect",
+        type=Path,
+        metavar="PATH",
+        help="connect to a front-end that listens at PATH (QEMU's -chardev "
+        "socket,server=on,wait=on), retrying until it does; serve it, and exit when it "
+        "hangs up",
     )
     where.add_argument(
         "--print-capabilities",
@@ -90,17 +100,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    if args.fd is None and args.socket_path is None:
-        raise UsageError("serve needs --socket-path PATH or --fd N")
-    if args.fd is not None and args.socket_mode is not None:
-        raise UsageError("--socket-mode applies to --socket-path, not to an inherited --fd")
+    if args.fd is None and args.socket_path is None and args.connect is None:
+        raise UsageError("serve needs --socket-path PATH, --connect PATH or --fd N")
+    if args.socket_path is None and args.socket_mode is not None:
+        raise UsageError("--socket-mode applies to --socket-path (the socket this process makes)")
+    if args.connect is not None:
+        check_unix_path(args.connect)
     if args.control_socket is not None:  # else bind() says only "AF_UNIX path too long"
         check_unix_path(args.control_socket)
     server = Server(server_settings(args))
     stop = asyncio.Event()
     stopper: asyncio.Task[None] | None = None
     bound: UnixListener | None = None  # the socket file this process made
-    if args.fd is not None:
+    listener: socket.socket | None = None
+    listening = False
+    if args.connect is not None:
+        where = f"front-end socket {args.connect} (connecting)"
+    elif args.fd is not None:
         listener, listening = socket_from_fd(args.fd)
         where = f"fd {args.fd}"
         if not listening:  # one connected front-end: stop when it leaves
@@ -130,7 +146,10 @@ async def serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signum, on_signal)
     try:
         await server.start_services()
-        if listening:
+        if args.connect is not None:
+            stopper = loop.create_task(serve_connected(server, args.connect, stop), name="connect")
+        elif listening:
+            assert listener is not None
             server.start(listener)
         LOG.info(
             "serving virtio-balloon on %s (discard %s, latency %s)",
@@ -149,7 +168,8 @@ async def serve(args: argparse.Namespace) -> int:
         if stopper is not None:
             stopper.cancel()
         await server.close()
-        listener.close()
+        if listener is not None:
+            listener.close()
         if bound is not None:
             bound.remove()  # only if still ours: not a newer backend's socket
         totals = server.totals()
@@ -160,6 +180,40 @@ async def serve(args: argparse.Namespace) -> int:
             totals.freed_bytes,
         )
     return 0
+
+
+async def serve_connected(server: Server, path: Path, stop: asyncio.Event) -> None:
+    """Client mode: connect to the front-end once it listens, serve that one
+    session, and stop when it ends. It never connects again: QEMU 11.1.3's
+    vhost-user-test-device aborts on a second connection (docs/qemu.md,
+    "Restarting the backend")."""
+    conn = await connect_unix(path, CONNECT_RETRY_S)
+    LOG.info("connected to the front-end at %s", path)
+    server.session_ended.clear()
+    server.adopt(conn)
+    await server.session_ended.wait()
+    stop.set()
+
+
+async def connect_unix(path: Path, retry_s: float) -> socket.socket:
+    """A connection to `path`, retried every `retry_s` while nobody listens
+    there; each new reason for failing is logged once."""
+    last_reason = ""
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, str(path))
+            return sock
+        except OSError as error:
+            sock.close()
+            reason = error.strerror or str(error)
+            if reason != last_reason:
+                LOG.warning(
+                    "cannot connect to %s (%s); retrying every %.1f s", path, reason, retry_s
+                )
+                last_reason = reason
+        await asyncio.sleep(retry_s)
 
 
 async def _stop_when(event: asyncio.Event, stop: asyncio.Event) -> None:
