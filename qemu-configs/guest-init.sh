@@ -21,6 +21,12 @@
 #             free so that deflate-on-oom must give pages back (vb.oom MiB),
 #             wait for the host to deflate (MemFree comes back), then fill
 #             vb.size MiB again: the deflated memory is the guest's again.
+#   pattern   the integrity check under reporting: vb.size 1 MiB files in
+#             tmpfs, each a pattern naming its round. Each round frees
+#             every other file (its pages are reported), waits vb.pause s,
+#             checks the files it kept against their pattern page by page,
+#             and writes the freed ones anew; for vb.duration s, then every
+#             file is checked once more.
 #
 # Parameters, from the kernel command line (/proc/cmdline):
 #   vb.workload=W   fill (default) or gigantic
@@ -81,6 +87,11 @@
 #                                              balloon: P = populated, ready,
 #                                              inflated, oom_filled,
 #                                              deflated, refilled
+#   VB pattern_round=R freed_mib=F checked_mib=C corrupted_pages=P t=... memfree_kib=...
+#                                              pattern: one per round
+#   VB pattern rounds=R files=N checked_mib=C corrupted_pages=P
+#                                              pattern: totals, after the
+#                                              last check of every file
 #   VB ftrace_overrun=N                        events lost (0 expected)
 #   VB done t=...
 #   VB error=WHAT ...                          something failed (then poweroff)
@@ -125,9 +136,9 @@ for arg in $(cat /proc/cmdline); do
     esac
 done
 case $WORKLOAD in
-    fill|balloon) SETTLE=${SETTLE:-0} ;;
+    fill|balloon|pattern) SETTLE=${SETTLE:-0} ;;
     gigantic) SETTLE=${SETTLE:-20} ;;
-    *) die bad-workload "vb.workload=$WORKLOAD: expected fill, gigantic or balloon" ;;
+    *) die bad-workload "vb.workload=$WORKLOAD: expected fill, gigantic, balloon or pattern" ;;
 esac
 for v in "$ROUNDS" "$SIZE" "$PAUSE" "$SETTLE" "$DURATION" "$KEEP" "$BALLOON" "$OOM"; do
     case $v in ''|*[!0-9]*) die bad-parameter "vb.rounds, vb.size, vb.pause, vb.settle, vb.duration, vb.keep, vb.balloon and vb.oom take whole numbers, not '$v'" ;; esac
@@ -327,10 +338,68 @@ balloon_steps() {
     phase refilled "mib=$SIZE ok=$ok"
 }
 
+# ----------------------------------------------------- written patterns
+# One 1 MiB pattern per round, naming the round, made once (/pat/pR) and
+# copied into each file written in that round; a file is checked against
+# the pattern of the round that wrote it, so a page that reads zero (a
+# discard of memory that was not reported), or holds an earlier round's
+# data, is counted. Files written in round R are kept through round R+1
+# and freed in round R+2, so only two patterns are needed at a time.
+uptime_s() { read -r up _ < /proc/uptime; echo "${up%.*}"; }
+make_pattern() {
+    yes "vb-pattern round=$1 ........................................................" |
+        head -c 1048576 > /pat/p$1 || die pattern-write "round $1"
+}
+CHECKED=0 CORRUPTED=0
+# check_file I: compare /fill/fI with the pattern of the round that wrote it.
+check_file() {
+    eval "gen=\$g$1"
+    CHECKED=$((CHECKED + 1))
+    cmp -s /pat/p$gen /fill/f$1 && return 0
+    # Pages with any byte changed (a short file counts its missing pages).
+    pages=$(cmp -l /pat/p$gen /fill/f$1 2>/dev/null |
+        awk '{ k = int(($1 - 1) / 4096); if (!(k in seen)) { seen[k] = 1; n++ } } END { print n + 0 }')
+    size=$(wc -c < /fill/f$1)
+    missing=$(( (1048576 - size + 4095) / 4096 ))
+    [ "$missing" -gt 0 ] || missing=0
+    CORRUPTED=$((CORRUPTED + pages + missing))
+    echo "VB pattern_bad file=$1 round=$gen pages=$((pages + missing))"
+}
+pattern_rounds() {
+    mkdir -p /pat
+    mount -t tmpfs -o size=$((SIZE + 8))m tmpfs /fill || die mount-fill
+    mount -t tmpfs -o size=8m tmpfs /pat || die mount-pat
+    make_pattern 0
+    i=1
+    while [ "$i" -le "$SIZE" ]; do cp /pat/p0 /fill/f$i; eval "g$i=0"; i=$((i + 1)); done
+    end=$(( $(uptime_s) + DURATION ))
+    r=0
+    while [ "$r" -eq 0 ] || [ "$(uptime_s)" -lt "$end" ]; do
+        r=$((r + 1))
+        before=$CHECKED bad=$CORRUPTED
+        make_pattern $r
+        # Free every other file: the even ones in odd rounds, the odd ones in even rounds.
+        i=$(( 2 - r % 2 )); freed=0
+        while [ "$i" -le "$SIZE" ]; do rm -f /fill/f$i; i=$((i + 2)); freed=$((freed + 1)); done
+        sleep "$PAUSE"   # page_reporting's 2 s delay, then the reports
+        i=$(( 1 + r % 2 ))
+        while [ "$i" -le "$SIZE" ]; do check_file $i; i=$((i + 2)); done
+        i=$(( 2 - r % 2 ))
+        while [ "$i" -le "$SIZE" ]; do cp /pat/p$r /fill/f$i; eval "g$i=$r"; i=$((i + 2)); done
+        rm -f /pat/p$((r - 2))
+        echo "VB pattern_round=$r freed_mib=$freed checked_mib=$((CHECKED - before)) corrupted_pages=$((CORRUPTED - bad)) t=$(vbt) memfree_kib=$(memfree)"
+    done
+    sleep "$PAUSE"
+    i=1
+    while [ "$i" -le "$SIZE" ]; do check_file $i; i=$((i + 1)); done
+    echo "VB pattern rounds=$r files=$SIZE checked_mib=$CHECKED corrupted_pages=$CORRUPTED"
+}
+
 case $WORKLOAD in
     fill) fill_rounds ;;
     gigantic) gigantic_loop ;;
     balloon) balloon_steps ;;
+    pattern) pattern_rounds ;;
 esac
 
 # -------------------------------------------------------------- results

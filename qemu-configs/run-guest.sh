@@ -22,7 +22,9 @@
 #   --workload W      the guest's workload (fill) [VB_WORKLOAD]: fill = fill/free
 #                     rounds; gigantic = allocate and free one 1 GiB hugetlb page
 #                     in a loop (give it --mem 2560M and --append "nokaslr
-#                     init_on_alloc=0"; `vhost-balloon launch` does)
+#                     init_on_alloc=0"; `vhost-balloon launch` does); balloon =
+#                     classic ballooning driven by the host; pattern = write,
+#                     free and check 1 MiB patterns under reporting
 #   --rounds N        fill: fill/free rounds in the guest (2) [VB_ROUNDS]
 #   --size MIB        fill: MiB filled and freed per round (300) [VB_SIZE]
 #   --pause S         fill: seconds the guest waits after each free (5) [VB_PAUSE]
@@ -109,7 +111,7 @@ done
 for v in "$ROUNDS" "$SIZE" "$PAUSE" "${SETTLE:-0}" "$DURATION" "$TIMEOUT"; do
     case $v in ''|*[!0-9]*) fail "--rounds, --size, --pause, --settle, --duration and --timeout take whole numbers, not '$v'" ;; esac
 done
-case $WORKLOAD in fill|gigantic|balloon) ;; *) fail "--workload must be fill, gigantic or balloon, not '$WORKLOAD'" ;; esac
+case $WORKLOAD in fill|gigantic|balloon|pattern) ;; *) fail "--workload must be fill, gigantic, balloon or pattern, not '$WORKLOAD'" ;; esac
 [ "$NO_BALLOON" = 0 ] || [ "$WORKLOAD" = gigantic ] ||
     fail "--no-balloon is a control for --workload gigantic (the fill workload needs a balloon device)"
 case $ACCEL in auto|tcg|kvm) ;; *) fail "--accel must be auto, tcg or kvm, not '$ACCEL'" ;; esac

@@ -56,7 +56,9 @@ def add_parser(commands: Any) -> None:
         "--workload",
         choices=WORKLOADS,
         help="fill: fill/free rounds; gigantic: allocate and free a 1 GiB page in a loop; "
-        "balloon: inflate to --balloon SIZE and deflate back (fill, or balloon with --balloon)",
+        "balloon: inflate to --balloon SIZE and deflate back; pattern: --size 1 MiB files "
+        "freed, checked page by page and written again for --duration s, with --pause s "
+        "between (fill, or balloon with --balloon)",
     )
     guest.add_argument(
         "--balloon",

@@ -18,14 +18,19 @@ from vhost_balloon.backend.qemu.provisioning import LaunchError, configs_dir
 from vhost_balloon.protocol.units import parse_guest_memory
 from vhost_balloon.protocol.virtio import balloon_queues
 
-WORKLOADS = ("fill", "gigantic", "balloon")
+WORKLOADS = ("fill", "gigantic", "balloon", "pattern")
 # Per workload: guest RAM and kernel command line when the user gives none.
 # The gigantic workload needs a 1 GiB-aligned range that is all RAM (2560M
 # leaves GPA 1-2 GiB), the kernel image out of it (nokaslr), and no zeroing
 # of the whole 1 GiB on every allocation (init_on_alloc=0: 2.5-4 s per
 # attempt under TCG otherwise). See docs/qemu.md.
-DEFAULT_MEM = {"fill": "512M", "gigantic": "2560M", "balloon": "512M"}
-DEFAULT_APPEND = {"fill": "", "gigantic": "nokaslr init_on_alloc=0", "balloon": "init_on_alloc=0"}
+DEFAULT_MEM = {"fill": "512M", "gigantic": "2560M", "balloon": "512M", "pattern": "512M"}
+DEFAULT_APPEND = {
+    "fill": "",
+    "gigantic": "nokaslr init_on_alloc=0",
+    "balloon": "init_on_alloc=0",
+    "pattern": "",
+}
 # What QEMU's -m and size= take: a number and an optional unit (qemu_strtosz).
 _QEMU_SIZE = re.compile(r"[0-9]+(\.[0-9]+)?[BKMGTPEbkmgtpe]?")
 

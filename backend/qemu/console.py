@@ -90,6 +90,15 @@ class GiganticRun:
 
 
 @dataclass(slots=True)
+class PatternRun:
+    """What the pattern workload said: its rounds and its totals."""
+
+    rounds: list[dict[str, int]] = field(default_factory=list)
+    bad_files: list[dict[str, int]] = field(default_factory=list)  # the first 100
+    totals: dict[str, int] | None = None  # rounds, files, checked_mib, corrupted_pages
+
+
+@dataclass(slots=True)
 class GuestConsole:
     """What the test guest said, in order."""
 
@@ -110,6 +119,7 @@ class GuestConsole:
     errors: list[str] = field(default_factory=list)
     vb_lines: int = 0
     gigantic: GiganticRun | None = None
+    pattern: PatternRun | None = None
     # balloon workload: each phase the guest reached, with its host time and pairs
     balloon_phases: dict[str, tuple[float, dict[str, str]]] = field(default_factory=dict)
 
@@ -129,6 +139,8 @@ class GuestConsole:
         first = next(iter(pairs), "")
         if first.startswith("gigantic"):
             self._feed_gigantic(first, pairs, t_host)
+        elif first.startswith("pattern"):
+            self._feed_pattern(first, pairs)
         elif first == "params":
             self.workload = pairs.get("workload") or None
         elif first == "balloon":
@@ -180,6 +192,19 @@ class GuestConsole:
         if self.gigantic is None:
             self.gigantic = GiganticRun()
         return self.gigantic
+
+    def _feed_pattern(self, first: str, pairs: dict[str, str]) -> None:
+        run = self.pattern if self.pattern is not None else PatternRun()
+        self.pattern = run
+        if first == "pattern_round":
+            keys = ("pattern_round", "freed_mib", "checked_mib", "corrupted_pages")
+            run.rounds.append({key.removeprefix("pattern_"): int(pairs[key]) for key in keys})
+        elif first == "pattern_bad":
+            if len(run.bad_files) < 100:
+                run.bad_files.append({key: int(pairs[key]) for key in ("file", "round", "pages")})
+        elif first == "pattern":
+            keys = ("rounds", "files", "checked_mib", "corrupted_pages")
+            run.totals = {key: int(pairs[key]) for key in keys}
 
     def _feed_gigantic(self, first: str, pairs: dict[str, str], t_host: float) -> None:
         run = self._run()

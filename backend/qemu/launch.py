@@ -57,6 +57,7 @@ from vhost_balloon.backend.qemu.summary import (
     gigantic_summary,
     guest_summary,
     launch_failure,
+    pattern_summary,
 )
 from vhost_balloon.backend.server import Server, ServerSettings
 from vhost_balloon.backend.vhost.server import UnixListener, bind_unix
@@ -223,6 +224,8 @@ class Launch:
         if self.options.workload == "gigantic":
             records = self.records if self.server is not None else None
             result["gigantic"] = gigantic_summary(self.guest, records)
+        if self.options.workload == "pattern":
+            result["pattern"] = pattern_summary(self.guest)
         if self.options.workload == "balloon":
             result["balloon"] = {**(self.balloon or {}), "error": self.balloon_error}
         result |= {

@@ -65,6 +65,20 @@ def guest_summary(guest: GuestConsole, sampler: MemorySampler) -> dict[str, Any]
     }
 
 
+def pattern_summary(guest: GuestConsole) -> dict[str, Any] | None:
+    """The pattern workload's totals, its rounds and its bad files (None
+    when the guest printed nothing about it)."""
+    run = guest.pattern
+    if run is None:
+        return None
+    return {
+        **(run.totals or {}),
+        "complete": run.totals is not None,
+        "round_list": run.rounds,
+        "bad_files": run.bad_files,
+    }
+
+
 def gigantic_summary(
     guest: GuestConsole, records: Sequence[ReportRecord] | None
 ) -> dict[str, Any] | None:
@@ -139,4 +153,13 @@ def launch_failure(
         and (guest.gigantic is None or guest.gigantic.attempts is None)
     ):
         return "the guest finished without reporting any gigantic-page attempt"
+    if options.workload == "pattern" and options.initrd is None and guest.done:
+        totals = guest.pattern.totals if guest.pattern is not None else None
+        if totals is None:
+            return "the guest finished without its pattern totals"
+        if totals["corrupted_pages"]:
+            return (
+                f"the guest found {totals['corrupted_pages']} corrupted pages in its patterns "
+                f"(of {totals['checked_mib']} MiB checked)"
+            )
     return None

@@ -44,6 +44,15 @@ def format_launch_summary(summary: dict[str, Any]) -> str:
             )
     if summary.get("gigantic"):
         rows += _gigantic_rows(summary["gigantic"])
+    pattern = summary.get("pattern")
+    if pattern and pattern["complete"]:
+        rows.append(
+            (
+                "patterns checked",
+                f"{pattern['checked_mib']} MiB in {pattern['rounds']} rounds of "
+                f"{pattern['files']} MiB: {pattern['corrupted_pages']} corrupted pages",
+            )
+        )
     features = summary["features"]
     rows += [
         ("features", "-" if features is None else ",".join(features["names"])),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from vhost_balloon.backend.qemu.command import LaunchOptions
 from vhost_balloon.backend.qemu.console import GuestConsole
+from vhost_balloon.backend.qemu.notes import RunGuestNotes
+from vhost_balloon.backend.qemu.summary import launch_failure, pattern_summary
 
 
 def test_a_printk_inside_a_vb_line_is_recorded_not_raised() -> None:
@@ -64,3 +67,64 @@ def test_the_fill_workload_has_no_gigantic_run() -> None:
     console.feed("VB round=1 filled_mib=300 t=5.0 memfree_kib=1", 1.0)
     assert console.workload == "fill" and console.gigantic is None
     assert console.rounds[1].size_mib == 300
+
+
+PATTERN_LINES = [
+    "VB params workload=pattern rounds=2 size_mib=8 pause_s=3 settle_s=0 "
+    "duration_s=20 keep_mib=16 trace=1",
+    "VB pattern_round=1 freed_mib=4 checked_mib=4 corrupted_pages=0 t=9.1 memfree_kib=400000",
+    "VB pattern_bad file=3 round=1 pages=2",
+    "VB pattern_round=2 freed_mib=4 checked_mib=4 corrupted_pages=2 t=14.2 memfree_kib=400000",
+    "VB pattern rounds=2 files=8 checked_mib=16 corrupted_pages=2",
+    "VB done t=20.0",
+]
+
+
+def test_the_pattern_workloads_lines_and_its_verdict() -> None:
+    console = GuestConsole()
+    for t, line in enumerate(PATTERN_LINES):
+        console.feed(line, float(t))
+    assert not console.errors and console.pattern is not None
+    summary = pattern_summary(console)
+    assert summary is not None and summary["complete"]
+    assert (summary["rounds"], summary["checked_mib"], summary["corrupted_pages"]) == (2, 16, 2)
+    assert [r["round"] for r in summary["round_list"]] == [1, 2]
+    assert summary["bad_files"] == [{"file": 3, "round": 1, "pages": 2}]
+    failure = launch_failure(
+        LaunchOptions(workload="pattern"),
+        interrupted=False,
+        returncode=0,
+        notes=RunGuestNotes(),
+        guest=console,
+        server=None,
+        records=[],
+    )
+    assert failure == "the guest found 2 corrupted pages in its patterns (of 16 MiB checked)"
+
+
+def test_a_pattern_run_without_its_totals_fails_and_a_clean_one_passes() -> None:
+    cut = GuestConsole()
+    for t, line in enumerate(PATTERN_LINES[:2] + PATTERN_LINES[-1:]):
+        cut.feed(line, float(t))
+    clean = GuestConsole()
+    for t, line in enumerate(
+        [
+            *PATTERN_LINES[:2],
+            "VB pattern rounds=1 files=8 checked_mib=12 corrupted_pages=0",
+            "VB done t=9.0",
+        ]
+    ):
+        clean.feed(line, float(t))
+    verdicts = [
+        launch_failure(
+            LaunchOptions(workload="pattern"),
+            interrupted=False,
+            returncode=0,
+            notes=RunGuestNotes(),
+            guest=console,
+            server=None,
+            records=[],
+        )
+        for console in (cut, clean)
+    ]
+    assert verdicts == ["the guest finished without its pattern totals", None]
