@@ -58,3 +58,7 @@ class QueueError(ProtocolError):
         self.kind = kind
         self.detail = detail
         super().__init__(f"{kind.value}{': ' + detail if detail else ''}")
+
+    def __reduce__(self) -> tuple[type[QueueError], tuple[QueueErrorKind, str]]:
+        # Pickled as its arguments (the default would pass the message as `kind`).
+        return (type(self), (self.kind, self.detail))

@@ -14,6 +14,7 @@ import enum
 import itertools
 import mmap
 import struct
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
@@ -138,11 +139,47 @@ def load(layout: struct.Struct, buffer: LoadableBuffer, offset: int) -> tuple[in
 
 
 def store(layout: struct.Struct, buffer: RegionBuffer, offset: int, *values: int) -> None:
-    """`layout.pack_into`, through a copy when the buffer is guarded."""
+    """`layout.pack` stored at `offset` (through a copy when the buffer is guarded).
+
+    Never `pack_into` on shared memory: it zeroes the destination before
+    packing, so a peer reading at that moment sees zeros.
+    """
+    data = layout.pack(*values)
     if isinstance(buffer, GuardedBuffer):
-        buffer.write(offset, layout.pack(*values))
+        buffer.write(offset, data)
     else:
-        layout.pack_into(buffer, offset, *values)
+        buffer[offset : offset + len(data)] = data
+
+
+# The 16-bit ring fields both sides change while the other reads them
+# (avail.idx and flags, used.idx and flags, used_event, avail_event) are
+# loaded and stored in one 16-bit access, as a C driver does. struct reads
+# and writes them a byte at a time (pack_into zeroes them first), and
+# bytes slices copy them with memcpy, which may load the second byte twice:
+# a guest could then see used.idx torn, or 0, for an instant.
+_SWAP = sys.byteorder != "little"  # virtio rings are little-endian
+
+
+def load_index(buffer: LoadableBuffer, offset: int) -> int:
+    """A 16-bit little-endian ring field, read in one access (never torn)."""
+    if isinstance(buffer, GuardedBuffer):
+        return int.from_bytes(buffer.read(offset, 2), "little")
+    if isinstance(buffer, bytes):  # a copy: nobody writes it
+        return int.from_bytes(buffer[offset : offset + 2], "little")
+    with memoryview(buffer) as view, view[offset : offset + 2] as field, field.cast("H") as word:
+        value = int(word[0])
+    return ((value & 0xFF) << 8 | value >> 8) if _SWAP else value
+
+
+def store_index(buffer: RegionBuffer, offset: int, value: int) -> None:
+    """Store a 16-bit little-endian ring field in one access (never torn)."""
+    if isinstance(buffer, GuardedBuffer):
+        buffer.write(offset, (value & 0xFFFF).to_bytes(2, "little"))
+        return
+    if _SWAP:
+        value = (value & 0xFF) << 8 | (value & 0xFFFF) >> 8
+    with memoryview(buffer) as view, view[offset : offset + 2] as field, field.cast("H") as word:
+        word[0] = value & 0xFFFF
 
 
 def snapshot(buffer: RegionBuffer, offset: int, length: int) -> tuple[LoadableBuffer, int]:

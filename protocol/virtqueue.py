@@ -32,8 +32,10 @@ from vhost_balloon.protocol.memory import (
     Space,
     WritableBuffer,
     load,
+    load_index,
     snapshot,
     store,
+    store_index,
 )
 
 DESC = struct.Struct("<QIHH")
@@ -183,14 +185,13 @@ class DeviceQueue:
         self.next_avail = next_avail & 0xFFFF
         # Continue from what the used ring says (a ring may be restarted with
         # SET_VRING_BASE after GET_VRING_BASE).
-        (self.next_used,) = load(U16, self._used_buf, self._used + 2)
+        self.next_used = load_index(self._used_buf, self._used + 2)
         self._signalled_used: int | None = None
 
     # -- avail side -------------------------------------------------------
 
     def avail_idx(self) -> int:
-        (idx,) = load(U16, self._avail_buf, self._avail + 2)
-        return int(idx)
+        return load_index(self._avail_buf, self._avail + 2)
 
     def has_available(self) -> bool:
         pending = (self.avail_idx() - self.next_avail) & 0xFFFF
@@ -267,35 +268,37 @@ class DeviceQueue:
         slot = self._used + 4 + USED_ELEM.size * (self.next_used % self.size)
         store(USED_ELEM, self._used_buf, slot, head, length)
         self.next_used = (self.next_used + 1) & 0xFFFF
-        store(U16, self._used_buf, self._used + 2, self.next_used)
+        store_index(self._used_buf, self._used + 2, self.next_used)
 
     def needs_notify(self) -> bool:
         """Whether the driver asked to be interrupted for what was published."""
         if not self.event_idx:
-            (flags,) = load(U16, self._avail_buf, self._avail)
+            flags = load_index(self._avail_buf, self._avail)
             return not flags & AVAIL_F_NO_INTERRUPT
         self.fence()
         old, new = self._signalled_used, self.next_used
         self._signalled_used = new
         if old is None:
             return True
-        (used_event,) = load(U16, self._avail_buf, self._avail + 4 + 2 * self.size)
+        used_event = load_index(self._avail_buf, self._avail + 4 + 2 * self.size)
         return vring_need_event(used_event, new, old)
 
     # -- kick suppression -------------------------------------------------
 
     def disable_notifications(self) -> None:
         if not self.event_idx:
-            (flags,) = load(U16, self._used_buf, self._used)
-            store(U16, self._used_buf, self._used, flags | USED_F_NO_NOTIFY)
+            flags = load_index(self._used_buf, self._used)
+            store_index(self._used_buf, self._used, flags | USED_F_NO_NOTIFY)
 
     def enable_notifications(self) -> bool:
         """Ask for kicks again; True if buffers arrived meanwhile (drain again)."""
         if self.event_idx:
-            store(U16, self._used_buf, self._used + 4 + USED_ELEM.size * self.size, self.next_avail)
+            store_index(
+                self._used_buf, self._used + 4 + USED_ELEM.size * self.size, self.next_avail
+            )
         else:
-            (flags,) = load(U16, self._used_buf, self._used)
-            store(U16, self._used_buf, self._used, flags & ~USED_F_NO_NOTIFY)
+            flags = load_index(self._used_buf, self._used)
+            store_index(self._used_buf, self._used, flags & ~USED_F_NO_NOTIFY)
         self.fence()
         return self.has_available()
 
@@ -361,9 +364,7 @@ class DriverQueue:
         flags = (DESC_F_WRITE if desc.writable else 0) | (
             DESC_F_NEXT if next_index is not None else 0
         )
-        DESC.pack_into(
-            buf, base + DESC_SIZE * index, desc.addr, desc.length, flags, next_index or 0
-        )
+        store(DESC, buf, base + DESC_SIZE * index, desc.addr, desc.length, flags, next_index or 0)
 
     def add(self, buffers: Sequence[Buffer], *, indirect_table: int | None = None) -> int:
         """Add one chain (readable buffers first) and make it available.
@@ -383,7 +384,8 @@ class DriverQueue:
                     table_buf, table, i, buffer, i + 1 if i + 1 < len(buffers) else None
                 )
             ring_indices = self._take(1)
-            DESC.pack_into(
+            store(
+                DESC,
                 self._desc_buf,
                 self._desc + DESC_SIZE * ring_indices[0],
                 indirect_table,
@@ -398,9 +400,9 @@ class DriverQueue:
                 self._write_desc(self._desc_buf, self._desc, ring_indices[pos], buffer, nxt)
         head = ring_indices[0]
         self._in_flight[head] = ring_indices
-        U16.pack_into(self._avail_buf, self._avail + 4 + 2 * (self.avail_idx % self.size), head)
+        store_index(self._avail_buf, self._avail + 4 + 2 * (self.avail_idx % self.size), head)
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        U16.pack_into(self._avail_buf, self._avail + 2, self.avail_idx)  # entry before idx
+        store_index(self._avail_buf, self._avail + 2, self.avail_idx)  # entry before idx
         return head
 
     def _take(self, count: int) -> list[int]:
@@ -415,16 +417,14 @@ class DriverQueue:
         old, new = self._kicked_idx, self.avail_idx
         self._kicked_idx = new
         if self.event_idx:
-            (avail_event,) = U16.unpack_from(
-                self._used_buf, self._used + 4 + USED_ELEM.size * self.size
-            )
+            avail_event = load_index(self._used_buf, self._used + 4 + USED_ELEM.size * self.size)
             return vring_need_event(avail_event, new, old)
-        (flags,) = U16.unpack_from(self._used_buf, self._used)
+        flags = load_index(self._used_buf, self._used)
         return not flags & USED_F_NO_NOTIFY
 
     def get_used(self) -> list[tuple[int, int]]:
         """Collect (head, length) of newly used chains and free their descriptors."""
-        (used_idx,) = U16.unpack_from(self._used_buf, self._used + 2)
+        used_idx = load_index(self._used_buf, self._used + 2)
         done: list[tuple[int, int]] = []
         while self.last_used != used_idx:
             if (used_idx - self.last_used) & 0xFFFF > len(self._in_flight):
@@ -441,5 +441,5 @@ class DriverQueue:
             self.last_used = (self.last_used + 1) & 0xFFFF
         if self.event_idx:
             # Ask for an interrupt on the next used entry.
-            U16.pack_into(self._avail_buf, self._avail + 4 + 2 * self.size, self.last_used)
+            store_index(self._avail_buf, self._avail + 4 + 2 * self.size, self.last_used)
         return done

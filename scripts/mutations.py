@@ -309,6 +309,18 @@ MUTATIONS = (
             "::test_a_memory_change_waits_for_the_report_in_flight",
         ),
     ),
+    Mutation(
+        "ring-index-stored-with-pack-into",
+        "rings: the other side never sees an index field torn or zeroed",
+        (
+            Edit(
+                "protocol/memory.py",
+                "        word[0] = value & 0xFFFF\n",
+                '        pass\n    struct.Struct("<H").pack_into(buffer, offset, value & 0xFFFF)\n',
+            ),
+        ),
+        ("tests/unit/test_ring_index_atomicity.py",),
+    ),
 )
 
 
