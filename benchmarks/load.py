@@ -156,10 +156,17 @@ async def _churn(sock: str, deadline: float) -> int:
     return sent
 
 
-def hostile_worker(sock: str, seconds: float) -> dict[str, int]:
+async def _nothing(_sock: str, _deadline: float) -> int:
+    return 0
+
+
+def hostile_worker(sock: str, seconds: float, kind: str) -> dict[str, int]:
+    flood = _flood if kind in ("both", "flood") else _nothing
+    churn = _churn if kind in ("both", "churn") else _nothing
+
     async def run() -> dict[str, int]:
         deadline = time.monotonic() + seconds
-        posted, churned = await asyncio.gather(_flood(sock, deadline), _churn(sock, deadline))
+        posted, churned = await asyncio.gather(flood(sock, deadline), churn(sock, deadline))
         return {"chains_posted": posted, "malformed_connections": churned}
 
     return asyncio.run(run())
@@ -196,12 +203,27 @@ def _percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
+def _cpu_busy() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole host so far, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def _cpu_jiffies(pid: int) -> int:
+    """utime + stime of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return int(fields[11]) + int(fields[12])
+
+
 def run_once(
     sock: Path, trace: Path, args: argparse.Namespace, hostile: bool, seed: int
 ) -> dict[str, Any]:
     trace.write_bytes(b"")  # the backend appends: this run's records only
     workers = -(-args.good // GUESTS_PER_WORKER)
     counts = [GUESTS_PER_WORKER] * (workers - 1) + [args.good - GUESTS_PER_WORKER * (workers - 1)]
+    busy_before, total_before = _cpu_busy()
+    backend_before = _cpu_jiffies(args.backend_pid)
     context = multiprocessing.get_context("spawn")
     with context.Pool(workers + 1) as pool:
         pending = [
@@ -210,9 +232,16 @@ def run_once(
             )
             for w, count in enumerate(counts)
         ]
-        bad = pool.apply_async(hostile_worker, (str(sock), args.seconds + 1.0)) if hostile else None
+        bad = (
+            pool.apply_async(hostile_worker, (str(sock), args.seconds + 1.0, args.hostile))
+            if hostile
+            else None
+        )
         outcomes = [GuestOutcome(**o) for p in pending for o in p.get()]
         hostile_result = bad.get() if bad is not None else None
+    busy_after, total_after = _cpu_busy()
+    backend_cpu = (_cpu_jiffies(args.backend_pid) - backend_before) / os.sysconf("SC_CLK_TCK")
+    host_busy = (busy_after - busy_before) / max(1, total_after - total_before)
     holds = [h for o in outcomes for h in o.holds_us]
     per_session_p99 = [_percentile(o.holds_us, 0.99) for o in outcomes if o.holds_us]
     records = [json.loads(line) for line in trace.read_text().splitlines() if line]
@@ -230,6 +259,8 @@ def run_once(
         "backend_p50_us": _percentile(kick_to_notify, 0.50),
         "backend_p99_us": _percentile(kick_to_notify, 0.99),
         "timeouts": sum(o.timeouts for o in outcomes),
+        "host_busy_percent": 100 * host_busy,
+        "backend_cpu_percent": 100 * backend_cpu / args.seconds,
         "errors": [o.error for o in outcomes if o.error],
         "hostile": hostile_result,
     }
@@ -240,6 +271,12 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=600.0, help="length of each run")
     parser.add_argument("--good", type=int, default=63, help="well-behaved guests")
     parser.add_argument("--pace-ms", type=float, default=200.0, help="between a guest's reports")
+    parser.add_argument(
+        "--hostile",
+        choices=("both", "flood", "churn"),
+        default="both",
+        help="what the hostile front-end does: flood its ring, churn malformed connections, both",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="vb-load-") as tmp:
@@ -255,6 +292,7 @@ def main() -> int:
         with harness.backend(sock, *options) as server:
             while not control.exists():
                 time.sleep(0.02)
+            args.backend_pid = server.pid
             start = _backend_state(server.pid, control)
             quiet = run_once(sock, trace, args, hostile=False, seed=1)
             _wait_for_no_sessions(control)
@@ -267,7 +305,7 @@ def main() -> int:
         "quiet": quiet,
         "hostile": loud,
         "backend": {"start": start, "between": between, "end": end, "sessions_served": served},
-        "args": vars(args) | {"json": None},
+        "args": {k: v for k, v in vars(args).items() if k != "json"},
     }
     print(
         f"{args.good} good sessions (+1 hostile in the second run), {args.seconds:g} s each, "
@@ -283,6 +321,8 @@ def main() -> int:
         ("backend_p50_us", "backend kick-to-notify p50 (us)"),
         ("backend_p99_us", "backend kick-to-notify p99 (us)"),
         ("timeouts", "report timeouts"),
+        ("host_busy_percent", "host CPU busy (% of both cores)"),
+        ("backend_cpu_percent", "backend CPU (% of one core)"),
     ):
         a, b = quiet[key], loud[key]
         ratio = f"{b / a:.2f}x" if a else ""
