@@ -35,6 +35,7 @@ from vhost_balloon.backend.latency.injection import (
     Point,
 )
 from vhost_balloon.backend.vhost.device import FrontendLink, QueueHandle, VirtioDevice
+from vhost_balloon.backend.vhost.log_limit import LimitedLog
 from vhost_balloon.backend.vhost.worker import GilTurns
 from vhost_balloon.protocol import virtio
 from vhost_balloon.protocol.errors import AddressError, MemoryFault, QueueError
@@ -101,6 +102,8 @@ class BalloonDevice(VirtioDevice):
         self.settings = settings
         self.session = session
         self.log = logger
+        # What a guest's bad chains and buffers make us say, at most BURST lines per interval.
+        self.guest_log = LimitedLog(logger)
         self.stats = DeviceStats()
         self.config = virtio.BalloonConfig()
         self.acked_features = 0
@@ -236,7 +239,7 @@ class BalloonDevice(VirtioDevice):
                 handle.publish(head)
                 self._notify(handle)
             except (QueueError, AddressError, ValueError) as error:
-                self.log.warning("stats queue: could not give the buffer back: %s", error)
+                self.guest_log.warning("stats queue: could not give the buffer back: %s", error)
             except MemoryFault as fault:
                 if self.frontend is not None:
                     self.frontend.lost_memory(f"guest memory is gone: {fault}")
@@ -258,7 +261,7 @@ class BalloonDevice(VirtioDevice):
         except BadStats as bad:
             state.bad += 1
             state.last_error = str(bad)
-            self.log.warning("stats buffer refused: %s", bad)
+            self.guest_log.warning("stats buffer refused: %s", bad)
             return
         state.last = sample
         state.samples += 1
@@ -478,14 +481,14 @@ class BalloonDevice(VirtioDevice):
             stats.discard_errors += len(record.errors)
             stats.discard_syscall_ns += record.discard_syscall_ns
         if record.skipped_outside or record.skipped_unaligned:
-            self.log.warning(
+            self.guest_log.warning(
                 "report %d: skipped %d entries outside guest RAM, %d unaligned",
                 record.seq,
                 record.skipped_outside,
                 record.skipped_unaligned,
             )
         for error in record.errors:
-            self.log.error("report %d: %s", record.seq, error)
+            self.guest_log.error("report %d: %s", record.seq, error)
 
     def _ack_chain(self, handle: QueueHandle, chain: Chain) -> None:
         # A queue this device reads nothing from (free page hints): acked.
@@ -569,7 +572,7 @@ class BalloonDevice(VirtioDevice):
             stats.discard_errors += len(record.errors)
             stats.discard_syscall_ns += record.discard_syscall_ns
         if record.bad_chain:
-            self.log.warning(
+            self.guest_log.warning(
                 "%s chain %d: %s; acked, nothing used", record.kind, record.seq, record.bad_chain
             )
         elif (
@@ -578,7 +581,7 @@ class BalloonDevice(VirtioDevice):
             or record.duplicates
             or record.unknown
         ):
-            self.log.warning(
+            self.guest_log.warning(
                 "%s chain %d: skipped %d PFNs outside guest RAM, %d in unaligned regions, "
                 "%d repeated, %d never inflated",
                 record.kind,
@@ -589,4 +592,4 @@ class BalloonDevice(VirtioDevice):
                 record.unknown,
             )
         for error in record.errors:
-            self.log.error("%s chain %d: %s", record.kind, record.seq, error)
+            self.guest_log.error("%s chain %d: %s", record.kind, record.seq, error)
