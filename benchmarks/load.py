@@ -217,7 +217,7 @@ def _cpu_jiffies(pid: int) -> int:
 
 
 def run_once(
-    sock: Path, trace: Path, args: argparse.Namespace, hostile: bool, seed: int
+    sock: Path, trace: Path, args: argparse.Namespace, *, hostile: bool, seed: int, seconds: float
 ) -> dict[str, Any]:
     trace.write_bytes(b"")  # the backend appends: this run's records only
     workers = -(-args.good // GUESTS_PER_WORKER)
@@ -228,12 +228,12 @@ def run_once(
     with context.Pool(workers + 1) as pool:
         pending = [
             pool.apply_async(
-                good_worker, (str(sock), count, args.seconds, args.pace_ms / 1000, seed + w)
+                good_worker, (str(sock), count, seconds, args.pace_ms / 1000, seed + w)
             )
             for w, count in enumerate(counts)
         ]
         bad = (
-            pool.apply_async(hostile_worker, (str(sock), args.seconds + 1.0, args.hostile))
+            pool.apply_async(hostile_worker, (str(sock), seconds + 1.0, args.hostile))
             if hostile
             else None
         )
@@ -260,7 +260,7 @@ def run_once(
         "backend_p99_us": _percentile(kick_to_notify, 0.99),
         "timeouts": sum(o.timeouts for o in outcomes),
         "host_busy_percent": 100 * host_busy,
-        "backend_cpu_percent": 100 * backend_cpu / args.seconds,
+        "backend_cpu_percent": 100 * backend_cpu / seconds,
         "errors": [o.error for o in outcomes if o.error],
         "hostile": hostile_result,
     }
@@ -268,7 +268,10 @@ def run_once(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=600.0, help="length of each run")
+    parser.add_argument("--seconds", type=float, default=600.0, help="length of the hostile run")
+    parser.add_argument(
+        "--quiet-seconds", type=float, help="length of the quiet run (default: --seconds)"
+    )
     parser.add_argument("--good", type=int, default=63, help="well-behaved guests")
     parser.add_argument("--pace-ms", type=float, default=200.0, help="between a guest's reports")
     parser.add_argument(
@@ -279,6 +282,8 @@ def main() -> int:
     )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.quiet_seconds is None:
+        args.quiet_seconds = args.seconds
     with tempfile.TemporaryDirectory(prefix="vb-load-") as tmp:
         sock, control, trace = Path(tmp) / "b.sock", Path(tmp) / "c.sock", Path(tmp) / "t.jsonl"
         options = (
@@ -294,10 +299,10 @@ def main() -> int:
                 time.sleep(0.02)
             args.backend_pid = server.pid
             start = _backend_state(server.pid, control)
-            quiet = run_once(sock, trace, args, hostile=False, seed=1)
+            quiet = run_once(sock, trace, args, hostile=False, seed=1, seconds=args.quiet_seconds)
             _wait_for_no_sessions(control)
             between = _backend_state(server.pid, control)
-            loud = run_once(sock, trace, args, hostile=True, seed=1)
+            loud = run_once(sock, trace, args, hostile=True, seed=1, seconds=args.seconds)
             _wait_for_no_sessions(control)
             end = _backend_state(server.pid, control)
             served = control_request(control, {"cmd": "stats"})["sessions_served"]
@@ -308,7 +313,8 @@ def main() -> int:
         "args": {k: v for k, v in vars(args).items() if k != "json"},
     }
     print(
-        f"{args.good} good sessions (+1 hostile in the second run), {args.seconds:g} s each, "
+        f"{args.good} good sessions for {args.quiet_seconds:g} s, then with 1 hostile for "
+        f"{args.seconds:g} s; "
         f"a report every {args.pace_ms:g} ms per guest, unpopulated, --discard punch-hole"
     )
     print(f"{'':34}{'quiet':>12}{'hostile':>12}{'ratio':>8}")
