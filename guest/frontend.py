@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -172,7 +173,11 @@ class VhostUserFrontend:
                     loop.sock_connect(sock, self.socket_path),
                     max(deadline - loop.time(), 1.0),
                 )
-            except (FileNotFoundError, ConnectionRefusedError) as error:
+                # A unix connect into a full backlog is EAGAIN, which asyncio
+                # waits out as if it were in progress: the socket may come
+                # back writable but not connected. Then it is tried again.
+                sock.getpeername()
+            except (FileNotFoundError, ConnectionRefusedError, BlockingIOError) as error:
                 sock.close()
                 if loop.time() + _CONNECT_RETRY_S >= deadline:
                     raise ConnectError(
@@ -188,6 +193,9 @@ class VhostUserFrontend:
                 ) from None
             except OSError as error:
                 sock.close()
+                if error.errno == errno.ENOTCONN and loop.time() + _CONNECT_RETRY_S < deadline:
+                    await asyncio.sleep(_CONNECT_RETRY_S)  # the backlog was full: try again
+                    continue
                 raise ConnectError(
                     f"cannot connect to the vhost-user socket {self.socket_path}: "
                     f"{error.strerror or error}"
