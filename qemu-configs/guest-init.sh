@@ -23,7 +23,7 @@
 #             vb.size MiB again: the deflated memory is the guest's again.
 #   pattern   the integrity check under reporting: vb.size 1 MiB files in
 #             tmpfs, each a pattern naming its round. Each round frees
-#             every other file (its pages are reported), waits vb.pause s,
+#             one half of them (its pages are reported), waits vb.pause s,
 #             checks the files it kept against their pattern page by page,
 #             and writes the freed ones anew; for vb.duration s, then every
 #             file is checked once more.
@@ -378,14 +378,19 @@ pattern_rounds() {
         r=$((r + 1))
         before=$CHECKED bad=$CORRUPTED
         make_pattern $r
-        # Free every other file: the even ones in odd rounds, the odd ones in even rounds.
-        i=$(( 2 - r % 2 )); freed=0
-        while [ "$i" -le "$SIZE" ]; do rm -f /fill/f$i; i=$((i + 2)); freed=$((freed + 1)); done
+        # Free one half: the second in odd rounds, the first in even rounds.
+        # Halves, not every other file: files written one after another sit
+        # side by side in memory, and only whole free 2 MiB blocks are reported.
+        half=$(( SIZE / 2 ))
+        if [ $((r % 2)) = 1 ]; then lo=$((half + 1)) hi=$SIZE klo=1 khi=$half
+        else lo=1 hi=$half klo=$((half + 1)) khi=$SIZE; fi
+        i=$lo; freed=0
+        while [ "$i" -le "$hi" ]; do rm -f /fill/f$i; i=$((i + 1)); freed=$((freed + 1)); done
         sleep "$PAUSE"   # page_reporting's 2 s delay, then the reports
-        i=$(( 1 + r % 2 ))
-        while [ "$i" -le "$SIZE" ]; do check_file $i; i=$((i + 2)); done
-        i=$(( 2 - r % 2 ))
-        while [ "$i" -le "$SIZE" ]; do cp /pat/p$r /fill/f$i; eval "g$i=$r"; i=$((i + 2)); done
+        i=$klo
+        while [ "$i" -le "$khi" ]; do check_file $i; i=$((i + 1)); done
+        i=$lo
+        while [ "$i" -le "$hi" ]; do cp /pat/p$r /fill/f$i; eval "g$i=$r"; i=$((i + 1)); done
         rm -f /pat/p$((r - 2))
         echo "VB pattern_round=$r freed_mib=$freed checked_mib=$((CHECKED - before)) corrupted_pages=$((CORRUPTED - bad)) t=$(vbt) memfree_kib=$(memfree)"
     done

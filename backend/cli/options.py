@@ -81,8 +81,8 @@ def add_backend_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allow-unsealed-memory",
         action="store_true",
-        help="accept guest RAM memfds not sealed against shrinking (a front-end that "
-        "truncates one crashes the backend)",
+        help="accept guest RAM memfds not sealed against shrinking (reached through "
+        "copies that fail: a front-end that truncates one ends only its own session)",
     )
 
 

@@ -80,6 +80,18 @@ PATTERN_LINES = [
 ]
 
 
+def _pattern_verdict(console: GuestConsole) -> str | None:
+    return launch_failure(
+        LaunchOptions(workload="pattern"),
+        interrupted=False,
+        returncode=0,
+        notes=RunGuestNotes(),
+        guest=console,
+        server=None,
+        records=[],
+    )
+
+
 def test_the_pattern_workloads_lines_and_its_verdict() -> None:
     console = GuestConsole()
     for t, line in enumerate(PATTERN_LINES):
@@ -90,15 +102,7 @@ def test_the_pattern_workloads_lines_and_its_verdict() -> None:
     assert (summary["rounds"], summary["checked_mib"], summary["corrupted_pages"]) == (2, 16, 2)
     assert [r["round"] for r in summary["round_list"]] == [1, 2]
     assert summary["bad_files"] == [{"file": 3, "round": 1, "pages": 2}]
-    failure = launch_failure(
-        LaunchOptions(workload="pattern"),
-        interrupted=False,
-        returncode=0,
-        notes=RunGuestNotes(),
-        guest=console,
-        server=None,
-        records=[],
-    )
+    failure = _pattern_verdict(console)
     assert failure == "the guest found 2 corrupted pages in its patterns (of 16 MiB checked)"
 
 
@@ -115,16 +119,5 @@ def test_a_pattern_run_without_its_totals_fails_and_a_clean_one_passes() -> None
         ]
     ):
         clean.feed(line, float(t))
-    verdicts = [
-        launch_failure(
-            LaunchOptions(workload="pattern"),
-            interrupted=False,
-            returncode=0,
-            notes=RunGuestNotes(),
-            guest=console,
-            server=None,
-            records=[],
-        )
-        for console in (cut, clean)
-    ]
+    verdicts = [_pattern_verdict(console) for console in (cut, clean)]
     assert verdicts == ["the guest finished without its pattern totals", None]
