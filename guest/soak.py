@@ -68,6 +68,7 @@ class SoakCounts:
     reported_bytes: int = 0
     undiscarded_bytes: int = 0  # reported bytes not zero when the used entry was seen
     early_reports: int = 0  # reports with any such byte
+    driver_errors: int = 0  # the device broke the protocol (see errors)
     errors: list[str] = field(default_factory=list)  # what ended a connection, first few
 
     def add(self, other: SoakCounts) -> None:
@@ -104,6 +105,7 @@ class SoakGuestOptions:
     entries: int = 8  # at most, per report
     seed: int = 0
     stranded_grace_s: float = 2.0
+    reconnect_after_s: float = 0.25  # after an injected hang-up
     connect_timeout: float = 30.0  # a restarted backend has this long to listen again
     report_timeout: float = 10.0
     check_blocks_per_step: int = 8
@@ -274,6 +276,10 @@ class SoakGuest:
                     await task
                 self._strand(gpas)
                 await self.disconnect()
+                # The next connection puts its rings where these were: the old
+                # session may still publish the chain in flight (its delays are
+                # at most tens of ms) until it sees the hang-up.
+                await asyncio.sleep(self.options.reconnect_after_s)
                 return
         try:
             await task
@@ -313,6 +319,12 @@ class SoakGuest:
                 await self.step()
             except FrontendError as error:
                 self.counts.connections_lost += 1
+                self._note(error)
+                await self.disconnect()
+            except GuestError as error:
+                # The device misbehaved (a corrupted used ring, a report not
+                # returned): counted as a failure of the soak, and go on.
+                self.counts.driver_errors += 1
                 self._note(error)
                 await self.disconnect()
         if self.driver is not None:

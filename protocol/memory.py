@@ -147,8 +147,10 @@ def store(layout: struct.Struct, buffer: RegionBuffer, offset: int, *values: int
     data = layout.pack(*values)
     if isinstance(buffer, GuardedBuffer):
         buffer.write(offset, data)
-    else:
-        buffer[offset : offset + len(data)] = data
+        return
+    if not 0 <= offset <= len(buffer) - len(data):
+        raise IndexError(f"store of {len(data)} bytes at {offset} past a {len(buffer)}-byte buffer")
+    buffer[offset : offset + len(data)] = data
 
 
 # The 16-bit ring fields both sides change while the other reads them

@@ -371,7 +371,9 @@ pattern_rounds() {
     mount -t tmpfs -o size=8m tmpfs /pat || die mount-pat
     make_pattern 0
     i=1
-    while [ "$i" -le "$SIZE" ]; do cp /pat/p0 /fill/f$i; eval "g$i=0"; i=$((i + 1)); done
+    while [ "$i" -le "$SIZE" ]; do
+        cp /pat/p0 /fill/f$i || die pattern-write "file $i round 0"; eval "g$i=0"; i=$((i + 1))
+    done
     end=$(( $(uptime_s) + DURATION ))
     r=0
     while [ "$r" -eq 0 ] || [ "$(uptime_s)" -lt "$end" ]; do
@@ -390,7 +392,9 @@ pattern_rounds() {
         i=$klo
         while [ "$i" -le "$khi" ]; do check_file $i; i=$((i + 1)); done
         i=$lo
-        while [ "$i" -le "$hi" ]; do cp /pat/p$r /fill/f$i; eval "g$i=$r"; i=$((i + 1)); done
+        while [ "$i" -le "$hi" ]; do
+            cp /pat/p$r /fill/f$i || die pattern-write "file $i round $r"; eval "g$i=$r"; i=$((i + 1))
+        done
         rm -f /pat/p$((r - 2))
         echo "VB pattern_round=$r freed_mib=$freed checked_mib=$((CHECKED - before)) corrupted_pages=$((CORRUPTED - bad)) t=$(vbt) memfree_kib=$(memfree)"
     done

@@ -22,7 +22,9 @@ Prints a numbered summary and exits 1 unless every goal holds:
 0 bytes of unreported memory altered; 0 reports whose used entry the guest
 saw before every reported byte read zero (published before the discard
 returned, as the guest sees it); 0 trace records published before their
-discard returned (as the backend recorded it); and some of every event.
+discard returned (as the backend recorded it); no protocol error from the
+device, a clean backend exit, some reports, and at least one of each kind
+of event the run was long enough for (three expected).
 """
 
 from __future__ import annotations
@@ -232,18 +234,24 @@ def check_trace(paths: list[Path]) -> dict[str, int]:
 
 async def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     backend = Backend(work, args.discard, args.seed)
-    backend.start()
     base = SoakGuestOptions(
         socket_path=str(backend.socket),
         memory_bytes=args.memory_mib << 20,
         seed=args.seed,
     )
-    guests = [SoakGuest(soak_options(base, index)) for index in range(args.guests)]
-    chaos = Chaos(args, backend, guests)
-    started = time.monotonic()
-    deadline = started + args.seconds
+    guests: list[SoakGuest] = []
+    status = 0
     try:
-        await asyncio.gather(chaos.run(deadline), *(guest.run_until(deadline) for guest in guests))
+        backend.start()
+        guests += [SoakGuest(soak_options(base, index)) for index in range(args.guests)]
+        chaos = Chaos(args, backend, guests)
+        started = time.monotonic()
+        deadline = started + args.seconds
+        # A task that fails cancels the others before the guests' RAM is closed.
+        async with asyncio.TaskGroup() as group:
+            group.create_task(chaos.run(deadline))
+            for guest in guests:
+                group.create_task(guest.run_until(deadline))
     finally:
         for guest in guests:
             await guest.close()
@@ -261,6 +269,9 @@ async def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "disconnects_asked": chaos.done["disconnect"],
         "backend_restarts": chaos.done["restart"],
         "backend_exit_status": status,
+        "delay_every": args.delay_every,
+        "disconnect_every": args.disconnect_every,
+        "restart_every": args.restart_every,
         "guest": asdict(total),
         "trace": check_trace(backend.traces()),
     }
@@ -279,8 +290,21 @@ def failures(result: dict[str, Any]) -> list[str]:
         )
     if trace["duplicates"]:
         found.append(f"{trace['duplicates']} reports recorded twice")
+    if guest["driver_errors"]:
+        found.append(f"{guest['driver_errors']} times the device broke the protocol")
+    if result["backend_exit_status"]:
+        found.append(f"the backend exited with status {result['backend_exit_status']}")
     if not guest["reports_published"]:
         found.append("no report was published")
+    # Every kind of event the run was long enough for (three expected) happened.
+    expected = {
+        "delay_changes": (result["delay_changes"], result["delay_every"]),
+        "disconnects": (guest["disconnects_injected"], result["disconnect_every"]),
+        "backend restarts": (result["backend_restarts"], result["restart_every"]),
+    }
+    for name, (count, mean_s) in expected.items():
+        if mean_s > 0 and result["seconds"] >= 3 * mean_s and not count:
+            found.append(f"no {name} in a run of {result['seconds']:g} s")
     return found
 
 
@@ -305,6 +329,7 @@ def print_summary(result: dict[str, Any]) -> None:
         f"({guest['altered_pages']} pages)  [goal 0]",
         f"reports seen used before every byte read zero: {guest['early_reports']} "
         f"({guest['undiscarded_bytes']} bytes)  [goal 0]",
+        f"protocol errors from the device: {guest['driver_errors']}  [goal 0]",
         f"trace records: {trace['records']}; published before their discard returned: "
         f"{trace['published_before_discard']}  [goal 0]; recorded twice: {trace['duplicates']}; "
         f"torn lines: {trace['torn_lines']}",

@@ -104,6 +104,9 @@ class BalloonDevice(VirtioDevice):
         self.log = logger
         # What a guest's bad chains and buffers make us say, at most BURST lines per interval.
         self.guest_log = LimitedLog(logger)
+        # Discard errors get a quota of their own: a flood of the guest's
+        # bad chains must not hide them.
+        self.discard_log = LimitedLog(logger)
         self.stats = DeviceStats()
         self.config = virtio.BalloonConfig()
         self.acked_features = 0
@@ -316,6 +319,9 @@ class BalloonDevice(VirtioDevice):
                 if chain is None:
                     first_kick_ns = None  # a chain found after this is not the kick's
                     break
+                # Another chain already waiting before this one is published:
+                # a driver that does not wait for its chains (Linux always does).
+                flooding = queue.has_available()
                 if timed:
                     start = _ReportStart(report_kick_ns, start_ns, kick_delay, pop_wait, latency)
                     if kind == "reporting":
@@ -328,7 +334,7 @@ class BalloonDevice(VirtioDevice):
                     self._stats_chain(handle, chain)
                 else:
                     self._ack_chain(handle, chain)
-                turns.between_chains()  # a full ring must not keep the GIL
+                turns.between_chains(flooding)  # a full ring must not keep the GIL
             if not handle.running() or not queue.enable_notifications():
                 return
 
@@ -488,7 +494,7 @@ class BalloonDevice(VirtioDevice):
                 record.skipped_unaligned,
             )
         for error in record.errors:
-            self.guest_log.error("report %d: %s", record.seq, error)
+            self.discard_log.error("report %d: %s", record.seq, error)
 
     def _ack_chain(self, handle: QueueHandle, chain: Chain) -> None:
         # A queue this device reads nothing from (free page hints): acked.
@@ -592,4 +598,4 @@ class BalloonDevice(VirtioDevice):
                 record.unknown,
             )
         for error in record.errors:
-            self.guest_log.error("%s chain %d: %s", record.kind, record.seq, error)
+            self.discard_log.error("%s chain %d: %s", record.kind, record.seq, error)

@@ -59,7 +59,7 @@ class LimitedLog:
         if left_out is None:
             return
         if left_out:
-            message += f" ({left_out} similar lines left out in the last {self._interval_s:g} s)"
+            message += f" ({left_out} similar lines left out since the last one)"
         self._log.log(level, message, *args)
 
     def warning(self, message: str, *args: object) -> None:

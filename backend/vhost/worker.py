@@ -52,20 +52,20 @@ def share_the_gil_fairly() -> None:
 # and the waiter's turn never comes (the convoy effect). Every other
 # session's report needs the GIL a few dozen times (once per discard
 # syscall), so a flooded ring would stretch their hold times tenfold. A
-# driver that follows the spec never gets here: Linux posts one report and
-# waits for it, and so do its balloon and stats queues. So a batch that has
-# used BUSY_NS of CPU between chains sleeps long enough that a flooding ring
-# gets at most FLOOD_SHARE of one CPU (and of the GIL); the others' calls
-# find the GIL free meanwhile.
+# driver that follows the spec is never throttled: Linux posts one report
+# and waits for it (so do its balloon and stats queues), so no other chain
+# is ever waiting while one is processed. A ring where one is, and which has
+# used BUSY_NS of CPU since it last slept, sleeps long enough that it gets
+# at most FLOOD_SHARE of one CPU (and of the GIL); the others' calls find
+# the GIL free meanwhile.
 BUSY_NS = 500_000
-FLOOD_SHARE = 0.2
+FLOOD_SHARE = 0.1
 FLOOD_SLEEP_S = BUSY_NS * (1 / FLOOD_SHARE - 1) / 1e9
 
 
 class GilTurns:
-    """Called between the chains of one batch: once the batch has used
-    BUSY_NS of this thread's CPU since it last slept, it sleeps
-    FLOOD_SLEEP_S. A report that comes alone never pays this."""
+    """Called between the chains of one batch, told whether another chain
+    was already waiting while the last one was processed (a flood)."""
 
     __slots__ = ("_since_ns", "throttled")
 
@@ -73,8 +73,11 @@ class GilTurns:
         self._since_ns = time.thread_time_ns()
         self.throttled = 0  # sleeps taken: a guest flooding its ring
 
-    def between_chains(self) -> None:
-        if time.thread_time_ns() - self._since_ns >= BUSY_NS:
+    def between_chains(self, flooding: bool) -> None:
+        now_ns = time.thread_time_ns()
+        if not flooding:
+            self._since_ns = now_ns  # CPU spent on a lone chain is not a flood's
+        elif now_ns - self._since_ns >= BUSY_NS:
             self.throttled += 1
             time.sleep(FLOOD_SLEEP_S)
             self._since_ns = time.thread_time_ns()

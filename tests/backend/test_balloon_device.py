@@ -129,5 +129,26 @@ def test_the_limited_log_says_how_many_lines_it_left_out() -> None:
     assert lines == ["bad chain 0", "bad chain 1"] and limited.suppressed == 3
     now[0] = 5.0  # a new window
     limited.error("bad chain %d", 5)
-    assert lines[-1] == "bad chain 5 (3 similar lines left out in the last 5 s)"
+    assert lines[-1] == "bad chain 5 (3 similar lines left out since the last one)"
     assert limited.suppressed == 0 and limited.suppressed_total == 3
+
+
+def test_only_a_ring_with_chains_waiting_is_throttled() -> None:
+    """A driver that waits for each chain (Linux) is never made to sleep,
+    however long its chains take; a flooding one is, once it has used its share."""
+    slept: list[float] = []
+
+    def burn() -> None:
+        start = time.thread_time_ns()
+        while time.thread_time_ns() - start < 2 * worker.BUSY_NS:
+            pass
+
+    with mock.patch("time.sleep", slept.append):
+        turns = worker.GilTurns()
+        for _ in range(3):
+            burn()
+            turns.between_chains(False)
+        assert slept == [] and turns.throttled == 0
+        burn()
+        turns.between_chains(True)
+        assert slept == [worker.FLOOD_SLEEP_S] and turns.throttled == 1
