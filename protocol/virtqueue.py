@@ -187,6 +187,7 @@ class DeviceQueue:
         # SET_VRING_BASE after GET_VRING_BASE).
         self.next_used = load_index(self._used_buf, self._used + 2)
         self._signalled_used: int | None = None
+        self._seen_pending = 0  # available chains at the last avail.idx read
 
     # -- avail side -------------------------------------------------------
 
@@ -199,7 +200,15 @@ class DeviceQueue:
             raise QueueError(
                 QueueErrorKind.AVAIL_AHEAD, f"avail.idx is {pending} ahead, queue size {self.size}"
             )
+        self._seen_pending = pending
         return pending > 0
+
+    @property
+    def others_waiting(self) -> bool:
+        """Whether more chains than the one last popped were available when it
+        was popped (from the index read the pop made: no extra load). A
+        driver that waits for each chain, as Linux does, never has any."""
+        return self._seen_pending > 1
 
     def pop(self) -> Chain | None:
         """The next available chain, or None; raises QueueError if malformed."""

@@ -319,9 +319,9 @@ class BalloonDevice(VirtioDevice):
                 if chain is None:
                     first_kick_ns = None  # a chain found after this is not the kick's
                     break
-                # Another chain already waiting before this one is published:
-                # a driver that does not wait for its chains (Linux always does).
-                flooding = queue.has_available()
+                # Another chain already waiting behind this one: a driver that
+                # does not wait for its chains (Linux always does).
+                flooding = queue.others_waiting
                 if timed:
                     start = _ReportStart(report_kick_ns, start_ns, kick_delay, pop_wait, latency)
                     if kind == "reporting":
