@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import random
+import struct
 import subprocess
 import sys
 import time
@@ -57,3 +60,18 @@ def run_guest(sock: Path, *options: str) -> dict[str, Any]:
     )
     summary: dict[str, Any] = json.loads(guest.stdout)
     return summary
+
+
+_HEADER = struct.Struct("<III")
+
+
+def malformed_message(rng: random.Random) -> tuple[bytes, list[int]]:
+    """One malformed vhost-user message and the fds that go with it (the
+    caller closes them): a header of random bits, a request that lies about
+    its size, or GET_FEATURES carrying an fd."""
+    choice = rng.randrange(3)
+    if choice == 0:
+        return os.urandom(_HEADER.size), []
+    if choice == 1:
+        return _HEADER.pack(1, 0x1, 0xFFFF_FFF0) + b"x" * 64, []
+    return _HEADER.pack(1, 0x1, 0), [os.eventfd(0)]

@@ -102,18 +102,6 @@ def good_worker(sock: str, count: int, seconds: float, pace_s: float, seed: int)
     return [outcome.__dict__ for outcome in asyncio.run(run())]
 
 
-_HEADER = struct.Struct("<III")
-
-
-def _malformed(rng: random.Random) -> tuple[bytes, list[int]]:
-    choice = rng.randrange(3)
-    if choice == 0:
-        return os.urandom(_HEADER.size), []  # a header of random bits
-    if choice == 1:
-        return _HEADER.pack(1, 0x1, 0xFFFF_FFF0) + b"x" * 64, []  # lies about its size
-    return _HEADER.pack(1, 0x1, 0), [os.eventfd(0)]  # GET_FEATURES with an fd
-
-
 async def _flood(sock: str, deadline: float) -> int:
     """A session that keeps its ring full of useless chains and kicks every ms."""
     posted = 0
@@ -139,7 +127,7 @@ async def _churn(sock: str, deadline: float) -> int:
     loop = asyncio.get_running_loop()
     sent = 0
     while time.monotonic() < deadline:
-        data, fds = _malformed(rng)
+        data, fds = harness.malformed_message(rng)
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
             conn.setblocking(False)
             try:
