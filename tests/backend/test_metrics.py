@@ -13,9 +13,11 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import pytest
+from hdrh.histogram import HdrHistogram
 
 from vhost_balloon.backend.balloon.records import ReportRecord
 from vhost_balloon.backend.balloon.stats import DeviceStats
+from vhost_balloon.backend.observe import metrics as metrics_core
 from vhost_balloon.backend.observe import metrics_http as metrics_module
 from vhost_balloon.backend.observe.metrics import ENDED_KEPT, Gauge, Histograms, Metrics
 from vhost_balloon.backend.observe.metrics_http import parse_listen_address, serve_metrics
@@ -184,6 +186,32 @@ def test_only_the_last_ended_sessions_stay_exported() -> None:
     assert "s0" not in sessions
     assert f"s{ENDED_KEPT + 2}" in sessions
     assert samples.value("vhost_balloon_hold_seconds_count", session="all") == ENDED_KEPT + 3
+
+
+def test_a_session_that_never_reports_makes_no_hdr_histogram(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each HDR histogram's counts are 136 KiB that malloc keeps after the
+    # session ends: made for every malformed connection, they grew a serve
+    # process by about 1 KiB per connection (benchmarks/session_churn.py
+    # --malformed).
+    made: list[object] = []
+    real = HdrHistogram
+
+    def counting(*args: object) -> object:
+        made.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(metrics_core, "HdrHistogram", counting)
+    metrics = Metrics()
+    for number in range(5):
+        metrics.session(f"s{number}")
+        metrics.end_session(f"s{number}")
+    parse_exposition(metrics.render(COUNTERS, 0))
+    assert made == []
+    metrics.session("s9").record(report())
+    assert len(made) == 6  # hold, discard, bql_wait: the session's and the totals'
+    assert metrics.session("s9").percentiles("hold")["count"] == 1.0
 
 
 def test_session_name_all_is_reserved() -> None:
