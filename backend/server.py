@@ -11,6 +11,7 @@ control socket.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 from collections.abc import Callable, Sequence
@@ -47,6 +48,14 @@ BALLOON_GAUGES = (
 )
 
 
+# Settings a running server keeps until it restarts: {field: its option}.
+RESTART_ONLY = {
+    "trace_path": "trace",
+    "control_socket": "control-socket",
+    "metrics_address": "metrics",
+    "allow_unsealed_memory": "allow-unsealed-memory",
+}
+
 GUEST_STAT_HELP = "The guest's last stats-queue sample, by QEMU's stat name."
 
 
@@ -82,6 +91,28 @@ class Server:
         self._services: list[asyncio.AbstractServer] = []
         self._control: asyncio.AbstractServer | None = None
         self._balloon_targets = asyncio.Lock()
+
+    async def reconfigure(self, new: ServerSettings) -> list[str]:
+        """Apply new settings where they can change while serving: latency for
+        every session from its next report, the balloon settings for sessions
+        that connect from now on. Returns the settings that differ but change
+        only on a restart (the sockets, the trace, unsealed memory). ValueError
+        if the latency could not be applied (then nothing changed but what
+        the error says)."""
+        current = self.latency.current()
+        if dataclasses.replace(new.latency, version=current.version) != current:
+            # A new snapshot (the next version): injection rebuilds its
+            # samplers, and trace records name the settings they ran under.
+            await self.latency.apply(dataclasses.replace(new.latency, version=current.version + 1))
+        restart_only = [
+            option
+            for name, option in RESTART_ONLY.items()
+            if getattr(new, name) != getattr(self.settings, name)
+        ]
+        self.settings = dataclasses.replace(
+            self.settings, latency=self.latency.current(), balloon=new.balloon
+        )
+        return restart_only
 
     async def start_services(self) -> None:
         """Contention threads, the control socket and the metrics endpoint."""

@@ -6,6 +6,14 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/bootstrap.sh
 
+# System tools the tests run: systemd's socket activator and unit checker.
+if ! command -v systemd-socket-activate >/dev/null || ! command -v systemd-analyze >/dev/null; then
+    echo "== apt-get install systemd (systemd-socket-activate, systemd-analyze)" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y --no-install-recommends systemd >&2 ||
+        { apt-get update >&2 && apt-get install -y --no-install-recommends systemd >&2; }
+fi
+
 echo "== ruff" >&2
 .venv/bin/ruff format --check --quiet .
 .venv/bin/ruff check --quiet .

@@ -6,3 +6,6 @@ and `vhost_balloon.guest` (setuptools package-dir). The symbolic links beside
 this file give a checkout the same names, so that pytest, mypy and
 import-linter see exactly what an installation sees.
 """
+
+# The one place the version is written: pyproject.toml reads it from here.
+__version__ = "0.1.0"

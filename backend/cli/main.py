@@ -1,6 +1,7 @@
 """The `vhost-balloon` command line: serve, guest, demo, launch, experiment,
-setup-qemu, ctl (one module each under backend/cli/; parser.py puts their
-parsers together). This module runs one: its logging, its signals, and how
+setup-qemu, ctl, descriptor (one module each under backend/cli/; parser.py
+puts their parsers together; vhost_user.py is the `vhost-user-balloon`
+program). This module runs one: its logging, its signals, and how
 it ends (0, 1, 2 for the user's mistakes, 130 when interrupted).
 
 `guest` and `demo` run the mocked guest as a separate process
@@ -16,7 +17,8 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
-from vhost_balloon.backend.cli import ctl, demo, guest, launch, serve
+from vhost_balloon.backend.cli import ctl, demo, descriptor, guest, launch, serve
+from vhost_balloon.backend.cli.config import parse_with_config
 from vhost_balloon.backend.cli.options import UsageError
 from vhost_balloon.backend.cli.parser import build_parser
 from vhost_balloon.backend.experiment import cli as experiment_cli
@@ -30,6 +32,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "setup-qemu": launch.run_setup,
     "experiment": experiment_cli.run,
     "demo": demo.run,
+    "descriptor": descriptor.run,
 }
 
 
@@ -38,8 +41,30 @@ def _terminate(_signum: int, _frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if asks_for_capabilities(argv):
+        return serve.print_capabilities()
+    try:
+        args = parse_with_config(build_parser, argv, serve.options_parser())
+    except UsageError as error:  # a config file's mistake
+        print(f"vhost-balloon serve: {error}", file=sys.stderr)
+        return 2
+    return run(args, f"vhost-balloon {args.command}")
+
+
+def asks_for_capabilities(argv: Sequence[str]) -> bool:
+    """--print-capabilities with no command or with serve: as the vhost-user
+    backend conventions ask, every other option and argument is then ignored
+    (not refused)."""
+    if serve.CAPABILITIES_OPTION not in argv:
+        return False
+    command = next((word for word in argv if word in COMMANDS), None)
+    return command in (None, "serve")
+
+
+def run(args: argparse.Namespace, prog: str) -> int:
+    """Run the parsed command: its logging, its signals, and how it ends
+    (errors are one line prefixed with prog)."""
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose + (args.command == "serve"), 2),
         format="%(asctime)s %(levelname)s %(message)s",
@@ -53,18 +78,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except UsageError as error:
-        print(f"vhost-balloon {args.command}: {error}", file=sys.stderr)
+        print(f"{prog}: {error}", file=sys.stderr)
         return 2
     except OSError as error:
-        print(f"vhost-balloon {args.command}: {describe_os_error(error)}", file=sys.stderr)
+        print(f"{prog}: {describe_os_error(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
     except Exception as error:  # a bug: still one line, with where to look
         LOG.debug("unexpected error", exc_info=True)
         print(
-            f"vhost-balloon {args.command}: internal error: {error!r} "
-            "(run with -vv for the traceback)",
+            f"{prog}: internal error: {error!r} (run with -vv for the traceback)",
             file=sys.stderr,
         )
         return 1

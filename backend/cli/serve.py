@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from vhost_balloon.backend.balloon.features import qemu_device_properties
+from vhost_balloon.backend.cli import systemd
+from vhost_balloon.backend.cli.config import add_config_option
 from vhost_balloon.backend.cli.options import (
     UsageError,
     add_backend_options,
@@ -34,10 +36,18 @@ from vhost_balloon.protocol.virtio import describe_features
 
 LOG = logging.getLogger("vhost_balloon")
 CONNECT_RETRY_S = 0.2
+CAPABILITIES_OPTION = "--print-capabilities"
 
 
-def add_parser(commands: Any) -> None:
+def add_parser(commands: Any, defaults: dict[str, Any] | None = None) -> None:
+    """defaults: values a config file gave, which the command line overrides."""
     serve = commands.add_parser("serve", help="serve QEMU (or the mocked guest) on a socket")
+    add_arguments(serve)
+    serve.set_defaults(**(defaults or {}))
+
+
+def add_arguments(serve: argparse.ArgumentParser) -> None:
+    """serve's options, on its subparser or on vhost-user-balloon's parser."""
     where = serve.add_mutually_exclusive_group()
     where.add_argument("--socket-path", type=Path, help="unix socket to listen on")
     where.add_argument(
@@ -54,9 +64,10 @@ def add_parser(commands: Any) -> None:
         "hangs up",
     )
     where.add_argument(
-        "--print-capabilities",
+        CAPABILITIES_OPTION,
         action="store_true",
-        help="print the backend's capabilities as JSON and exit",
+        help="print the backend's capabilities as JSON and exit (every other option "
+        "is then ignored, as the vhost-user backend conventions ask)",
     )
     serve.add_argument(
         "--socket-mode",
@@ -65,9 +76,17 @@ def add_parser(commands: Any) -> None:
         help=f"permissions of the --socket-path socket (default {DEFAULT_SOCKET_MODE:04o}: "
         "this user only; e.g. 0660 for a QEMU running as another user of the group)",
     )
+    add_config_option(serve)
     add_backend_options(serve)
     add_latency_options(serve)
     add_service_options(serve)
+
+
+def options_parser() -> argparse.ArgumentParser:
+    """serve's options alone: what a config file's keys are checked against."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    return parser
 
 
 def parse_fd(text: str) -> int:
@@ -92,16 +111,27 @@ def capabilities() -> dict[str, Any]:
     return {"type": "balloon"}
 
 
+def print_capabilities() -> int:
+    print(json.dumps(capabilities()))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.print_capabilities:
-        print(json.dumps(capabilities()))
-        return 0
+    if args.print_capabilities:  # main() has usually answered it before parsing
+        return print_capabilities()
     return asyncio.run(serve(args))
 
 
 async def serve(args: argparse.Namespace) -> int:
+    activated = False
     if args.fd is None and args.socket_path is None and args.connect is None:
-        raise UsageError("serve needs --socket-path PATH, --connect PATH or --fd N")
+        args.fd = systemd.listen_fd()
+        activated = args.fd is not None
+        if not activated:
+            raise UsageError(
+                "serve needs --socket-path PATH, --connect PATH or --fd N "
+                "(or a socket from systemd: LISTEN_FDS)"
+            )
     if args.socket_path is None and args.socket_mode is not None:
         raise UsageError("--socket-mode applies to --socket-path (the socket this process makes)")
     if args.connect is not None:
@@ -118,7 +148,7 @@ async def serve(args: argparse.Namespace) -> int:
         where = f"front-end socket {args.connect} (connecting)"
     elif args.fd is not None:
         listener, listening = socket_from_fd(args.fd)
-        where = f"fd {args.fd}"
+        where = f"fd {args.fd}" + (" (from systemd)" if activated else "")
         if not listening:  # one connected front-end: stop when it leaves
             server.adopt(listener)
             server.session_ended.clear()
@@ -144,6 +174,15 @@ async def serve(args: argparse.Namespace) -> int:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal)
+    notifier = systemd.Notifier()
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_hangup() -> None:
+        task = loop.create_task(reload(server, args, notifier), name="reload")
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         await server.start_services()
         if args.connect is not None:
@@ -163,8 +202,13 @@ async def serve(args: argparse.Namespace) -> int:
             describe_features(features),
             qemu_device_properties(features),
         )
+        notifier.ready(f"serving on {where}")
         await stop.wait()
     finally:
+        notifier.stopping()
+        loop.remove_signal_handler(signal.SIGHUP)
+        for task in list(reloads):
+            task.cancel()
         if stopper is not None:
             stopper.cancel()
         await server.close()
@@ -180,6 +224,43 @@ async def serve(args: argparse.Namespace) -> int:
             totals.freed_bytes,
         )
     return 0
+
+
+async def reload(server: Server, args: argparse.Namespace, notifier: systemd.Notifier) -> None:
+    """SIGHUP: read --config again (the command line still overriding it)
+    and apply what can change while serving: the latency settings at once,
+    the balloon settings for sessions that connect from now on. A bad file
+    changes nothing; settings that only a restart can change are named."""
+    notifier.reloading()
+    try:
+        again = getattr(args, "reload", None)
+        if again is None:
+            LOG.info("SIGHUP: started without --config, nothing to read again")
+            return
+        try:
+            # Off the loop: a replay:FILE delay is read and parsed.
+            fresh = await asyncio.get_running_loop().run_in_executor(None, again)
+            settings = server_settings(fresh)
+        except UsageError as error:
+            LOG.error("SIGHUP: %s; nothing changed", error)
+            return
+        try:
+            restart_only = await server.reconfigure(settings)
+        except ValueError as error:
+            LOG.error("SIGHUP: %s", error)
+            return
+        restart_only += [
+            dest.replace("_", "-")
+            for dest in ("socket_path", "connect", "socket_mode")
+            if getattr(fresh, dest) != getattr(args, dest)
+        ]
+        LOG.info(
+            "SIGHUP: %s read again; latency %s", args.config, json.dumps(server.latency.describe())
+        )
+        for name in restart_only:
+            LOG.warning("SIGHUP: %s changed; it takes effect when the backend restarts", name)
+    finally:
+        notifier.ready("serving (reloaded)")
 
 
 async def serve_connected(server: Server, path: Path, stop: asyncio.Event) -> None:

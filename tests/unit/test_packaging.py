@@ -47,6 +47,7 @@ def _copy_checkout(target: Path) -> Path:
             ROOT / folder, target / folder, ignore=shutil.ignore_patterns("__pycache__")
         )
     shutil.copytree(ROOT / "vhost_balloon", target / "vhost_balloon", symlinks=True)
+    shutil.copytree(ROOT / "share", target / "share")  # the descriptor and the units
     return target
 
 
@@ -61,8 +62,18 @@ def test_a_wheel_installs_only_vhost_balloon(tmp_path: Path) -> None:
     (wheel,) = tmp_path.glob("*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
-    top = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
+    top = {
+        name.split("/")[0]
+        for name in names
+        if not name.split("/")[0].endswith((".dist-info", ".data"))
+    }
     assert top == {"vhost_balloon"}
+    data = {name.split(".data/data/", 1)[1] for name in names if ".data/data/" in name}
+    assert data == {
+        "share/qemu/vhost-user/50-vhost-user-balloon.json",
+        "lib/systemd/system/vhost-user-balloon@.socket",
+        "lib/systemd/system/vhost-user-balloon@.service",
+    }
     modules = {name for name in names if name.endswith(".py")}
     expected = {"vhost_balloon/__init__.py"} | {  # every module of the checkout, and only those
         f"vhost_balloon/{module.relative_to(ROOT).as_posix()}"
@@ -73,10 +84,9 @@ def test_a_wheel_installs_only_vhost_balloon(tmp_path: Path) -> None:
     assert "vhost_balloon/backend/py.typed" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     with zipfile.ZipFile(wheel) as archive:
-        assert (
-            "vhost-balloon = vhost_balloon.backend.cli.main:main"
-            in archive.read(entry_points).decode()
-        )
+        scripts = archive.read(entry_points).decode()
+    assert "vhost-balloon = vhost_balloon.backend.cli.main:main" in scripts
+    assert "vhost-user-balloon = vhost_balloon.backend.cli.vhost_user:main" in scripts
 
     site = tmp_path / "site"
     subprocess.run(
@@ -85,7 +95,10 @@ def test_a_wheel_installs_only_vhost_balloon(tmp_path: Path) -> None:
         capture_output=True,
     )
     installed = {p.name for p in site.iterdir() if not p.name.endswith(".dist-info")}
-    assert installed == {"vhost_balloon", "bin"}  # bin/: the console script
+    # bin/: the console scripts; share/: the descriptor (pip --target drops the
+    # units' lib/, where a --prefix or venv installation has them)
+    assert installed == {"vhost_balloon", "bin", "share"}
+    assert {p.name for p in (site / "bin").iterdir()} == {"vhost-balloon", "vhost-user-balloon"}
     # Outside the checkout, from the installed copy alone: the old names are gone.
     probe = (
         "import importlib.util, sys\n"
