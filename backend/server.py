@@ -25,7 +25,14 @@ from vhost_balloon.backend.balloon.stats import DeviceStats
 from vhost_balloon.backend.latency.in_force import LatencyInForce
 from vhost_balloon.backend.latency.injection import LatencyInjection, LatencySettings
 from vhost_balloon.backend.observe.control import close_control, serve_control
-from vhost_balloon.backend.observe.metrics import Gauge, Metrics
+from vhost_balloon.backend.observe.exposition import (
+    Counter,
+    Exposition,
+    Gauge,
+    Snapshot,
+    device_counters,
+)
+from vhost_balloon.backend.observe.metrics import Metrics
 from vhost_balloon.backend.observe.metrics_http import serve_metrics
 from vhost_balloon.backend.observe.trace import TraceWriter
 from vhost_balloon.backend.vhost.backend_channel import ChannelFailed
@@ -87,7 +94,8 @@ class Server:
         self.finished = DeviceStats()  # totals of sessions that have ended
         self._trace = open_trace(settings.trace_path) if settings.trace_path else None
         self.latency = LatencyInForce(settings.latency)
-        self.metrics = Metrics()
+        self.metrics = Metrics()  # percentiles for ctl stats
+        self.exposition = Exposition(self._scraped)  # /metrics
         self._services: list[asyncio.AbstractServer] = []
         self._control: asyncio.AbstractServer | None = None
         self._balloon_targets = asyncio.Lock()
@@ -126,16 +134,20 @@ class Server:
             self._services.append(await serve_metrics(host, port, self.render_metrics))
 
     def render_metrics(self) -> str:
-        extra: list[tuple[str, str, int]] = []
+        return self.exposition.render()
+
+    def _scraped(self) -> Snapshot:
+        """What a scrape reads now: the device counters over every session,
+        the trace's, and the live sessions' gauges."""
+        counters = device_counters(self.totals().counters())
         if self._trace is not None:
-            counters = self._trace.counters()
-            extra = [
-                ("trace_records_written", TRACE_WRITTEN_HELP, counters.written),
-                ("trace_records_dropped", TRACE_DROPPED_HELP, counters.dropped),
+            trace = self._trace.counters()
+            counters += [
+                Counter("trace_records_written", TRACE_WRITTEN_HELP, trace.written),
+                Counter("trace_records_dropped", TRACE_DROPPED_HELP, trace.dropped),
             ]
-        return self.metrics.render(
-            self.totals().counters(), len(self.sessions), extra, self._balloon_gauges()
-        )
+        sessions = Gauge("sessions", "Front-ends connected now.", [({}, len(self.sessions))])
+        return Snapshot(counters, [sessions, *self._balloon_gauges()])
 
     def _balloon_gauges(self) -> list[Gauge]:
         """Each live session's balloon target and size (labels: the session)."""
@@ -295,11 +307,14 @@ class Server:
             device.record_hooks.append(self._trace.write)
             device.balloon_hooks.append(self._trace.write)
             device.stats_hooks.append(self._trace.write)
-        device.record_hooks.append(
-            lambda record: histograms.record(
-                record, sum(record.bql_wait_ns.values()), record.injected_ns
-            )
-        )
+        exposition = self.exposition
+
+        def record_latencies(record: ReportRecord) -> None:
+            bql_wait_ns = sum(record.bql_wait_ns.values())
+            histograms.record(record, bql_wait_ns, record.injected_ns)
+            exposition.observe(record, bql_wait_ns, record.injected_ns)
+
+        device.record_hooks.append(record_latencies)
         device.record_hooks.extend(self.record_hooks)
         return device
 

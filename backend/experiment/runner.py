@@ -16,7 +16,6 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -27,60 +26,11 @@ from vhost_balloon.backend.experiment.points import (
     point_dir,
     run_point,
 )
+from vhost_balloon.backend.experiment.progress import SweepProgress
 from vhost_balloon.backend.experiment.report import write_report
 from vhost_balloon.backend.experiment.rows import RowError, read_rows
 from vhost_balloon.backend.experiment.spec import ExperimentSpec, Point, SpecError
 from vhost_balloon.backend.experiment.tables import summarise, write_csv, write_jsonl
-
-
-@dataclass(slots=True)
-class Progress:
-    """A progress bar with ETA on a terminal; one line per point otherwise."""
-
-    total: int
-    stream: TextIO
-    done: int = 0
-    skipped: int = 0
-    failed: int = 0
-    started: float = 0.0
-    run_seconds: float = 0.0
-
-    def __post_init__(self) -> None:
-        self.started = time.monotonic()
-
-    def eta(self) -> str:
-        ran = self.done - self.skipped
-        if ran == 0:
-            return "?"
-        remaining = (self.total - self.done) * self.run_seconds / ran
-        return _clock(remaining)
-
-    def show(self, current: str) -> None:
-        width = 24
-        filled = width * self.done // max(self.total, 1)
-        bar = "#" * filled + "-" * (width - filled)
-        elapsed = _clock(time.monotonic() - self.started)
-        text = (
-            f"[{bar}] {self.done}/{self.total} points"
-            f"{f', {self.skipped} already done' if self.skipped else ''}"
-            f"{f', {self.failed} failed' if self.failed else ''}"
-            f"  elapsed {elapsed}  ETA {self.eta()}  {current}"
-        )
-        if self.stream.isatty():
-            self.stream.write("\r\033[K" + text[:160])
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def finish(self) -> None:
-        if self.stream.isatty():
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def _clock(seconds: float) -> str:
-    minutes, secs = divmod(round(seconds), 60)
-    return f"{minutes}m{secs:02d}s"
 
 
 def prepare_output(spec: ExperimentSpec, out: Path) -> None:
@@ -104,33 +54,26 @@ def run_experiment(
     """Run (or resume) every point; returns the rows in point order."""
     prepare_output(spec, out)
     points = spec.points()
-    progress = Progress(len(points), stream)
 
     def warn(text: str) -> None:
         stream.write(f"experiment: {text}\n")
 
     done = {} if rerun else finished_runs(out, warn)
+    stored = [done.get((point.setting_key, point.seed)) for point in points]
     rows: list[dict[str, Any]] = []
-    try:
-        for index, point in enumerate(points):
-            directory = point_dir(out, point)
-            stored = done.get((point.setting_key, point.seed))
-            if stored is not None:
-                progress.skipped += 1
-                row = stored
-            else:
-                progress.show(f"running {point.kind} {point.label} r{point.repeat}")
-                started = time.monotonic()
-                row = run(point, directory)
-                progress.run_seconds += time.monotonic() - started
-                if row.get("status") != "ok":
-                    progress.failed += 1
-                    stream.write(f"\nexperiment: point {index} failed: {row.get('error')}\n")
-            progress.done += 1
+    with SweepProgress(len(points), sum(row is not None for row in stored), stream) as progress:
+        for index, (point, kept) in enumerate(zip(points, stored, strict=True)):
+            if kept is not None:
+                rows.append(kept)
+                continue
+            label = f"{point.kind} {point.label} r{point.repeat}"
+            progress.running(label)
+            started = time.monotonic()
+            row = run(point, point_dir(out, point))
+            ok = row.get("status") == "ok"
+            error = "" if ok else f"point {index}: {row.get('error')}"
+            progress.finished(label, time.monotonic() - started, ok, error)
             rows.append(row)
-            progress.show("")
-    finally:
-        progress.finish()
     write_results(spec, out, rows)
     return rows
 

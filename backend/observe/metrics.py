@@ -1,22 +1,19 @@
-"""Latency histograms per session, rendered in the Prometheus text format.
+"""Latency percentiles per session and over all of them, for `ctl stats`,
+the demo's summary and the experiment rows (/metrics is exposition.py's).
 
 Histograms are HDR histograms in microseconds (1 us .. 60 s, 3 significant
 digits: every value is kept to within 0.1%). Each also keeps the exact sum
-and maximum in nanoseconds, because a summary's `_sum` from HDR's mean would
-be an approximation and HDR's mean walks the whole counts array.
+and maximum in nanoseconds, because HDR's mean walks the whole counts array.
 
-The histograms are used on the event loop thread only; nothing is locked.
-The HTTP endpoint (metrics_http.py) serves from a thread of its own and asks
-that loop for the text.
+Queue threads record (several at once into the totals) while the control
+socket reads: each Histograms has a lock of its own.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
-from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from hdrh.histogram import HdrHistogram
@@ -32,27 +29,7 @@ SIGNIFICANT_DIGITS = 3
 QUANTILES = tuple(p / 100 for p in PERCENTILES)  # 0.5, 0.9, 0.99
 FIXED = ("hold", "discard", "bql_wait")
 INJECTED_PREFIX = "injected:"  # + the injection point, e.g. "injected:publish"
-TOTAL_SESSION = "all"  # the session label of the totals over every session
-ENDED_KEPT = 64  # ended sessions whose summaries stay exported
-
-COUNTERS = (
-    ("reports", "Reports handled (used entries published)."),
-    ("entries", "Entries in the reports."),
-    ("reported_bytes", "Bytes the guest reported free."),
-    ("freed_bytes", "Bytes the host really freed (allocated blocks before - after)."),
-    ("skipped_entries", "Entries not discarded: outside guest memory or unaligned."),
-    ("discard_errors", "Discard syscalls that failed."),
-    ("queue_errors", "Virtqueues broken by a malformed ring."),
-    ("inflated_pages", "4 KiB pages the guests ballooned (inflate chains)."),
-    ("inflate_freed_bytes", "Bytes the host really freed for inflated pages."),
-    ("deflated_pages", "4 KiB pages the guests took back (deflate chains)."),
-)
-SUMMARIES = (
-    ("hold", "hold_seconds", "Kick to notification (or publish when none was sent) per report."),
-    ("discard", "discard_seconds", "Time spent discarding one report's entries."),
-    ("bql_wait", "bql_wait_seconds", "Time a report waited for the modelled big lock."),
-)
-INJECTED_HELP = "Delay injected per report at each injection point."
+TOTAL_SESSION = "all"  # reserved: the name the totals are shown under
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,15 +51,6 @@ class Summary:
 
 
 _EMPTY = Summary(0, 0, 0, (0.0,) * len(QUANTILES))
-
-
-@dataclass(frozen=True, slots=True)
-class Gauge:
-    """A gauge with one sample per label set (e.g. per live session)."""
-
-    name: str  # without the vhost_balloon_ prefix
-    help: str
-    samples: Sequence[tuple[Mapping[str, str], float]]
 
 
 class _Series:
@@ -174,131 +142,26 @@ class Histograms:
 
 
 class Metrics:
-    """Per-session Histograms, their totals, and the server's counters rendered
-    in the Prometheus text exposition format 0.0.4.
-
-    The totals (session="all") include every session ever served. An ended
-    session's series stay exported, frozen, for the last ENDED_KEPT (64)
-    ended sessions, so a scrape after a short session still sees it while
-    the exposition does not grow without bound on a long-running server.
-    """
+    """Each live session's Histograms, and the totals over every session ever
+    served (an ended session's values stay in the totals; its own histograms
+    are dropped)."""
 
     def __init__(self) -> None:
         self.total = Histograms()
         self._live: dict[str, Histograms] = {}
-        self._ended: OrderedDict[str, dict[str, Summary]] = OrderedDict()
 
     def session(self, name: str) -> Histograms:
-        """The live session's histograms, created on first use. A name reused
-        after its session ended starts afresh (its ended series are dropped)."""
+        """The live session's histograms, created on first use."""
         histograms = self._live.get(name)
         if histograms is None:
             if name == TOTAL_SESSION:
                 raise ValueError(f"session name {name!r} is reserved for the totals")
-            self._ended.pop(name, None)
             histograms = self._live[name] = Histograms(self.total)
         return histograms
 
     def end_session(self, name: str) -> None:
-        """Freeze the session's summaries (its data stays in the totals)."""
-        histograms = self._live.pop(name, None)
-        if histograms is None:
-            return
-        self._ended[name] = histograms.summaries()  # the HDR arrays are freed
-        while len(self._ended) > ENDED_KEPT:
-            self._ended.popitem(last=False)
+        """Drop the session's histograms (their data stays in the totals)."""
+        self._live.pop(name, None)
 
-    def render(
-        self,
-        counters: Mapping[str, int],
-        sessions_live: int,
-        extra_counters: Sequence[tuple[str, str, int]] = (),
-        gauges: Sequence[Gauge] = (),
-    ) -> str:
-        """The exposition text. counters must hold every key of COUNTERS;
-        skipped_entries may instead be given as skipped_outside + skipped_unaligned
-        (as DeviceStats.as_dict() has them). extra_counters: (name, help, value)
-        of counters that are not the device's (the trace's), printed as
-        vhost_balloon_NAME_total."""
-        values = dict(counters)
-        if "skipped_entries" not in values and "skipped_outside" in values:
-            values["skipped_entries"] = values["skipped_outside"] + values.get(
-                "skipped_unaligned", 0
-            )
-        missing = [key for key, _ in COUNTERS if key not in values]
-        if missing:
-            raise KeyError(f"counters missing: {', '.join(missing)}")
-        out: list[str] = []
-        for key, help_text in COUNTERS:
-            name = f"vhost_balloon_{key}_total"
-            out += _header(name, "counter", help_text)
-            out.append(f"{name} {int(values[key])}")
-        for key, help_text, value in extra_counters:
-            name = f"vhost_balloon_{key}_total"
-            out += _header(name, "counter", help_text)
-            out.append(f"{name} {int(value)}")
-        out += _header("vhost_balloon_sessions", "gauge", "Front-ends connected now.")
-        out.append(f"vhost_balloon_sessions {int(sessions_live)}")
-        for gauge in gauges:
-            name = f"vhost_balloon_{gauge.name}"
-            out += _header(name, "gauge", gauge.help)
-            out += [f"{name}{{{_labels(labels)}}} {value}" for labels, value in gauge.samples]
-
-        sessions = list(self._sessions())
-        for key, suffix, help_text in SUMMARIES:
-            name = f"vhost_balloon_{suffix}"
-            out += _header(name, "summary", help_text + ' session="all" is every session.')
-            for session, summaries in sessions:
-                out += _summary(name, {"session": session}, summaries[key])
-        injected = [
-            (s, n, summary)
-            for s, summaries in sessions
-            for n, summary in summaries.items()
-            if n.startswith(INJECTED_PREFIX)
-        ]
-        if injected:
-            name = "vhost_balloon_injected_seconds"
-            out += _header(name, "summary", INJECTED_HELP)
-            for session, key, summary in injected:
-                point = key.removeprefix(INJECTED_PREFIX)
-                out += _summary(name, {"session": session, "point": point}, summary)
-        return "\n".join(out) + "\n"
-
-    def _sessions(self) -> Iterator[tuple[str, dict[str, Summary]]]:
-        yield TOTAL_SESSION, self.total.summaries()
-        for name, histograms in self._live.items():
-            yield name, histograms.summaries()
-        yield from self._ended.items()
-
-
-def _header(name: str, kind: str, help_text: str) -> list[str]:
-    escaped = help_text.replace("\\", "\\\\").replace("\n", "\\n")
-    return [f"# HELP {name} {escaped}", f"# TYPE {name} {kind}"]
-
-
-def _labels(labels: Mapping[str, str]) -> str:
-    return ",".join(f'{key}="{escape_label(value)}"' for key, value in labels.items())
-
-
-def escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _summary(name: str, labels: Mapping[str, str], summary: Summary) -> list[str]:
-    base = _labels(labels)
-    lines = []
-    for quantile, value_us in zip(QUANTILES, summary.quantiles_us, strict=True):
-        # An empty summary's quantiles are NaN by Prometheus convention.
-        value = value_us / 1e6 if summary.count else math.nan
-        lines.append(f'{name}{{{base},quantile="{quantile}"}} {_number(value)}')
-    lines.append(f"{name}_sum{{{base}}} {_number(summary.sum_ns / 1e9)}")
-    lines.append(f"{name}_count{{{base}}} {summary.count}")
-    return lines
-
-
-def _number(value: float) -> str:
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(value)
+    def live_sessions(self) -> int:
+        return len(self._live)

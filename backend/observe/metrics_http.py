@@ -22,6 +22,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
 from vhost_balloon.backend.observe.linger import linger
 
 LOG = logging.getLogger("vhost_balloon.metrics")
@@ -35,7 +37,8 @@ IDLE_GRACE_S = 1.0  # at the cap, a connection this old without a request is dro
 BACKLOG = 64  # beyond it the kernel refuses connections: no fd of ours is spent
 ACCEPT_RETRY_S = 0.1
 LOG_EVERY_S = 10.0  # a repeated failure is logged at most this often
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# What generate_latest() writes (its default escaping): the classic text format.
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 _REQUEST_LINE = re.compile(rb"([A-Z]+) (\S+) HTTP/1\.[01]")
 _HEADER = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:.*")
 _REASONS = {

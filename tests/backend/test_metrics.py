@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import math
-import re
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 from hdrh.histogram import HdrHistogram
+from prometheus_client.parser import text_string_to_metric_families
 
 from vhost_balloon.backend.balloon.records import ReportRecord
-from vhost_balloon.backend.balloon.stats import DeviceStats
 from vhost_balloon.backend.observe import metrics as metrics_core
 from vhost_balloon.backend.observe import metrics_http as metrics_module
-from vhost_balloon.backend.observe.metrics import ENDED_KEPT, Gauge, Histograms, Metrics
+from vhost_balloon.backend.observe.exposition import Exposition, Snapshot, device_counters
+from vhost_balloon.backend.observe.metrics import Histograms, Metrics
 from vhost_balloon.backend.observe.metrics_http import parse_listen_address, serve_metrics
 
 US = 1000  # ns
@@ -168,24 +167,8 @@ def test_totals_keep_ended_sessions() -> None:
     metrics.end_session("unknown")  # harmless
     assert metrics.total.percentiles("hold")["count"] == 2.0
     assert metrics.total.percentiles("hold")["max"] == 300.0
-    samples = parse_exposition(metrics.render(COUNTERS, 1))
-    assert samples.value("vhost_balloon_hold_seconds_count", session="s1") == 1
-    assert samples.value("vhost_balloon_hold_seconds_count", session="s2") == 1
-    assert samples.value("vhost_balloon_hold_seconds_count", session="all") == 2
-
-
-def test_only_the_last_ended_sessions_stay_exported() -> None:
-    metrics = Metrics()
-    for number in range(ENDED_KEPT + 3):
-        name = f"s{number}"
-        metrics.session(name).record(report())
-        metrics.end_session(name)
-    samples = parse_exposition(metrics.render(COUNTERS, 0))
-    sessions = {s.labels["session"] for s in samples.named("vhost_balloon_hold_seconds_count")}
-    assert len(sessions) == ENDED_KEPT + 1  # plus "all"
-    assert "s0" not in sessions
-    assert f"s{ENDED_KEPT + 2}" in sessions
-    assert samples.value("vhost_balloon_hold_seconds_count", session="all") == ENDED_KEPT + 3
+    assert metrics.live_sessions() == 1
+    assert metrics.session("s1").percentiles("hold")["count"] == 0.0  # afresh
 
 
 def test_a_session_that_never_reports_makes_no_hdr_histogram(
@@ -207,7 +190,6 @@ def test_a_session_that_never_reports_makes_no_hdr_histogram(
     for number in range(5):
         metrics.session(f"s{number}")
         metrics.end_session(f"s{number}")
-    parse_exposition(metrics.render(COUNTERS, 0))
     assert made == []
     metrics.session("s9").record(report())
     assert len(made) == 6  # hold, discard, bql_wait: the session's and the totals'
@@ -217,143 +199,6 @@ def test_a_session_that_never_reports_makes_no_hdr_histogram(
 def test_session_name_all_is_reserved() -> None:
     with pytest.raises(ValueError, match="reserved"):
         Metrics().session("all")
-
-
-# --- the exposition text -----------------------------------------------------------
-
-SAMPLE = re.compile(
-    r"(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)"
-    r"(?:\{(?P<labels>(?:[a-zA-Z_][a-zA-Z0-9_]*=\"(?:[^\"\\\n]|\\[\\\"n])*\",?)*)\})?"
-    r" (?P<value>\S+)"
-)
-LABEL = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)=\"((?:[^\"\\\n]|\\[\\\"n])*)\"")
-SUFFIXES = {"summary": ("_sum", "_count", ""), "counter": ("",), "gauge": ("",)}
-
-
-@dataclass
-class Sample:
-    name: str
-    labels: dict[str, str]
-    value: float
-
-
-@dataclass
-class Exposition:
-    types: dict[str, str] = field(default_factory=dict)
-    samples: list[Sample] = field(default_factory=list)
-
-    def named(self, name: str) -> list[Sample]:
-        return [s for s in self.samples if s.name == name]
-
-    def value(self, name: str, **labels: str) -> float:
-        found = [s.value for s in self.named(name) if s.labels == labels]
-        assert len(found) == 1, (name, labels, found)
-        return found[0]
-
-
-def _unescape(value: str) -> str:
-    return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), value)
-
-
-def parse_exposition(text: str) -> Exposition:
-    """Just enough of format 0.0.4 to hold the renderer to it: every sample is
-    `name{labels} value` of the family whose TYPE line came last, each family
-    has one HELP and one TYPE, families are not interleaved."""
-    assert text.endswith("\n")
-    parsed = Exposition()
-    helped: set[str] = set()
-    current: str | None = None
-    for line in text.splitlines():
-        if line.startswith("# HELP "):
-            name = line.split(" ", 3)[2]
-            assert name not in helped, f"second HELP for {name}"
-            helped.add(name)
-            continue
-        if line.startswith("# TYPE "):
-            _, _, name, kind = line.split(" ")
-            assert kind in SUFFIXES, line
-            assert name not in parsed.types, f"second TYPE for {name}"
-            assert name in helped, f"TYPE before HELP for {name}"
-            parsed.types[name] = kind
-            current = name
-            continue
-        assert line and not line.startswith("#"), f"unexpected line {line!r}"
-        match = SAMPLE.fullmatch(line)
-        assert match, f"not a sample line: {line!r}"
-        name = match["name"]
-        assert current is not None, f"sample before any TYPE: {line!r}"
-        assert name in {current + s for s in SUFFIXES[parsed.types[current]]}, (
-            f"{name} outside its family (current {current})"
-        )
-        labels = {k: _unescape(v) for k, v in LABEL.findall(match["labels"] or "")}
-        if parsed.types[current] == "summary" and name == current:
-            assert "quantile" in labels, line
-        value = float(match["value"])  # accepts NaN, +Inf, 1e-06
-        parsed.samples.append(Sample(name, labels, value))
-    return parsed
-
-
-def test_render_is_valid_exposition_with_counters_and_summaries() -> None:
-    metrics = Metrics()
-    histograms = metrics.session("s1")
-    for value in range(1, 1001):
-        histograms.record(
-            report(hold_us=value), bql_wait_ns=2 * US, injected_ns={"entry": 1500 * US}
-        )
-    metrics.session("s2")  # connected, nothing reported yet
-    parsed = parse_exposition(metrics.render(COUNTERS, 2))
-
-    for key, value in COUNTERS.items():
-        name = f"vhost_balloon_{key}_total"
-        assert parsed.types[name] == "counter"
-        assert parsed.value(name) == value
-    assert parsed.types["vhost_balloon_sessions"] == "gauge"
-    assert parsed.value("vhost_balloon_sessions") == 2
-    for family in ("hold", "discard", "bql_wait", "injected"):
-        assert parsed.types[f"vhost_balloon_{family}_seconds"] == "summary"
-
-    hold = "vhost_balloon_hold_seconds"
-    assert parsed.value(hold, session="s1", quantile="0.5") == pytest.approx(500e-6)
-    assert parsed.value(hold, session="s1", quantile="0.9") == pytest.approx(900e-6)
-    assert parsed.value(hold, session="s1", quantile="0.99") == pytest.approx(990e-6)
-    assert parsed.value(hold + "_count", session="s1") == 1000
-    assert parsed.value(hold + "_sum", session="s1") == pytest.approx(sum(range(1, 1001)) * 1e-6)
-    assert parsed.value("vhost_balloon_bql_wait_seconds", session="s1", quantile="0.5") == (
-        pytest.approx(2e-6)
-    )
-    injected = "vhost_balloon_injected_seconds"
-    assert parsed.value(injected, session="s1", point="entry", quantile="0.99") == (
-        pytest.approx(1.5e-3, rel=1e-3)
-    )
-    assert parsed.value(injected + "_count", session="all", point="entry") == 1000
-    # A session with no reports: count 0, quantiles NaN (the Prometheus convention).
-    assert parsed.value(hold + "_count", session="s2") == 0
-    assert math.isnan(parsed.value(hold, session="s2", quantile="0.5"))
-
-
-def test_no_injected_family_without_injections() -> None:
-    metrics = Metrics()
-    metrics.session("s1").record(report())
-    parsed = parse_exposition(metrics.render(COUNTERS, 1))
-    assert "vhost_balloon_injected_seconds" not in parsed.types
-
-
-def test_label_values_are_escaped() -> None:
-    metrics = Metrics()
-    odd = 'a"b\\c\nd'
-    metrics.session(odd).record(report(), injected_ns={'p"\\\n': 1 * US})
-    parsed = parse_exposition(metrics.render(COUNTERS, 1))
-    assert parsed.value("vhost_balloon_hold_seconds_count", session=odd) == 1
-    assert parsed.value("vhost_balloon_injected_seconds_count", session=odd, point='p"\\\n') == 1
-
-
-def test_render_takes_device_stats_and_names_missing_counters() -> None:
-    stats = DeviceStats(reports=2, skipped_outside=1, skipped_unaligned=2)
-    parsed = parse_exposition(Metrics().render(stats.as_dict(), 0))
-    assert parsed.value("vhost_balloon_skipped_entries_total") == 3
-    assert parsed.value("vhost_balloon_reports_total") == 2
-    with pytest.raises(KeyError, match="queue_errors"):
-        Metrics().render({k: v for k, v in COUNTERS.items() if k != "queue_errors"}, 0)
 
 
 # --- listen addresses -----------------------------------------------------------
@@ -433,9 +278,9 @@ class Endpoint:
 
 @pytest.fixture
 async def endpoint() -> AsyncIterator[Endpoint]:
-    metrics = Metrics()
-    metrics.session("s1").record(report(hold_us=100))
-    state = Endpoint(0, lambda: metrics.render(COUNTERS, 1))
+    exposition = Exposition(lambda: Snapshot(device_counters(COUNTERS), []))
+    exposition.observe(report(hold_us=100), 0, {})
+    state = Endpoint(0, exposition.render)
 
     def render() -> str:  # what the test sets in state.render at the time
         return state.render()
@@ -451,9 +296,13 @@ async def test_get_metrics(endpoint: Endpoint) -> None:
     status, headers, body = await endpoint.get("/metrics")
     assert status == 200
     assert headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
-    parsed = parse_exposition(body.decode())
-    assert parsed.value("vhost_balloon_reports_total") == 5
-    assert parsed.value("vhost_balloon_hold_seconds_count", session="s1") == 1
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+    }
+    assert samples[("vhost_balloon_reports_total", ())] == 5
+    assert samples[("vhost_balloon_report_hold_seconds_count", ())] == 1
     status, _, _ = await endpoint.get("/metrics?name[]=x")  # queries are ignored
     assert status == 200
 
@@ -564,16 +413,3 @@ async def test_idle_connections_make_room_for_a_scrape_at_the_cap(
     finally:
         for _, writer in idle:
             writer.close()
-
-
-def test_balloon_gauges_have_one_sample_per_session() -> None:
-    gauges = [
-        Gauge("target_bytes", "Target.", [({"session": "s1"}, 768 << 20), ({"session": "s2"}, 1)]),
-        Gauge("ballooned_bytes", "Actual.", []),  # no session: the family alone
-    ]
-    parsed = parse_exposition(Metrics().render(COUNTERS, 2, gauges=gauges))
-    assert parsed.types["vhost_balloon_target_bytes"] == "gauge"
-    assert parsed.value("vhost_balloon_target_bytes", session="s1") == 768 << 20
-    assert parsed.value("vhost_balloon_target_bytes", session="s2") == 1
-    assert parsed.types["vhost_balloon_ballooned_bytes"] == "gauge"
-    assert parsed.value("vhost_balloon_inflated_pages_total") == 4096

@@ -107,7 +107,7 @@ def test_a_short_sweep_writes_results_figures_and_report_and_resumes(tmp_path: P
     before = {row["dir"]: row["seconds"] for row in rows}
     again = _experiment(spec, out)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "4 already done" in again.stderr
+    assert "4 of 4 points already done" in again.stderr
     assert {row["dir"]: row["seconds"] for row in _rows(out / "results.csv")} == before
 
     # The tables and figures are derived again from the raw output, same numbers.

@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from vhost_balloon.backend.qemu.command import (
     LaunchOptions,
@@ -320,8 +321,16 @@ def test_ctl_and_metrics_against_a_running_backend(tmp_path: Path) -> None:
         assert refused.returncode == 1 and "nonsense" in refused.stderr
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
             text = reply.read().decode()
-        assert "vhost_balloon_reports_total 4" in text
-        assert 'vhost_balloon_hold_seconds{session="all",quantile="0.5"}' in text
+        samples = {
+            (sample.name, sample.labels.get("le")): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+        assert samples[("vhost_balloon_reports_total", None)] == 4
+        assert samples[("vhost_balloon_report_hold_seconds_count", None)] == 4
+        # exp:2ms at publish: every hold is over 10 us, most over 1 ms
+        assert samples[("vhost_balloon_report_hold_seconds_bucket", "1e-05")] == 0
+        assert samples[("vhost_balloon_injected_delay_seconds_count", None)] == 4
     finally:
         server.send_signal(signal.SIGINT)
         server.communicate(timeout=30)

@@ -42,6 +42,7 @@ def _copy_checkout(target: Path) -> Path:
     leave build/ behind, whose stale modules a later wheel would pick up."""
     shutil.copy(ROOT / "pyproject.toml", target)
     shutil.copy(ROOT / "README.md", target)
+    shutil.copy(ROOT / "LICENSE", target)
     for folder in FOLDERS:
         shutil.copytree(
             ROOT / folder, target / folder, ignore=shutil.ignore_patterns("__pycache__")

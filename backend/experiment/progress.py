@@ -1,0 +1,88 @@
+"""A sweep's progress, through rich: on a terminal, a live bar with the point
+running, elapsed time and ETA, with a line per finished point above it; on
+anything else (a CI log, a file, a pipe), only those lines, nothing redrawn
+and no escape codes.
+
+The ETA counts only points run in this invocation: points a resumed sweep
+finds already done are neither timed nor left to do.
+"""
+
+from __future__ import annotations
+
+import time
+from types import TracebackType
+from typing import TextIO
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+
+def clock(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes}m{secs:02d}s"
+
+
+class SweepProgress:
+    def __init__(self, total: int, already_done: int, stream: TextIO) -> None:
+        self.total = total
+        self.done = already_done
+        self.failed = 0
+        self._ran = 0
+        self._run_seconds = 0.0
+        self._started = time.monotonic()
+        self.console = Console(file=stream, soft_wrap=True, highlight=False)
+        self._bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("points  elapsed"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=not self.console.is_terminal,
+        )
+        self._task = self._bar.add_task("sweep", total=total, completed=already_done)
+        if already_done:
+            self.console.print(f"{already_done} of {total} points already done: resuming")
+
+    def __enter__(self) -> SweepProgress:
+        self._bar.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._bar.stop()
+
+    def running(self, label: str) -> None:
+        self._bar.update(self._task, description=f"running {label}")
+
+    def finished(self, label: str, seconds: float, ok: bool, error: str = "") -> None:
+        """A point ran (ok or not): a line, and the bar moves on."""
+        self.done += 1
+        self._ran += 1
+        self._run_seconds += seconds
+        if not ok:
+            self.failed += 1
+        self._bar.update(self._task, advance=1, description="sweep")
+        outcome = "ok" if ok else f"FAILED: {error}"
+        self.console.print(
+            f"point {self.done}/{self.total} {label}: {outcome} ({seconds:.1f} s)  "
+            f"elapsed {clock(time.monotonic() - self._started)}  ETA {self.eta()}"
+        )
+
+    def eta(self) -> str:
+        if self._ran == 0:
+            return "?"
+        return clock((self.total - self.done) * self._run_seconds / self._ran)
