@@ -6,12 +6,18 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/bootstrap.sh
 
-# System tools the tests run: systemd's socket activator and unit checker.
-if ! command -v systemd-socket-activate >/dev/null || ! command -v systemd-analyze >/dev/null; then
-    echo "== apt-get install systemd (systemd-socket-activate, systemd-analyze)" >&2
+# System tools the tests run: systemd's socket activator and unit checker,
+# libvirt's domain validator (with xmllint, which it runs).
+need=()
+command -v systemd-socket-activate >/dev/null && command -v systemd-analyze >/dev/null ||
+    need+=(systemd)
+command -v virt-xml-validate >/dev/null || need+=(libvirt-clients)
+command -v xmllint >/dev/null || need+=(libxml2-utils)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "== apt-get install ${need[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y --no-install-recommends systemd >&2 ||
-        { apt-get update >&2 && apt-get install -y --no-install-recommends systemd >&2; }
+    apt-get install -y --no-install-recommends "${need[@]}" >&2 ||
+        { apt-get update >&2 && apt-get install -y --no-install-recommends "${need[@]}" >&2; }
 fi
 
 echo "== ruff" >&2

@@ -1,5 +1,5 @@
 """The `vhost-balloon` command line: serve, guest, demo, launch, experiment,
-setup-qemu, ctl, descriptor (one module each under backend/cli/; parser.py
+setup-qemu, ctl, descriptor, qemu-config (one module each under backend/cli/; parser.py
 puts their parsers together; vhost_user.py is the `vhost-user-balloon`
 program). This module runs one: its logging, its signals, and how
 it ends (0, 1, 2 for the user's mistakes, 130 when interrupted).
@@ -17,7 +17,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
-from vhost_balloon.backend.cli import ctl, demo, descriptor, guest, launch, serve
+from vhost_balloon.backend.cli import ctl, demo, descriptor, guest, launch, qemu_config, serve
 from vhost_balloon.backend.cli.config import parse_with_config
 from vhost_balloon.backend.cli.options import UsageError
 from vhost_balloon.backend.cli.parser import build_parser
@@ -33,6 +33,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "experiment": experiment_cli.run,
     "demo": demo.run,
     "descriptor": descriptor.run,
+    "qemu-config": qemu_config.run,
 }
 
 

@@ -7,7 +7,7 @@ import argparse
 from typing import Any
 
 from vhost_balloon import __version__
-from vhost_balloon.backend.cli import ctl, demo, descriptor, guest, launch, serve
+from vhost_balloon.backend.cli import ctl, demo, descriptor, guest, launch, qemu_config, serve
 from vhost_balloon.backend.experiment import cli as experiment_cli
 
 
@@ -34,4 +34,5 @@ def build_parser(serve_defaults: dict[str, Any] | None = None) -> argparse.Argum
     launch.add_setup_parser(commands)
     ctl.add_parser(commands)
     descriptor.add_parser(commands)
+    qemu_config.add_parser(commands)
     return parser
