@@ -116,6 +116,13 @@ def add_parser(commands: Any) -> None:
     )
     guest.add_argument("--qemu", metavar="BIN", help="another QEMU than the provisioned one")
     guest.add_argument(
+        "--qmp",
+        type=Path,
+        metavar="PATH",
+        help="a QMP socket for you while the guest runs (default: launch-PID.qmp in the "
+        "run directory; launch uses a monitor of its own)",
+    )
+    guest.add_argument(
         "--socket-path", type=Path, help="the backend's socket (default VB_RUN_DIR/launch-PID.sock)"
     )
     launch.add_argument("qemu_args", nargs="*", metavar="-- QEMU_ARG", help=argparse.SUPPRESS)
@@ -184,6 +191,7 @@ def launch_options(args: argparse.Namespace) -> LaunchOptions:
         console_to_stderr=args.json,
         balloon_target=args.balloon,
         oom_mib=args.balloon_oom,
+        qmp_socket=args.qmp,
     )
     try:  # before provisioning and QEMU: a user's mistake is found at once
         check_qemu_option_values(options)

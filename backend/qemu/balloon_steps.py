@@ -15,10 +15,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Protocol
 
-from qemu.qmp import ConnectError, QMPClient
+from qemu.qmp import QMPClient
 
 from vhost_balloon.backend.qemu.console import GuestConsole
 from vhost_balloon.backend.qemu.sampler import MemorySampler
@@ -78,21 +77,6 @@ class QmpBalloon:
     def __init__(self, client: QMPClient, ram_bytes: int) -> None:
         self.client = client
         self.ram_bytes = ram_bytes
-
-    @classmethod
-    async def connect(cls, path: Path, ram_bytes: int, timeout_s: float) -> QmpBalloon:
-        """Connect once QEMU has made its QMP socket (it starts after the
-        initramfs is built)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            client = QMPClient("vhost-balloon-launch")
-            try:
-                await client.connect(str(path))
-                return cls(client, ram_bytes)
-            except ConnectError as error:  # no socket yet, or QEMU not listening yet
-                if time.monotonic() > deadline:
-                    raise BalloonError(f"no QMP socket at {path}: {error}") from None
-                await asyncio.sleep(0.2)
 
     async def set_target(self, size: int) -> None:
         await self.client.execute("balloon", {"value": size})

@@ -64,6 +64,7 @@ class LaunchOptions:
     console_to_stderr: bool = False
     balloon_target: int | None = None  # balloon workload: the guest's target size, bytes
     oom_mib: int = 0  # balloon workload: fill this much past free memory (deflate-on-oom)
+    qmp_socket: Path | None = None  # the user's QMP socket (default: in VB_RUN_DIR)
 
     @property
     def guest_ram_bytes(self) -> int:
@@ -95,6 +96,11 @@ class LaunchOptions:
         if self.no_balloon:
             return "none"
         return "builtin" if self.baseline else "vhost-user"
+
+
+def qemu_option(value: object) -> str:
+    """A value inside a QEMU option list: QEMU reads ',,' as a literal comma."""
+    return str(value).replace(",", ",,")
 
 
 def check_qemu_option_values(options: LaunchOptions) -> None:

@@ -40,9 +40,11 @@ from vhost_balloon.backend.qemu.balloon_steps import (
 from vhost_balloon.backend.qemu.command import (
     LaunchOptions,
     check_qemu_option_values,
+    qemu_option,
     run_guest_command,
 )
 from vhost_balloon.backend.qemu.console import GuestConsole
+from vhost_balloon.backend.qemu.monitor import MonitorError, QemuMonitor
 from vhost_balloon.backend.qemu.notes import RunGuestNotes
 from vhost_balloon.backend.qemu.process import QemuProcess
 from vhost_balloon.backend.qemu.provisioning import (
@@ -64,6 +66,7 @@ from vhost_balloon.backend.vhost.server import UnixListener, bind_unix
 
 BALLOON_STEP_TIMEOUT_S = 300.0  # each balloon step, under TCG
 BUILTIN_STATS_INTERVAL_S = 2  # QEMU's guest-stats-polling-interval in the baseline
+MONITOR_CONNECT_TIMEOUT_S = 300.0  # QEMU starts after the initramfs is built
 
 
 class Launch:
@@ -91,6 +94,8 @@ class Launch:
         self.qemu_version: str | None = None
         self.guest_kernel: str | None = None
         self.process: QemuProcess | None = None
+        self.user_qmp: Path | None = None  # the QMP socket left to the user
+        self.qmp: dict[str, Any] = {}  # version, status at start, or error
 
     def clock(self) -> float:
         return time.monotonic() - self.t0
@@ -112,6 +117,7 @@ class Launch:
         check_qemu_option_values(self.options)
         listener: UnixListener | None = None
         console_log: TextIO | None = None
+        sockets: list[Path] = []
         try:
             if self.options.console_log is not None:
                 console_log = self.options.console_log.open("w", encoding="utf-8")
@@ -134,19 +140,27 @@ class Launch:
                 sampler=self.sampler,
             )
             command = run_guest_command(self.options, socket_path, features)
-            qmp_path: Path | None = None
-            if self.options.workload == "balloon" and self.options.baseline:
-                qmp_path = Path(env.get("VB_RUN_DIR", "/tmp")) / f"launch-{os.getpid()}.qmp"
-                command += ["-qmp", f"unix:{qmp_path},server=on,wait=off"]
+            run_dir = Path(env.get("VB_RUN_DIR", "/tmp"))
+            monitor_path = run_dir / f"launch-{os.getpid()}-monitor.qmp"
+            self.user_qmp = self.options.qmp_socket or run_dir / f"launch-{os.getpid()}.qmp"
+            sockets += [monitor_path, self.user_qmp]
+            for path in (monitor_path, self.user_qmp):
+                command += ["-qmp", f"unix:{qemu_option(path)},server=on,wait=off"]
+            monitor_task = asyncio.ensure_future(self._monitor(monitor_path))
             balloon_task = None
             if self.options.workload == "balloon":
-                balloon_task = asyncio.ensure_future(self._balloon(qmp_path))
+                balloon_task = asyncio.ensure_future(self._balloon(monitor_task))
             try:
                 await self.process.run(command)
             finally:
                 if balloon_task is not None:
                     await self._end_balloon(balloon_task)
+                await self._end_monitor(monitor_task)
         finally:
+            for path in sockets:  # QEMU's, left behind if it was killed
+                with contextlib.suppress(OSError):
+                    if path.is_socket():
+                        path.unlink()
             if self.server is not None:
                 await self.server.close()
             if listener is not None:
@@ -155,17 +169,48 @@ class Launch:
                 console_log.close()
         return self.summary()
 
-    async def _balloon(self, qmp_path: Path | None) -> None:
+    async def _monitor(self, path: Path) -> QemuMonitor | None:
+        """launch's QMP: the version and run state for the summary, and the
+        graceful stop (process.py). Without it, launch still runs: a stop
+        then falls back to signals."""
+        try:
+            monitor = await QemuMonitor.connect(path, MONITOR_CONNECT_TIMEOUT_S)
+        except MonitorError as error:
+            self.qmp["error"] = str(error)
+            self.note(f"QMP: {error}; a stop falls back to signals")
+            return None
+        try:
+            self.qmp["version"] = await monitor.version()
+            self.qmp["status"] = await monitor.status()
+        except QMPError as error:
+            self.qmp["error"] = f"query failed: {error}"
+        if self.process is not None:
+            self.process.monitor = monitor
+        self.note(
+            f"QMP for you at {self.user_qmp} while the guest runs "
+            f"(QEMU {self.qmp.get('version')}, {self.qmp.get('status')})"
+        )
+        return monitor
+
+    async def _end_monitor(self, task: asyncio.Future[QemuMonitor | None]) -> None:
+        if not task.done():
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            monitor = await task
+            if monitor is not None:
+                await monitor.close()
+
+    async def _balloon(self, monitor_task: asyncio.Future[QemuMonitor | None]) -> None:
         """The host's steps of the balloon workload (balloon_steps.py)."""
         options = self.options
         assert options.balloon_target is not None
-        qmp: QmpBalloon | None = None
         try:
             control: BalloonControl
-            if qmp_path is not None:
-                qmp = await QmpBalloon.connect(
-                    qmp_path, options.guest_ram_bytes, BALLOON_STEP_TIMEOUT_S
-                )
+            if options.baseline:
+                monitor = await asyncio.shield(monitor_task)
+                if monitor is None:
+                    raise BalloonError(f"no QMP to QEMU: {self.qmp.get('error')}")
+                qmp = QmpBalloon(monitor.client, options.guest_ram_bytes)
                 await qmp.poll_stats(BUILTIN_STATS_INTERVAL_S)
                 control = qmp
             else:
@@ -189,11 +234,6 @@ class Launch:
         except Exception as error:  # a bug must not cost the run's summary
             self.balloon_error = f"balloon: the steps failed: {error!r}"
             self.note(self.balloon_error)
-        finally:
-            if qmp is not None:
-                # QEMU may be gone already (qemu.qmp then raises EOFError, among others).
-                with contextlib.suppress(Exception):
-                    await qmp.close()
 
     async def _end_balloon(self, task: asyncio.Future[None]) -> None:
         if not task.done():
@@ -228,6 +268,9 @@ class Launch:
             result["pattern"] = pattern_summary(self.guest)
         if self.options.workload == "balloon":
             result["balloon"] = {**(self.balloon or {}), "error": self.balloon_error}
+        stopped_with = None if self.process is None else self.process.stopped_with
+        socket = None if self.user_qmp is None else str(self.user_qmp)
+        result["qmp"] = {"socket": socket, **self.qmp, "stopped_with": stopped_with}
         result |= {
             "qemu_version": self.qemu_version,
             "guest_kernel": self.guest_kernel,

@@ -5,9 +5,10 @@ stdout is the guest's console: every line is stamped (monotonic seconds
 since the launch started), written to the console stream and the console
 log, and fed to GuestConsole. stderr is run-guest.sh's notes and QEMU's
 complaints (RunGuestNotes); the QEMU pid they name is what MemorySampler
-samples. Ctrl-C or SIGTERM stops QEMU (SIGTERM, then SIGKILL of its process
-group after STOP_GRACE_S); a run-guest.sh that outlives its own --timeout is
-killed 30 s later.
+samples. Ctrl-C or SIGTERM stops QEMU: through QMP first when launch has its
+monitor (monitor.py: system_powerdown, then quit), then SIGTERM, then SIGKILL
+of its process group after STOP_GRACE_S; a run-guest.sh that outlives its
+own --timeout is killed 30 s later.
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ from collections.abc import Callable
 from typing import TextIO
 
 from vhost_balloon.backend.qemu.console import GuestConsole
+from vhost_balloon.backend.qemu.monitor import QemuMonitor
 from vhost_balloon.backend.qemu.notes import RunGuestNotes
 from vhost_balloon.backend.qemu.sampler import MemorySampler
 
 STOP_GRACE_S = 10.0
+POWERDOWN_GRACE_S = 5.0  # for the guest to power off after its power button
+QUIT_GRACE_S = 5.0  # for QEMU to exit after QMP quit
 GUARD_SLACK_S = 30
 
 
@@ -52,6 +56,8 @@ class QemuProcess:
         self.sampler = sampler
         self.returncode: int | None = None
         self.interrupted = False  # stopped by Ctrl-C or SIGTERM
+        self.monitor: QemuMonitor | None = None  # launch's QMP, once connected
+        self.stopped_with: str | None = None  # system_powerdown, quit, SIGTERM or SIGKILL
 
     async def run(self, command: list[str]) -> None:
         loop = asyncio.get_running_loop()
@@ -92,12 +98,40 @@ class QemuProcess:
     async def _stop_on(self, stop: asyncio.Event, process: asyncio.subprocess.Process) -> None:
         await stop.wait()
         self.interrupted = True
+        if await self._stop_through_qmp(process):
+            return
+        self.stopped_with = "SIGTERM"
         self.note("stopping QEMU (SIGTERM)")
         with contextlib.suppress(ProcessLookupError):
             process.send_signal(signal.SIGTERM)  # run-guest.sh passes it on to QEMU
         await asyncio.sleep(STOP_GRACE_S)
+        self.stopped_with = "SIGKILL"
         self.note(f"QEMU still running after {STOP_GRACE_S:.0f} s: SIGKILL")
         _kill_group(process.pid, signal.SIGKILL)
+
+    async def _stop_through_qmp(self, process: asyncio.subprocess.Process) -> bool:
+        """The guest's power button, then QMP quit; True once QEMU exited."""
+        monitor = self.monitor
+        if monitor is None:
+            return False
+        steps = (
+            ("system_powerdown", monitor.powerdown, POWERDOWN_GRACE_S),
+            ("quit", monitor.quit, QUIT_GRACE_S),
+        )
+        for name, step, grace_s in steps:
+            self.note(f"stopping the guest: {name} (QMP)")
+            try:
+                await asyncio.wait_for(step(), grace_s)
+                await asyncio.wait_for(process.wait(), grace_s)
+            except TimeoutError:
+                self.note(f"QEMU still running {grace_s:.0f} s after {name}")
+                continue
+            except Exception as error:  # QMP gone or refusing: the next step
+                self.note(f"QMP {name} failed: {error!r}")
+                continue
+            self.stopped_with = name
+            return True
+        return False
 
     async def _guard(self, process: asyncio.subprocess.Process) -> None:
         """run-guest.sh enforces --timeout; this is the backstop if it cannot."""

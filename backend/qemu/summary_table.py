@@ -61,8 +61,13 @@ def format_launch_summary(summary: dict[str, Any]) -> str:
         ("QEMU", str(summary["qemu_version"])),
         ("guest kernel", str(summary["guest_kernel"])),
         ("accelerator", f"{summary['accel']} ({summary['accel_reason'] or 'asked for'})"),
-        ("duration", f"{summary['duration_s']:.1f} s"),
     ]
+    qmp = summary.get("qmp") or {}
+    if qmp:
+        state = qmp.get("error") or f"{qmp.get('status')} at start"
+        stopped = f", stopped with {qmp['stopped_with']}" if qmp.get("stopped_with") else ""
+        rows.append(("QMP", f"{qmp.get('socket')} ({state}{stopped})"))
+    rows.append(("duration", f"{summary['duration_s']:.1f} s"))
     return two_columns(rows)
 
 
