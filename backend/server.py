@@ -107,11 +107,7 @@ class Server:
         only on a restart (the sockets, the trace, unsealed memory). ValueError
         if the latency could not be applied (then nothing changed but what
         the error says)."""
-        current = self.latency.current()
-        if dataclasses.replace(new.latency, version=current.version) != current:
-            # A new snapshot (the next version): injection rebuilds its
-            # samplers, and trace records name the settings they ran under.
-            await self.latency.apply(dataclasses.replace(new.latency, version=current.version + 1))
+        await self.latency.replace(new.latency)  # a new version, if anything changed
         restart_only = [
             option
             for name, option in RESTART_ONLY.items()
@@ -191,9 +187,7 @@ class Server:
                     "discard_us": histograms.percentiles("discard"),
                     "bql_wait_us": histograms.percentiles("bql_wait"),
                     "balloon": device.balloon_status(session.guest_ram_bytes),
-                    "guest_stats": device.guest_stats.describe(
-                        self.settings.balloon.stats_interval_s
-                    ),
+                    "guest_stats": device.guest_stats.describe(device.settings.stats_interval_s),
                 }
             reply = {
                 "ok": True,

@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import difflib
 import functools
+import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -35,6 +37,8 @@ CONFIG_OPTION = "--config"
 # Options that are not settings: they are not keys.
 NOT_KEYS = frozenset({"help", "config", "print-capabilities", "version", "verbose"})
 WHERE_KEYS = ("socket_path", "fd", "connect")  # dests of the one "where to serve" choice
+NUMBERS = frozenset({"seed", "stats-interval", "fd"})  # keys a TOML number may set
+MAX_BYTES = 1 << 20  # a config file is a few lines; /dev/zero is not one
 
 
 def add_config_option(parser: argparse.ArgumentParser) -> None:
@@ -65,15 +69,26 @@ def load_config(path: Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
     option would be. UsageError names the file, line and key of the first
     mistake; nothing is applied then."""
     try:
-        text = path.read_text(encoding="utf-8")
+        # O_NONBLOCK: a FIFO is refused below instead of waiting for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise UsageError(f"--config {path}: not a regular file")
+            data = f.read(MAX_BYTES + 1)
     except OSError as error:
         raise UsageError(f"--config {path}: {error.strerror or error}") from None
+    if len(data) > MAX_BYTES:
+        raise UsageError(f"--config {path}: over {MAX_BYTES >> 20} MiB, not a config file")
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise UsageError(f"--config {path}: not UTF-8 text") from None
     try:
         table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise UsageError(f"{path}: not valid TOML: {error}") from None
+    except RecursionError:
+        raise UsageError(f"{path}: values nested too deeply") from None
     actions = settable_actions(parser)
     lines = text.splitlines()
     values: dict[str, Any] = {}
@@ -99,20 +114,26 @@ def parse_with_config(
     parser whose defaults are the file's values (options: the parser whose
     actions check them). The result's `reload()` does it all again (SIGHUP)."""
     from_cli = build({}).parse_args(argv)
+    from_cli.where_from_cli = _names_where(from_cli)
     path = getattr(from_cli, "config", None)
     if path is None:
         return from_cli
     merged = build(load_config(path, options)).parse_args(argv)
     merge_where(from_cli, merged)
+    merged.where_from_cli = from_cli.where_from_cli
     merged.reload = functools.partial(parse_with_config, build, argv, options)
     return merged
+
+
+def _names_where(args: argparse.Namespace) -> bool:
+    return any(getattr(args, dest, None) is not None for dest in WHERE_KEYS)
 
 
 def merge_where(from_cli: argparse.Namespace, merged: argparse.Namespace) -> None:
     """Where to serve is one choice: if the command line named one, the
     file's is dropped (argparse only sees the command line's conflicts)."""
-    if any(getattr(from_cli, dest, None) is not None for dest in WHERE_KEYS):
-        for dest in WHERE_KEYS:
+    if _names_where(from_cli):
+        for dest in (*WHERE_KEYS, "socket_mode"):  # the file's mode went with its socket
             setattr(merged, dest, getattr(from_cli, dest, None))
     elif sum(getattr(merged, dest, None) is not None for dest in WHERE_KEYS) > 1:
         given = [dest.replace("_", "-") for dest in WHERE_KEYS if getattr(merged, dest, None)]
@@ -133,6 +154,9 @@ def _converted(where: str, key: str, action: argparse.Action, raw: Any) -> Any:
 
 
 def _one(where: str, key: str, action: argparse.Action, raw: Any) -> Any:
+    if isinstance(raw, int | float) and not isinstance(raw, bool) and key not in NUMBERS:
+        # e.g. socket-mode = 0o660 is the number 432: only a string says 0660.
+        raise UsageError(f'{where}: {key} takes a string (such as "{raw}"), not a TOML number')
     if isinstance(raw, bool) or not isinstance(raw, str | int | float):
         raise UsageError(f"{where}: {key} takes a string, not {_toml_kind(raw)}")
     text = str(raw)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import sysconfig
 import tempfile
 from pathlib import Path
@@ -59,9 +60,16 @@ def render(binary: Path) -> str:
 
 
 def installed_binary() -> Path:
-    """The vhost-user-balloon script of the installation this code runs from."""
-    scripts = Path(sysconfig.get_path("scripts"))
-    return scripts / PROGRAM
+    """The vhost-user-balloon script of the installation this code runs from:
+    beside the running vhost-balloon script, else in the scripts folder of
+    this Python's default or per-user (pip --user) scheme."""
+    folders = [Path(sys.argv[0]).resolve().parent] if sys.argv and sys.argv[0] else []
+    folders.append(Path(sysconfig.get_path("scripts")))
+    folders.append(Path(sysconfig.get_path("scripts", f"{os.name}_user")))
+    for folder in folders:
+        if (folder / PROGRAM).is_file():
+            return folder / PROGRAM
+    return folders[-2] / PROGRAM  # named in the error
 
 
 def run(args: argparse.Namespace) -> int:

@@ -124,14 +124,18 @@ def run(args: argparse.Namespace) -> int:
 
 async def serve(args: argparse.Namespace) -> int:
     activated = False
+    if not getattr(args, "where_from_cli", False):
+        # systemd's socket wins over where a config file says to serve (the
+        # same file may serve a manual start); the command line wins over both.
+        fd = systemd.listen_fd()
+        if fd is not None:
+            args.fd, args.socket_path, args.connect, args.socket_mode = fd, None, None, None
+            activated = args.activated = True
     if args.fd is None and args.socket_path is None and args.connect is None:
-        args.fd = systemd.listen_fd()
-        activated = args.fd is not None
-        if not activated:
-            raise UsageError(
-                "serve needs --socket-path PATH, --connect PATH or --fd N "
-                "(or a socket from systemd: LISTEN_FDS)"
-            )
+        raise UsageError(
+            "serve needs --socket-path PATH, --connect PATH or --fd N "
+            "(or a socket from systemd: LISTEN_FDS)"
+        )
     if args.socket_path is None and args.socket_mode is not None:
         raise UsageError("--socket-mode applies to --socket-path (the socket this process makes)")
     if args.connect is not None:
@@ -176,13 +180,13 @@ async def serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signum, on_signal)
     notifier = systemd.Notifier()
     reloads: set[asyncio.Task[None]] = set()
+    one_reload_at_a_time = asyncio.Lock()  # FIFO: the last SIGHUP is applied last
 
     def on_hangup() -> None:
-        task = loop.create_task(reload(server, args, notifier), name="reload")
+        task = loop.create_task(reload(server, args, notifier, one_reload_at_a_time), name="reload")
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
-    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         await server.start_services()
         if args.connect is not None:
@@ -203,12 +207,14 @@ async def serve(args: argparse.Namespace) -> int:
             qemu_device_properties(features),
         )
         notifier.ready(f"serving on {where}")
+        # Only once serving: a reload during startup would race it (and say READY early).
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
         await stop.wait()
     finally:
-        notifier.stopping()
         loop.remove_signal_handler(signal.SIGHUP)
         for task in list(reloads):
-            task.cancel()
+            task.cancel()  # a cancelled reload says nothing more to systemd
+        notifier.stopping()
         if stopper is not None:
             stopper.cancel()
         await server.close()
@@ -226,41 +232,55 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-async def reload(server: Server, args: argparse.Namespace, notifier: systemd.Notifier) -> None:
+async def reload(
+    server: Server, args: argparse.Namespace, notifier: systemd.Notifier, lock: asyncio.Lock
+) -> None:
     """SIGHUP: read --config again (the command line still overriding it)
     and apply what can change while serving: the latency settings at once,
-    the balloon settings for sessions that connect from now on. A bad file
-    changes nothing; settings that only a restart can change are named."""
-    notifier.reloading()
+    the balloon settings for sessions that connect from now on. One at a
+    time, in the order the signals came. A file or command line that no
+    longer parses changes nothing; settings only a restart can change are
+    named."""
+    async with lock:
+        notifier.reloading()
+        await _reload(server, args)
+        notifier.ready("serving (reloaded)")  # not on cancellation: the stop says STOPPING
+
+
+async def _reload(server: Server, args: argparse.Namespace) -> None:
+    again = getattr(args, "reload", None)
+    if again is None:
+        LOG.info("SIGHUP: started without --config, nothing to read again")
+        return
     try:
-        again = getattr(args, "reload", None)
-        if again is None:
-            LOG.info("SIGHUP: started without --config, nothing to read again")
-            return
-        try:
-            # Off the loop: a replay:FILE delay is read and parsed.
-            fresh = await asyncio.get_running_loop().run_in_executor(None, again)
-            settings = server_settings(fresh)
-        except UsageError as error:
-            LOG.error("SIGHUP: %s; nothing changed", error)
-            return
-        try:
-            restart_only = await server.reconfigure(settings)
-        except ValueError as error:
-            LOG.error("SIGHUP: %s", error)
-            return
+        # Off the loop: a replay:FILE delay is read and parsed.
+        fresh = await asyncio.get_running_loop().run_in_executor(None, again)
+        settings = server_settings(fresh)
+    except UsageError as error:
+        LOG.error("SIGHUP: %s; nothing changed", error)
+        return
+    except SystemExit:  # argparse: a command-line value that no longer parses (said above)
+        LOG.error("SIGHUP: the command line no longer parses (see above); nothing changed")
+        return
+    except Exception as error:  # nothing a reload meets may end the service
+        LOG.error("SIGHUP: reading %s failed: %r; nothing changed", args.config, error)
+        return
+    try:
+        restart_only = await server.reconfigure(settings)
+    except ValueError as error:
+        LOG.error("SIGHUP: %s", error)
+        return
+    if not getattr(args, "activated", False):  # else systemd's socket is where it serves
         restart_only += [
             dest.replace("_", "-")
-            for dest in ("socket_path", "connect", "socket_mode")
-            if getattr(fresh, dest) != getattr(args, dest)
+            for dest in ("socket_path", "connect", "socket_mode", "fd")
+            if getattr(fresh, dest) is not None and getattr(fresh, dest) != getattr(args, dest)
         ]
-        LOG.info(
-            "SIGHUP: %s read again; latency %s", args.config, json.dumps(server.latency.describe())
-        )
-        for name in restart_only:
-            LOG.warning("SIGHUP: %s changed; it takes effect when the backend restarts", name)
-    finally:
-        notifier.ready("serving (reloaded)")
+    LOG.info(
+        "SIGHUP: %s read again; latency %s", args.config, json.dumps(server.latency.describe())
+    )
+    for name in restart_only:
+        LOG.warning("SIGHUP: %s changed; it takes effect when the backend restarts", name)
 
 
 async def serve_connected(server: Server, path: Path, stop: asyncio.Event) -> None:

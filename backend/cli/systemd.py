@@ -54,6 +54,7 @@ class Notifier:
     def __init__(self, environ: dict[str, str] | None = None) -> None:
         env = os.environ if environ is None else environ
         path = env.get("NOTIFY_SOCKET", "")
+        self._shown = path  # as systemd writes it: "@name", not a NUL byte
         # "@name" is in the abstract namespace; anything else is a path.
         self._address = "\0" + path[1:] if path.startswith("@") else path
         self._failed = False
@@ -72,7 +73,7 @@ class Notifier:
                 sock.sendto(message.encode(), self._address)
         except OSError as error:
             self._failed = True
-            LOG.warning("cannot notify systemd at %s: %s", self._address, error)
+            LOG.warning("cannot notify systemd at %s: %s", self._shown, error)
 
     def ready(self, status: str) -> None:
         self.notify(READY=1, STATUS=status)

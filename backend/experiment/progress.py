@@ -37,9 +37,10 @@ class SweepProgress:
         self._ran = 0
         self._run_seconds = 0.0
         self._started = time.monotonic()
-        self.console = Console(file=stream, soft_wrap=True, highlight=False)
+        # markup=False: labels and errors are text ("[s1] queue 0 broken"), not markup.
+        self.console = Console(file=stream, soft_wrap=True, highlight=False, markup=False)
         self._bar = Progress(
-            TextColumn("{task.description}"),
+            TextColumn("{task.description}", markup=False),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("points  elapsed"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -82,6 +83,18 @@ class LatencyInForce:
         """Make `new` the settings in force (from the next report on)."""
         async with self._changing:
             return await self._apply(new)
+
+    async def replace(self, new: LatencySettings) -> LatencySettings:
+        """Make `new` the settings in force as the next version (its own
+        version is ignored), unless it equals the settings in force. The
+        version is taken under the same lock as every change, so no two
+        different snapshots share one: injection rebuilds its samplers by
+        version, and trace records name the settings they ran under."""
+        async with self._changing:
+            current = self.settings
+            if dataclasses.replace(new, version=current.version) == current:
+                return current
+            return await self._apply(dataclasses.replace(new, version=current.version + 1))
 
     async def update(self, request: Mapping[str, Any]) -> LatencySettings:
         """Apply a control-socket `set` request (ValueError if it is bad, or if

@@ -60,9 +60,7 @@ class BackendBalloon:
 
     async def guest_stats(self) -> dict[str, Any] | None:
         device, _ = self._device_and_ram()
-        stats: dict[str, Any] = device.guest_stats.describe(
-            self.server.settings.balloon.stats_interval_s
-        )
+        stats: dict[str, Any] = device.guest_stats.describe(device.settings.stats_interval_s)
         return stats
 
     def status(self) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import errno
 import itertools
 import logging
 import os
+import select
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -248,8 +249,19 @@ def socket_from_fd(fd: int) -> tuple[socket.socket, bool]:
     if not listening and not _connected(sock):
         sock.detach()
         raise OSError(f"fd {fd} is a unix socket neither listening nor connected")
+    if listening and _hung_up(fd):
+        # shutdown() on a listener: always readable, accept() always EAGAIN,
+        # so the accept loop would spin a CPU for good.
+        sock.detach()
+        raise OSError(f"fd {fd} is a listening socket that was shut down")
     os.set_inheritable(fd, False)
     return sock, listening
+
+
+def _hung_up(fd: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return any(events & select.POLLHUP for _, events in poller.poll(0))
 
 
 def _connected(sock: socket.socket) -> bool:

@@ -3,6 +3,7 @@ overrides them, and every mistake names the file, the line and the key."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,10 @@ def test_vhost_user_balloon_reads_the_same_file(tmp_path: Path) -> None:
         ('metrics = "nosuch:99999"\n', "vb.toml:1: metrics = 'nosuch:99999':"),
         ('discard = "none\n', "vb.toml: not valid TOML: "),
         ('socket-path = "/a"\nfd = 3\n', "the config file sets socket-path and fd: choose one"),
+        # 0o660 is the TOML number 432: only a string can say 0660.
+        ("socket-mode = 0o660\n", 'vb.toml:1: socket-mode takes a string (such as "432")'),
+        ("mmap-contention = 4\n", "vb.toml:1: mmap-contention takes a string"),
+        ("seed = " + "[" * 5000 + "]" * 5000 + "\n", "vb.toml: values nested too deeply"),
     ],
 )
 def test_mistakes_name_the_file_line_and_key(tmp_path: Path, text: str, message: str) -> None:
@@ -131,6 +136,31 @@ def test_a_missing_or_binary_file_is_one_sentence(tmp_path: Path) -> None:
         load_config(binary, serve.options_parser())
 
 
+def test_what_is_not_a_small_regular_file_is_refused(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)  # opened without waiting for a writer
+    for path, message in (
+        (fifo, "not a regular file"),
+        (Path("/dev/zero"), "not a regular file"),
+        (tmp_path, "Is a directory"),
+    ):
+        with pytest.raises(UsageError, match=message):
+            load_config(path, serve.options_parser())
+    big = tmp_path / "big.toml"
+    big.write_text("# x\n" * 300_000)
+    with pytest.raises(UsageError, match="over 1 MiB"):
+        load_config(big, serve.options_parser())
+
+
+def test_the_files_socket_mode_goes_with_its_socket(tmp_path: Path) -> None:
+    path = write(tmp_path, 'socket-path = "/run/vb/a.sock"\nsocket-mode = "0660"\n')
+    from_file = parse(["serve", "--config", str(path)])
+    assert from_file.socket_mode == 0o660  # type: ignore[attr-defined]
+    replaced = parse(["serve", "--config", str(path), "--fd", "3"])
+    assert replaced.socket_path is None and replaced.socket_mode is None  # type: ignore[attr-defined]
+    assert replaced.where_from_cli and not from_file.where_from_cli  # type: ignore[attr-defined]
+
+
 def test_an_empty_file_keeps_every_default(tmp_path: Path) -> None:
     path = write(tmp_path, "")
     with_file = parse(["serve", "--config", str(path), "--fd", "3"])
@@ -145,5 +175,5 @@ def test_reload_reads_the_file_again(tmp_path: Path) -> None:
     again = args.reload()  # type: ignore[attr-defined]
     assert server_settings(again).latency.delays[Point.PUBLISH].spec == "const:7ms"
     path.write_text("delay = 5\n")
-    with pytest.raises(UsageError, match=r"vb\.toml:1: delay = 5"):
+    with pytest.raises(UsageError, match=r"vb\.toml:1: delay takes a string"):
         args.reload()  # type: ignore[attr-defined]

@@ -50,3 +50,10 @@ def test_a_terminal_gets_a_live_bar() -> None:
 
 def test_clock() -> None:
     assert clock(0) == "0m00s" and clock(61.4) == "1m01s" and clock(3600) == "60m00s"
+
+
+def test_labels_and_errors_are_text_not_markup() -> None:
+    log = io.StringIO()
+    with SweepProgress(1, 0, log) as progress:
+        progress.finished("real [s1] r0", 1.0, ok=False, error="[/tmp/x] queue 0 broken")
+    assert "real [s1] r0: FAILED: [/tmp/x] queue 0 broken" in log.getvalue()

@@ -213,6 +213,11 @@ def _fds() -> Iterator[tuple[str, socket.socket | int]]:
     yield "a TCP socket", socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     yield "a datagram unix socket", socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     yield "an unbound unix socket", socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    shut = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    shut.bind("\0" + f"vb-shut-{os.getpid()}")
+    shut.listen(1)
+    shut.shutdown(socket.SHUT_RDWR)  # readable for ever, accept() EAGAIN for ever
+    yield "a listener that was shut down", shut
 
 
 @pytest.mark.parametrize(
@@ -222,6 +227,7 @@ def _fds() -> Iterator[tuple[str, socket.socket | int]]:
         ("a TCP socket", "is not a unix stream socket"),
         ("a datagram unix socket", "is not a unix stream socket"),
         ("an unbound unix socket", "is a unix socket neither listening nor connected"),
+        ("a listener that was shut down", "is a listening socket that was shut down"),
     ],
 )
 def test_an_fd_that_is_no_vhost_user_socket_is_refused(kind: str, message: str) -> None:

@@ -119,7 +119,11 @@ def activated(
 def test_socket_activation_readiness_reload_and_stop(tmp_path: Path, notify: NotifySocket) -> None:
     sock, control = tmp_path / "vm1.sock", tmp_path / "vm1.ctl"
     config = tmp_path / "vm1.toml"
-    config.write_text(f'control-socket = "{control}"\ndelay = ["publish=const:1ms"]\n')
+    elsewhere = tmp_path / "manual.sock"  # the same file may serve a manual start
+    config.write_text(
+        f'control-socket = "{control}"\ndelay = ["publish=const:1ms"]\n'
+        f'socket-path = "{elsewhere}"\nsocket-mode = "0660"\n'
+    )
     backend = activated(tmp_path, notify, [sock], config)
     try:
         # The first connection starts it; it serves that guest on systemd's socket.
@@ -128,13 +132,15 @@ def test_socket_activation_readiness_reload_and_stop(tmp_path: Path, notify: Not
         assert summary["hold_us"]["p50"] >= 1000  # publish=const:1ms is injected
         ready = notify.next()
         assert ready["READY"] == "1"
-        assert "fd 3 (from systemd)" in ready["STATUS"]
+        assert "fd 3 (from systemd)" in ready["STATUS"]  # systemd's socket wins over the file's
+        assert not elsewhere.exists()
         delays = control_request(control, {"cmd": "get"})["settings"]["delay"]
         assert delays == {"publish": "const:1ms"}
 
         # systemctl reload: SIGHUP reads the file again; delays change at once.
         config.write_text(
             f'control-socket = "{control}"\ndelay = ["publish=const:3ms", "kick=const:1ms"]\n'
+            f'socket-path = "{elsewhere}"\n'
         )
         backend.send_signal(signal.SIGHUP)
         reloading = notify.next()
@@ -147,7 +153,10 @@ def test_socket_activation_readiness_reload_and_stop(tmp_path: Path, notify: Not
         assert after["hold_us"]["p50"] >= 4000  # both delays are injected now
 
         # A bad file changes nothing, and the service keeps serving.
-        config.write_text(f'control-socket = "{control}"\ndelay = ["publish=const:-3ms"]\n')
+        config.write_text(
+            f'control-socket = "{control}"\ndelay = ["publish=const:-3ms"]\n'
+            f'socket-path = "{elsewhere}"\n'
+        )
         backend.send_signal(signal.SIGHUP)
         assert notify.next()["RELOADING"] == "1"
         assert notify.next()["READY"] == "1"
@@ -165,6 +174,7 @@ def test_socket_activation_readiness_reload_and_stop(tmp_path: Path, notify: Not
             backend.wait()
     assert backend.returncode == 0, err
     assert f"{config}:2: delay = 'publish=const:-3ms'" in err and "nothing changed" in err
+    assert "socket-path changed" not in err  # not where it serves: nothing to restart for
     assert sock.exists()  # systemd's socket, not ours to remove
 
 
@@ -255,3 +265,51 @@ def test_notifier_speaks_the_protocol_and_never_fails_the_service(
     warnings = [r for r in caplog.records if "cannot notify systemd" in r.getMessage()]
     assert len(warnings) == 1
     assert not Notifier({}).enabled
+
+
+def served_with_config(
+    tmp_path: Path, config_text: str, *extra: str
+) -> tuple[subprocess.Popen[str], Path, Path, Path]:
+    sock, control, config = tmp_path / "b.sock", tmp_path / "c.sock", tmp_path / "b.toml"
+    config.write_text(f'control-socket = "{control}"\n' + config_text)
+    backend = subprocess.Popen(
+        [str(PROGRAM), f"--socket-path={sock}", f"--config={config}", *extra],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 20
+    while not control.exists():
+        assert backend.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    return backend, sock, control, config
+
+
+def delay_in_force(control: Path) -> dict[str, str]:
+    found: dict[str, str] = control_request(control, {"cmd": "get"})["settings"]["delay"]
+    return found
+
+
+def stop(backend: subprocess.Popen[str]) -> str:
+    backend.send_signal(signal.SIGTERM)
+    _, err = backend.communicate(timeout=20)
+    assert backend.returncode == 0, err
+    return err
+
+
+def test_a_command_line_that_no_longer_parses_changes_nothing(tmp_path: Path) -> None:
+    replay = tmp_path / "replay.txt"
+    replay.write_text("1ms\n2ms\n")
+    backend, sock, control, _ = served_with_config(tmp_path, "", f"--delay=publish=replay:{replay}")
+    try:
+        replay.unlink()  # the command line's file is gone: argparse would exit
+        backend.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while backend.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            if guest_reports(sock, 1)["reports"] == 1:
+                break
+        assert backend.poll() is None, backend.communicate()[1]
+        assert delay_in_force(control) == {"publish": f"replay:{replay}"}
+    finally:
+        err = stop(backend) if backend.poll() is None else backend.communicate()[1]
+    assert "the command line no longer parses" in err
