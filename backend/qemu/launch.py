@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +48,7 @@ from vhost_balloon.backend.qemu.console import GuestConsole
 from vhost_balloon.backend.qemu.monitor import MonitorError, QemuMonitor
 from vhost_balloon.backend.qemu.notes import RunGuestNotes
 from vhost_balloon.backend.qemu.process import QemuProcess
+from vhost_balloon.backend.qemu.progress import LaunchProgress
 from vhost_balloon.backend.qemu.provisioning import (
     LaunchError,
     check_device,
@@ -139,6 +141,9 @@ class Launch:
                 notes=self.notes,
                 sampler=self.sampler,
             )
+            self.process.progress = LaunchProgress(
+                self.options.workload, self.options.rounds, sys.stderr, self.console_out
+            )
             command = run_guest_command(self.options, socket_path, features)
             run_dir = Path(env.get("VB_RUN_DIR", "/tmp"))
             monitor_path = run_dir / f"launch-{os.getpid()}-monitor.qmp"
@@ -151,7 +156,8 @@ class Launch:
             if self.options.workload == "balloon":
                 balloon_task = asyncio.ensure_future(self._balloon(monitor_task))
             try:
-                await self.process.run(command)
+                with self.process.progress:
+                    await self.process.run(command)
             finally:
                 if balloon_task is not None:
                     await self._end_balloon(balloon_task)

@@ -23,6 +23,7 @@ from typing import TextIO
 from vhost_balloon.backend.qemu.console import GuestConsole
 from vhost_balloon.backend.qemu.monitor import QemuMonitor
 from vhost_balloon.backend.qemu.notes import RunGuestNotes
+from vhost_balloon.backend.qemu.progress import LaunchProgress
 from vhost_balloon.backend.qemu.sampler import MemorySampler
 
 STOP_GRACE_S = 10.0
@@ -57,6 +58,7 @@ class QemuProcess:
         self.returncode: int | None = None
         self.interrupted = False  # stopped by Ctrl-C or SIGTERM
         self.monitor: QemuMonitor | None = None  # launch's QMP, once connected
+        self.progress: LaunchProgress | None = None  # the workload's, fed every line
         self.stopped_with: str | None = None  # system_powerdown, quit, SIGTERM or SIGKILL
 
     async def run(self, command: list[str]) -> None:
@@ -144,12 +146,17 @@ class QemuProcess:
             line = line_bytes.decode(errors="replace").rstrip("\r\n").replace("\r", "")
             now = self.clock()
             stamped = f"[{now:9.3f}] {line}\n"
-            self.console_out.write(stamped)
-            self.console_out.flush()
+            if self.progress is not None and self.progress.live:
+                self.progress.console_line(stamped)  # above the live bar
+            else:
+                self.console_out.write(stamped)
+                self.console_out.flush()
             if self.console_log is not None:
                 self.console_log.write(stamped)
                 self.console_log.flush()
             self.guest.feed(line, now)
+            if self.progress is not None:
+                self.progress.update(self.guest, now)
 
     async def _read_notes(self, stream: asyncio.StreamReader) -> None:
         while line_bytes := await _readline(stream):
