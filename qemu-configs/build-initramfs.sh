@@ -19,7 +19,8 @@ set -u -o pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 CACHE=${VHOST_BALLOON_CACHE:-/var/cache/vhost-balloon}
-WANT=${VB_GUEST_MODULES:-virtio_balloon}
+# button and evdev: the ACPI power button (QMP system_powerdown) reaches busybox acpid.
+WANT=${VB_GUEST_MODULES:-virtio_balloon button evdev}
 FORCE=0
 for arg in "$@"; do
     case $arg in

@@ -55,7 +55,9 @@
 # are hexadecimal (0x...) guest page frame numbers of 4 KiB.
 #   VB init t=...                              /init started
 #   VB params workload=W rounds=... settle_s=... duration_s=...
-#   VB modules loaded=virtio_balloon t=...
+#   VB modules loaded=virtio_balloon,button,evdev t=...
+#   VB acpid t=...                              the power button is handled
+#   VB power_button t=...                       it was pressed (QMP system_powerdown): powering off
 #   VB features=0x... bits=5,32 reporting=1 poison=0 device=virtio1 driver=virtio_balloon page_reporting_order=9
 #   VB balloon=none t=...                      gigantic: no balloon device, carrying on
 #   VB ftrace=on function=virtballoon_free_page_report clock=mono
@@ -159,6 +161,18 @@ while read -r ko; do
     loaded="$loaded${loaded:+,}$name"
 done < /etc/vb-modules
 echo "VB modules loaded=${loaded:-none} t=$(vbt)"
+
+# ------------------------------------------------------ the power button
+# QMP system_powerdown (launch's graceful stop) presses the ACPI power
+# button; busybox acpid runs /etc/acpi/PWRF/00000080 for it, which says so
+# and powers the guest off.
+if [ -d /sys/module/button ] && [ -d /sys/module/evdev ]; then
+    mkdir -p /etc/acpi/PWRF
+    printf '#!/bin/sh\nread -r up _ < /proc/uptime\necho "VB power_button t=$up" > /dev/console\npoweroff -f\n' \
+        > /etc/acpi/PWRF/00000080
+    chmod 755 /etc/acpi/PWRF/00000080
+    acpid -c /etc/acpi -l /dev/null 2>/dev/null && echo "VB acpid t=$(vbt)"
+fi
 
 # ------------------------------------------------- the balloon's features
 # print_features DEV: one VB features= line for the virtio device DEV.

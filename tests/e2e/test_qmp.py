@@ -1,6 +1,7 @@
 """launch drives QEMU through QMP (qemu.qmp): the version and run state in
 the summary, a second QMP socket for the user while the guest runs, and a
-stop that goes through QMP (system_powerdown, then quit) before signals."""
+stop that goes through QMP (system_powerdown, then quit) before signals.
+(The fallbacks, step by step, are in tests/backend/test_qemu_stop.py.)"""
 
 from __future__ import annotations
 
@@ -59,9 +60,11 @@ def test_qmp_is_the_users_while_the_guest_runs_and_stops_it(
     qmp = summary["qmp"]
     assert qmp["socket"] == str(user_qmp)
     assert qmp["version"] == provisioned["QEMU_VERSION"] and qmp["status"] == "running"
-    # The test guest has no acpid: the power button is ignored, QMP quit ends QEMU.
-    assert qmp["stopped_with"] == "quit", stderr[-3000:]
+    # The test guest's acpid takes the power button and powers off: no quit, no signal.
+    assert qmp["stopped_with"] == "system_powerdown", stderr[-3000:]
     assert "stopping the guest: system_powerdown (QMP)" in stderr
+    assert "VB power_button" in console.read_text(errors="replace")
+    assert "stopping the guest: quit (QMP)" not in stderr
     assert "stopping QEMU (SIGTERM)" not in stderr
     assert summary["interrupted"] is True and summary["qemu_exit"] is not None
     assert not user_qmp.exists()
