@@ -16,6 +16,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from vhost_balloon.backend.cli import ctl, demo, descriptor, guest, launch, qemu_config, serve
 from vhost_balloon.backend.cli.config import parse_with_config
@@ -45,12 +46,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if asks_for_capabilities(argv):
         return serve.print_capabilities()
+    return parse_and_run(build_parser, argv)
+
+
+def parse_and_run(
+    build: Callable[[dict[str, Any]], argparse.ArgumentParser],
+    argv: Sequence[str],
+    prog: str | None = None,
+) -> int:
+    """argv parsed (serve's --config file read in) and run; prog: what its
+    errors start with (default: `vhost-balloon COMMAND`)."""
     try:
-        args = parse_with_config(build_parser, argv, serve.options_parser())
+        args = parse_with_config(build, argv, serve.options_parser())
     except UsageError as error:  # a config file's mistake
-        print(f"vhost-balloon serve: {error}", file=sys.stderr)
+        print(f"{prog or 'vhost-balloon serve'}: {error}", file=sys.stderr)
         return 2
-    return run(args, f"vhost-balloon {args.command}")
+    return run(args, prog or f"vhost-balloon {args.command}")
 
 
 def asks_for_capabilities(argv: Sequence[str]) -> bool:

@@ -61,15 +61,7 @@ def add_backend_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trace", type=Path, metavar="FILE", help="append one JSON line per report to FILE"
     )
-    parser.add_argument(
-        "--features",
-        type=argument_type(parse_features),
-        default=OFFERED_FEATURES,
-        metavar="LIST",
-        help="the features offered: a list (stats-vq,reporting,...) or changes to the "
-        f"default (+stats-vq,-deflate-on-oom); known: {', '.join(FEATURE_CHOICES)}. "
-        "The stats queue adds a queue: QEMU's num_vqs must follow (serve prints it)",
-    )
+    add_features_option(parser)
     parser.add_argument(
         "--stats-interval",
         type=argument_type(parse_stats_interval),
@@ -83,6 +75,18 @@ def add_backend_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="accept guest RAM memfds not sealed against shrinking (reached through "
         "copies that fail: a front-end that truncates one ends only its own session)",
+    )
+
+
+def add_features_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--features",
+        type=argument_type(parse_features),
+        default=OFFERED_FEATURES,
+        metavar="LIST",
+        help="the features offered: a list (stats-vq,reporting,...) or changes to the "
+        f"default (+stats-vq,-deflate-on-oom); known: {', '.join(FEATURE_CHOICES)}. "
+        "The stats queue adds a queue: QEMU's num_vqs must follow (serve prints it)",
     )
 
 

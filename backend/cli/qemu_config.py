@@ -18,12 +18,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from vhost_balloon.backend.balloon.features import CHOICES as FEATURE_CHOICES
-from vhost_balloon.backend.balloon.features import (
-    OFFERED_FEATURES,
-    parse_features,
-    qemu_device_properties,
-)
+from vhost_balloon.backend.balloon.features import qemu_device_properties
+from vhost_balloon.backend.cli.options import add_features_option
 from vhost_balloon.protocol.units import argument_type, parse_size
 
 QEMU_NAMESPACE = "http://libvirt.org/schemas/domain/qemu/1.0"
@@ -60,14 +56,7 @@ def add_parser(commands: Any) -> None:
         default="kvm",
         help="libvirt: kvm, or qemu (TCG) on a host that cannot run KVM",
     )
-    parser.add_argument(
-        "--features",
-        type=argument_type(parse_features),
-        default=OFFERED_FEATURES,
-        metavar="LIST",
-        help="the features serve offers (as serve's --features); known: "
-        + ", ".join(FEATURE_CHOICES),
-    )
+    add_features_option(parser)  # as serve's: the device then matches what serve offers
 
 
 def qemu_arguments(socket_path: Path, memory_bytes: int, features: int) -> list[str]:

@@ -24,9 +24,7 @@ from typing import Any
 
 from vhost_balloon import __version__
 from vhost_balloon.backend.cli import serve
-from vhost_balloon.backend.cli.config import parse_with_config
-from vhost_balloon.backend.cli.main import run
-from vhost_balloon.backend.cli.options import UsageError
+from vhost_balloon.backend.cli.main import parse_and_run
 
 PROG = "vhost-user-balloon"
 
@@ -49,12 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if serve.CAPABILITIES_OPTION in argv:  # the rest is ignored, as the conventions ask
         return serve.print_capabilities()
-    try:
-        args = parse_with_config(build_parser, argv, serve.options_parser())
-    except UsageError as error:  # a config file's mistake
-        print(f"{PROG}: {error}", file=sys.stderr)
-        return 2
-    return run(args, PROG)
+    return parse_and_run(build_parser, argv, PROG)
 
 
 if __name__ == "__main__":

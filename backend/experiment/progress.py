@@ -10,10 +10,8 @@ finds already done are neither timed nor left to do.
 from __future__ import annotations
 
 import time
-from types import TracebackType
 from typing import TextIO
 
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -23,13 +21,10 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-
-def clock(seconds: float) -> str:
-    minutes, secs = divmod(round(seconds), 60)
-    return f"{minutes}m{secs:02d}s"
+from vhost_balloon.backend.observe.progress_bar import LiveBar, clock, text_console
 
 
-class SweepProgress:
+class SweepProgress(LiveBar):
     def __init__(self, total: int, already_done: int, stream: TextIO) -> None:
         self.total = total
         self.done = already_done
@@ -37,34 +32,23 @@ class SweepProgress:
         self._ran = 0
         self._run_seconds = 0.0
         self._started = time.monotonic()
-        # markup=False: labels and errors are text ("[s1] queue 0 broken"), not markup.
-        self.console = Console(file=stream, soft_wrap=True, highlight=False, markup=False)
-        self._bar = Progress(
-            TextColumn("{task.description}", markup=False),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("points  elapsed"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=self.console,
-            disable=not self.console.is_terminal,
+        self.console = text_console(stream)
+        super().__init__(
+            Progress(
+                TextColumn("{task.description}", markup=False),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("points  elapsed"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=self.console,
+                disable=not self.console.is_terminal,
+            )
         )
         self._task = self._bar.add_task("sweep", total=total, completed=already_done)
         if already_done:
             self.console.print(f"{already_done} of {total} points already done: resuming")
-
-    def __enter__(self) -> SweepProgress:
-        self._bar.start()
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self._bar.stop()
 
     def running(self, label: str) -> None:
         self._bar.update(self._task, description=f"running {label}")

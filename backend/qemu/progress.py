@@ -9,10 +9,8 @@ balloon workload names its phase. Before the workload starts: booting.
 from __future__ import annotations
 
 import math
-from types import TracebackType
 from typing import TextIO
 
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     Progress,
@@ -21,6 +19,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from vhost_balloon.backend.observe.progress_bar import LiveBar, clock, text_console
 from vhost_balloon.backend.qemu.console import GuestConsole
 
 GIGANTIC_LINE_EVERY_S = 10  # plain output: a line per this much of the loop
@@ -53,46 +52,31 @@ def workload_steps(
     return min(done_rounds, rounds), rounds, label
 
 
-def clock(seconds: float) -> str:
-    minutes, secs = divmod(round(seconds), 60)
-    return f"{minutes}m{secs:02d}s"
-
-
-class LaunchProgress:
+class LaunchProgress(LiveBar):
     def __init__(self, workload: str, rounds: int, stream: TextIO, console_out: TextIO) -> None:
         """stream: where progress goes (stderr); console_out: where the guest's
         console goes. The bar is live only when both are terminals: the
         console is then printed above it, through rich, on `stream`."""
         self.workload = workload
         self.rounds = rounds
-        self.console = Console(file=stream, soft_wrap=True, highlight=False, markup=False)
+        self.console = text_console(stream)
         self.live = self.console.is_terminal and console_out.isatty()
-        self._bar = Progress(
-            TextColumn("{task.description}", markup=False),
-            BarColumn(),
-            TextColumn("elapsed"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=self.console,
-            transient=True,
-            disable=not self.live,
+        super().__init__(
+            Progress(
+                TextColumn("{task.description}", markup=False),
+                BarColumn(),
+                TextColumn("elapsed"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=True,
+                disable=not self.live,
+            )
         )
         self._task = self._bar.add_task("booting", total=None)
         self._printed_step = 0
         self._started_at: float | None = None  # when the workload began
-
-    def __enter__(self) -> LaunchProgress:
-        self._bar.start()
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self._bar.stop()
 
     def console_line(self, stamped: str) -> None:
         """A console line, printed above the live bar."""

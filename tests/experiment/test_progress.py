@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import io
 
-from vhost_balloon.backend.experiment.progress import SweepProgress, clock
+from vhost_balloon.backend.experiment.progress import SweepProgress
+from vhost_balloon.backend.observe.progress_bar import clock
 
 
 def run_three(stream: io.StringIO, already: int = 0) -> None:
