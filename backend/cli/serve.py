@@ -182,10 +182,20 @@ async def serve(args: argparse.Namespace) -> int:
     reloads: set[asyncio.Task[None]] = set()
     one_reload_at_a_time = asyncio.Lock()  # FIFO: the last SIGHUP is applied last
 
+    serving = False
+    hangup_while_starting = False
+
     def on_hangup() -> None:
+        nonlocal hangup_while_starting
+        if not serving:  # a reload now would race the startup (and say READY early)
+            hangup_while_starting = True
+            return
         task = loop.create_task(reload(server, args, notifier, one_reload_at_a_time), name="reload")
         reloads.add(task)
         task.add_done_callback(reloads.discard)
+
+    # At once: SIGHUP's default action would end the process.
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
 
     try:
         await server.start_services()
@@ -207,8 +217,9 @@ async def serve(args: argparse.Namespace) -> int:
             qemu_device_properties(features),
         )
         notifier.ready(f"serving on {where}")
-        # Only once serving: a reload during startup would race it (and say READY early).
-        loop.add_signal_handler(signal.SIGHUP, on_hangup)
+        serving = True
+        if hangup_while_starting:
+            on_hangup()
         await stop.wait()
     finally:
         loop.remove_signal_handler(signal.SIGHUP)
