@@ -69,6 +69,35 @@ from vhost_balloon.backend.vhost.server import UnixListener, bind_unix
 BALLOON_STEP_TIMEOUT_S = 300.0  # each balloon step, under TCG
 BUILTIN_STATS_INTERVAL_S = 2  # QEMU's guest-stats-polling-interval in the baseline
 MONITOR_CONNECT_TIMEOUT_S = 300.0  # QEMU starts after the initramfs is built
+UNIX_PATH_MAX = 107  # sun_path, less its NUL
+
+
+def check_qmp_path(path: Path, env: dict[str, str]) -> None:
+    """A QMP socket QEMU can make and the user can reach: absent (QEMU would
+    replace a file there, and launch removes its sockets at the end), in a
+    folder QEMU shares with the host (QEMU_SHARED_DIRS, VHOST_BALLOON_SHARED_DIRS:
+    in chroot mode any other path is inside QEMU's root), and short enough
+    for a unix socket. LaunchError otherwise."""
+    if not path.is_absolute():
+        raise LaunchError(f"--qmp {path}: give an absolute path")
+    if os.path.lexists(path):
+        raise LaunchError(f"--qmp {path} exists: remove it first, or choose another path")
+    if len(os.fsencode(path)) > UNIX_PATH_MAX:
+        raise LaunchError(
+            f"--qmp {path}: over the {UNIX_PATH_MAX} bytes a unix socket path may have"
+        )
+    shared = [
+        Path(d).resolve()
+        for d in (
+            env.get("QEMU_SHARED_DIRS", "") + ":" + os.environ.get("VHOST_BALLOON_SHARED_DIRS", "")
+        ).split(":")
+        if d
+    ]
+    if env.get("QEMU_MODE") == "chroot" and not any(
+        path.parent.resolve().is_relative_to(d) for d in shared
+    ):
+        folders = ", ".join(map(str, shared))
+        raise LaunchError(f"--qmp {path}: QEMU runs in a chroot and sees only {folders}")
 
 
 class Launch:
@@ -148,6 +177,9 @@ class Launch:
             run_dir = Path(env.get("VB_RUN_DIR", "/tmp"))
             monitor_path = run_dir / f"launch-{os.getpid()}-monitor.qmp"
             self.user_qmp = self.options.qmp_socket or run_dir / f"launch-{os.getpid()}.qmp"
+            for path in (monitor_path, self.user_qmp):
+                check_qmp_path(path, env)
+            # Only these are ours to remove: checked absent, QEMU makes them.
             sockets += [monitor_path, self.user_qmp]
             for path in (monitor_path, self.user_qmp):
                 command += ["-qmp", f"unix:{qemu_option(path)},server=on,wait=off"]

@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from pathlib import Path
 
 from qemu.qmp import ConnectError, QMPClient
 
 CONNECT_RETRY_S = 0.2
+# qemu.qmp logs every failed connect and a peer hang-up as ERROR: launch
+# reports what matters itself (its notes, the summary).
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 
 class MonitorError(Exception):
@@ -35,6 +39,10 @@ class QemuMonitor:
         """Connect once QEMU has made its QMP socket (it starts after the
         initramfs is built), retrying until timeout_s."""
         deadline = time.monotonic() + timeout_s
+        while not path.exists():  # qemu.qmp logs an ERROR line per failed try
+            if time.monotonic() > deadline:
+                raise MonitorError(f"no QMP socket at {path} after {timeout_s:.0f} s")
+            await asyncio.sleep(CONNECT_RETRY_S)
         while True:
             client = QMPClient("vhost-balloon-launch")
             try:

@@ -85,7 +85,7 @@ class LaunchProgress(LiveBar):
     def update(self, guest: GuestConsole, now: float) -> None:
         done, total, label = workload_steps(self.workload, self.rounds, guest, now)
         self._bar.update(self._task, completed=done, total=total, description=label)
-        if label != "booting" and self._started_at is None:
+        if label not in ("booting", "settling") and self._started_at is None:  # steps begin
             self._started_at = now
         if self.live or total is None:
             return

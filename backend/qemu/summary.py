@@ -162,4 +162,8 @@ def launch_failure(
                 f"the guest found {totals['corrupted_pages']} corrupted pages in its patterns "
                 f"(of {totals['checked_mib']} MiB checked)"
             )
+    if options.initrd is None and guest.workload is not None and not guest.done:
+        # Our guest started its workload and never said it was done: QEMU was
+        # ended from outside (a user's QMP quit or power button, a kill).
+        return "QEMU exited before the guest finished its workload"
     return None

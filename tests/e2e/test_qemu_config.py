@@ -11,9 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from qemu.qmp import QMPClient
-
 from vhost_balloon.backend.observe.control import control_request
+from vhost_balloon.backend.qemu.monitor import QemuMonitor
 
 CLI = [sys.executable, "-m", "vhost_balloon.backend"]
 
@@ -59,14 +58,13 @@ def test_qemu_takes_the_generated_arguments_and_connects(
             time.sleep(0.1)
 
         async def status() -> str:
-            client = QMPClient("qemu-config-test")
-            await client.connect(str(qmp))
+            monitor = await QemuMonitor.connect(qmp, 30)  # waits for the socket, retries
             try:
-                reply = await client.execute("query-status")
-                await client.execute("quit")
+                state = await monitor.status()
+                await monitor.quit()
             finally:
-                await client.disconnect()
-            return str(reply["status"])  # type: ignore[index]
+                await monitor.close()
+            return state
 
         assert asyncio.run(status()) == "prelaunch"  # the device realized; -S: not started
         _, errors = qemu.communicate(timeout=30)
