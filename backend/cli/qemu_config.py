@@ -59,22 +59,33 @@ def add_parser(commands: Any) -> None:
     add_features_option(parser)  # as serve's: the device then matches what serve offers
 
 
-def qemu_arguments(socket_path: Path, memory_bytes: int, features: int) -> list[str]:
-    """The arguments that add guest RAM the backend can map and the device."""
-    device = (
-        f"vhost-user-test-device-pci,chardev={CHARDEV_ID},"
-        f"{qemu_device_properties(features)},vq_size={VQ_SIZE}"
-    )
+def ram_arguments(memory_bytes: int) -> list[str]:
+    """Guest RAM the backend can map: a shared memfd (libvirt makes its own)."""
     return [
         "-machine",
         "q35,memory-backend=mem",
         "-object",
         f"memory-backend-memfd,id=mem,size={memory_bytes},share=on",
+    ]
+
+
+def device_arguments(socket_path: Path, features: int) -> list[str]:
+    """The chardev to the backend and the device on it."""
+    device = (
+        f"vhost-user-test-device-pci,chardev={CHARDEV_ID},"
+        f"{qemu_device_properties(features)},vq_size={VQ_SIZE}"
+    )
+    return [
         "-chardev",
         f"socket,id={CHARDEV_ID},path={_qemu_option(str(socket_path))}",
         "-device",
         device,
     ]
+
+
+def qemu_arguments(socket_path: Path, memory_bytes: int, features: int) -> list[str]:
+    """The arguments that add guest RAM the backend can map and the device."""
+    return ram_arguments(memory_bytes) + device_arguments(socket_path, features)
 
 
 def libvirt_domain(
@@ -96,7 +107,7 @@ def libvirt_domain(
     ET.SubElement(devices, "memballoon", {"model": "none"})
     commandline = ET.SubElement(domain, f"{{{QEMU_NAMESPACE}}}commandline")
     # libvirt makes the RAM backend itself: only the chardev and the device.
-    for argument in qemu_arguments(socket_path, memory_bytes, features)[4:]:
+    for argument in device_arguments(socket_path, features):
         ET.SubElement(commandline, f"{{{QEMU_NAMESPACE}}}arg", {"value": argument})
     ET.indent(domain)
     return ET.tostring(domain, encoding="unicode") + "\n"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_conventions import PROGRAM, guest_reports
+from tests.integration.test_conventions import PROGRAM, guest_reports, wait_for
 from vhost_balloon.backend.cli.systemd import Notifier
 from vhost_balloon.backend.observe.control import control_request
 
@@ -223,10 +223,7 @@ def test_readiness_is_not_sent_without_notify_socket(tmp_path: Path) -> None:
         [str(PROGRAM), f"--socket-path={sock}"], stderr=subprocess.PIPE, text=True, env=env
     )
     try:
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            assert backend.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_for(sock, backend)
         backend.send_signal(signal.SIGHUP)  # nothing to read again: logged, still serving
         assert guest_reports(sock, 1)["reports"] == 1
         backend.send_signal(signal.SIGTERM)
@@ -277,10 +274,7 @@ def served_with_config(
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 20
-    while not control.exists():
-        assert backend.poll() is None and time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_for(control, backend)
     return backend, sock, control, config
 
 
