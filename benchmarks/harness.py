@@ -42,18 +42,15 @@ def backend(sock: Path, *options: str) -> Iterator[subprocess.Popen[bytes]]:
         server.wait(timeout=30)
 
 
+def guest_command(sock: Path) -> list[str]:
+    """`python -m vhost_balloon.guest --socket-path SOCK --json`, to add options to."""
+    return [sys.executable, "-m", "vhost_balloon.guest", "--socket-path", str(sock), "--json"]
+
+
 def run_guest(sock: Path, *options: str) -> dict[str, Any]:
     """`python -m vhost_balloon.guest --socket-path SOCK --json OPTIONS...`; its summary."""
     guest = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "vhost_balloon.guest",
-            "--socket-path",
-            str(sock),
-            "--json",
-            *options,
-        ],
+        [*guest_command(sock), *options],
         capture_output=True,
         text=True,
         check=True,
