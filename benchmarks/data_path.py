@@ -90,6 +90,28 @@ def kick_to_notify_us(record: dict[str, Any]) -> float | None:
     return None if window is None else window / 1000
 
 
+# A report's phases in the backend's trace: (name, from, to); the discard
+# loop's own share is its span less the syscalls it timed.
+PHASES = {
+    "kick -> popped": ("t_kick_ns", "t_popped_ns"),
+    "popped -> discard start": ("t_popped_ns", "t_discard_start_ns"),
+    "discard loop - syscalls": ("t_discard_start_ns", "t_discard_done_ns"),
+    "discard done -> published": ("t_discard_done_ns", "t_published_ns"),
+    "published -> notified": ("t_published_ns", "t_notified_ns"),
+}
+
+
+def phases_us(trace: list[dict[str, Any]]) -> dict[str, float]:
+    """Each phase's median over a run's reports (us)."""
+    medians = {}
+    for phase, (begin, end) in PHASES.items():
+        less = "discard_syscall_ns" if phase == "discard loop - syscalls" else None
+        medians[phase] = _median(
+            [(r[end] - r[begin] - (r[less] if less else 0)) / 1000 for r in trace if r[end]]
+        )
+    return medians
+
+
 def p50(values: Iterator[float | None]) -> float:
     return _median([v for v in values if v is not None])
 
@@ -100,6 +122,7 @@ def p50(values: Iterator[float | None]) -> float:
 def instrument_rows(workdir: Path, runs: int, reports: int) -> list[Row]:
     guest = ["--reports", str(reports)]
     none, none_still, outside, injected = [], [], [], []
+    phases: dict[tuple[str, bool], list[float]] = {}
     holds: dict[int, list[float]] = {0: [], 1000: [], 5000: []}
     for _ in range(runs):
         run = guest_run(workdir, ["--discard", "none"], guest)
@@ -114,6 +137,11 @@ def instrument_rows(workdir: Path, runs: int, reports: int) -> list[Row]:
                 for r in run.trace
             )
         )
+        for populated in (True, False):
+            if not populated:
+                run = guest_run(workdir, ["--discard", "punch-hole"], [*guest, "--no-populate"])
+            for phase, us in phases_us(run.trace).items():
+                phases.setdefault((phase, populated), []).append(us)
         for delay_us in (1000, 5000):
             run = guest_run(
                 workdir,
@@ -141,6 +169,14 @@ def instrument_rows(workdir: Path, runs: int, reports: int) -> list[Row]:
             "5000 +- 50 us",
         ),
     ]
+    for phase in PHASES:
+        rows.append(
+            Row(
+                f"  punch-hole {phase} p50, pages written / not",
+                f"{_median(phases[phase, True]):.0f} / {_median(phases[phase, False]):.0f} us",
+                "(where the time goes)",
+            )
+        )
     for delay_us in (1000, 5000):
         errors = [d - b - delay_us for d, b in zip(holds[delay_us], holds[0], strict=True)]
         bound = max(0.02 * delay_us, 100)

@@ -14,7 +14,14 @@ medians of several repetitions of many round trips:
   mocked guest's front-end and the backend's kick reader wait today;
 - thread -> thread in one process, both blocked in read(2) (the GIL is
   released in the syscall): what a per-queue worker thread would pay to
-  hand a record to the event loop, or the loop to wake a worker.
+  hand a record to the event loop, or the loop to wake a worker;
+- process -> process one way, after both sides were idle for --idle-ms:
+  a report's kick and call are hops of this kind (the guest spends
+  milliseconds between reports, the backend milliseconds in the discard),
+  and on a virtual machine an idle vCPU is halted, so its wake-up costs
+  more than in a ping-pong, which keeps both CPUs busy. Timed from the
+  write to the reader's return, on CLOCK_MONOTONIC, which both processes
+  share.
 
     .venv/bin/python benchmarks/wakeup_floor.py [--runs 5] [--trips 2000]
 """
@@ -86,6 +93,38 @@ def _in_child(echo: Callable[[int, int, int], None], trips: int) -> list[int]:
         os.close(pong)
 
 
+def _one_way_after_idle(idle_s: float, trips: int, writer_side: bool = False) -> list[int]:
+    """Write to a process blocked in read(2) after `idle_s` of quiet; the
+    time from before the write to the reader's return, as the reader saw it
+    (or, `writer_side`, how long the write(2) itself took: the notify's own
+    cost inside a backend's kick-to-notify, the wake-up of the other CPU
+    included)."""
+    ping = os.eventfd(0)
+    stamps_r, stamps_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the reader
+        try:
+            for _ in range(trips):
+                os.read(ping, 8)
+                os.write(stamps_w, time.monotonic_ns().to_bytes(8, "little"))
+        finally:
+            os._exit(0)
+    times = []
+    try:
+        for _ in range(trips):
+            time.sleep(idle_s)
+            sent = time.monotonic_ns()
+            os.write(ping, ONE)
+            written = time.monotonic_ns()
+            woke = int.from_bytes(os.read(stamps_r, 8), "little")
+            times.append(written - sent if writer_side else woke - sent)
+        return times
+    finally:
+        os.waitpid(pid, 0)
+        for fd in (ping, stamps_r, stamps_w):
+            os.close(fd)
+
+
 def _in_thread(trips: int) -> list[int]:
     ping, pong = os.eventfd(0), os.eventfd(0)
     echo = threading.Thread(target=_echo_blocking, args=(ping, pong, trips))
@@ -102,18 +141,38 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--trips", type=int, default=2000)
+    parser.add_argument("--idle-ms", type=float, default=10.0, help="quiet before each one-way hop")
+    parser.add_argument("--idle-trips", type=int, default=200, help="one-way hops per run")
     args = parser.parse_args()
-    hops: dict[str, Callable[[], list[int]]] = {
-        "process -> process (blocked read)": lambda: _in_child(_echo_blocking, args.trips),
-        "process -> process (asyncio receiver)": lambda: _in_child(_echo_asyncio, args.trips),
-        "thread -> thread (blocked read)": lambda: _in_thread(args.trips),
-    }
-    print(f"one eventfd hop = half a round trip; medians of {args.runs} runs of {args.trips}")
+    # (name, measure, divisor from ns to the hop's us: a round trip is two hops)
+    hops: list[tuple[str, Callable[[], list[int]], int]] = [
+        ("process -> process (blocked read)", lambda: _in_child(_echo_blocking, args.trips), 2000),
+        (
+            "process -> process (asyncio receiver)",
+            lambda: _in_child(_echo_asyncio, args.trips),
+            2000,
+        ),
+        ("thread -> thread (blocked read)", lambda: _in_thread(args.trips), 2000),
+        (
+            f"process -> process, one way, {args.idle_ms:g} ms idle",
+            lambda: _one_way_after_idle(args.idle_ms / 1000, args.idle_trips),
+            1000,
+        ),
+        (
+            f"  the write(2) itself, {args.idle_ms:g} ms idle",
+            lambda: _one_way_after_idle(args.idle_ms / 1000, args.idle_trips, writer_side=True),
+            1000,
+        ),
+    ]
+    print(
+        f"one eventfd hop = half a round trip ({args.trips} per run), or one way "
+        f"after a quiet spell ({args.idle_trips} per run); medians of {args.runs} runs"
+    )
     print(f"{'hop':40} {'p50 us':>8} {'p90 us':>8} {'p99 us':>8}")
-    for name, measure in hops.items():
+    for name, measure, divisor in hops:
         p50s, p90s, p99s = [], [], []
         for _ in range(args.runs):
-            halves = sorted(t / 2000 for t in measure())
+            halves = sorted(t / divisor for t in measure())
             p50s.append(halves[len(halves) // 2])
             p90s.append(halves[int(len(halves) * 0.9)])
             p99s.append(halves[int(len(halves) * 0.99)])
