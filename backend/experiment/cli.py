@@ -4,12 +4,14 @@ before anything starts."""
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
+from vhost_balloon.backend.experiment.executors import DaskCluster, parse_executor
 from vhost_balloon.backend.experiment.points import rederive
 from vhost_balloon.backend.experiment.runner import (
     describe_points,
@@ -42,11 +44,43 @@ def add_parser(commands: Any) -> None:
     parser.add_argument(
         "--dry-run", action="store_true", help="check the spec, list the points, run nothing"
     )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--jobs",
+        type=_jobs,
+        metavar="N",
+        help="run N points at once on a local Dask cluster of N workers",
+    )
+    where.add_argument(
+        "--executor",
+        type=_executor,
+        metavar="dask://HOST:PORT",
+        help="run the points on the Dask scheduler at HOST:PORT (docs/experiments.md)",
+    )
     parser.add_argument(
         "--report-only",
         action="store_true",
         help="redraw tables, figures and report.md from results.jsonl without running",
     )
+
+
+def _jobs(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"at least 1, not {value}")
+    return value
+
+
+def _executor(text: str) -> str:
+    try:
+        return parse_executor(text)
+    except SpecError as error:
+        raise argparse.ArgumentTypeError(
+            str(error).removeprefix(f"--executor {text!r}: ")
+        ) from None
 
 
 def check_runnable(spec: ExperimentSpec) -> None:
@@ -63,6 +97,16 @@ def check_runnable(spec: ExperimentSpec) -> None:
         check_device(qemu, qemu_version(qemu))
     except LaunchError as error:
         raise SpecError(f"QEMU is not usable for a real-guest sweep: {error}") from None
+
+
+def _run(spec: ExperimentSpec, out: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Here, or on a Dask cluster whose every worker passed the same checks."""
+    if args.jobs is None and args.executor is None:
+        check_runnable(spec)
+        return run_experiment(spec, out, rerun=args.rerun)
+    with DaskCluster(address=args.executor, jobs=args.jobs) as cluster:
+        cluster.check_each_worker(functools.partial(check_runnable, spec))
+        return run_experiment(spec, out, rerun=args.rerun, executor=cluster)
 
 
 def _warn(text: str) -> None:
@@ -87,9 +131,8 @@ def run(args: argparse.Namespace) -> int:
             write_results(ran, out, rows)
             print(f"experiment: report in {out / 'report.md'}", file=sys.stderr)
             return 0
-        check_runnable(spec)
         # SIGTERM arrives as KeyboardInterrupt too (backend/cli/main.py installs it).
-        rows = run_experiment(spec, out, rerun=args.rerun)
+        rows = _run(spec, out, args)
     except SpecError as error:
         print(f"vhost-balloon experiment: {error}", file=sys.stderr)
         return 2

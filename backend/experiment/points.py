@@ -17,7 +17,9 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -139,18 +141,14 @@ def run_mock(point: Point, directory: Path) -> dict[str, Any]:
         trace.unlink(missing_ok=True)
         backend_log = (directory / "backend.log").open("w", encoding="utf-8")
         backend = subprocess.Popen(
-            [
-                *(
-                    sys.executable,
-                    "-m",
-                    "vhost_balloon.backend",
-                    "serve",
-                    "--socket-path",
-                    str(socket_path),
-                ),
-                *("--trace", str(trace), "--seed", str(point.seed)),
-                *_latency_args(point.settings),
-            ],
+            ends_with_us(
+                [
+                    *(sys.executable, "-m", "vhost_balloon.backend", "serve"),
+                    *("--socket-path", str(socket_path)),
+                    *("--trace", str(trace), "--seed", str(point.seed)),
+                    *_latency_args(point.settings),
+                ]
+            ),
             stdin=subprocess.DEVNULL,
             stdout=backend_log,
             stderr=subprocess.STDOUT,
@@ -158,16 +156,13 @@ def run_mock(point: Point, directory: Path) -> dict[str, Any]:
         try:
             _wait_for_socket(socket_path, backend, directory / "backend.log")
             guest = subprocess.run(
-                [
-                    *(
-                        sys.executable,
-                        "-m",
-                        "vhost_balloon.guest",
-                        "--socket-path",
-                        str(socket_path),
-                    ),
-                    *_guest_args(point.settings, point.seed, directory / "guest"),
-                ],
+                ends_with_us(
+                    [
+                        *(sys.executable, "-m", "vhost_balloon.guest"),
+                        *("--socket-path", str(socket_path)),
+                        *_guest_args(point.settings, point.seed, directory / "guest"),
+                    ]
+                ),
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
                 text=True,
@@ -237,6 +232,17 @@ def backend_figures(trace: Path) -> dict[str, Any]:
 def _median(values: list[int] | list[float]) -> float:
     """The median, 0.0 for a run with no sample."""
     return float(statistics.median(values)) if values else 0.0
+
+
+def ends_with_us(command: list[str]) -> list[str]:
+    """`command` set to get SIGTERM if the thread that started it dies (a
+    Dask worker killed mid-point), through util-linux's setpriv (prctl
+    PR_SET_PDEATHSIG, kept across its exec; a preexec_fn would not be safe
+    in a worker's threads). Every command a point runs takes SIGTERM as a
+    request to stop cleanly; launch stops its QEMU first. Without setpriv,
+    `command` as it is."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", *command] if setpriv else command
 
 
 def _wait_for_socket(path: Path, process: subprocess.Popen[bytes], log: Path) -> None:
@@ -364,7 +370,7 @@ def run_stopping_gracefully(command: list[str], timeout: float) -> subprocess.Co
     launch expects: it stops QEMU first) and kill it only after STOP_WAIT_S.
     subprocess.run would SIGKILL it at once and orphan its QEMU."""
     process = subprocess.Popen(
-        command,
+        ends_with_us(command),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -403,6 +409,26 @@ def rederive(out: Path, row: dict[str, Any]) -> dict[str, Any]:
         return row
 
 
+def point_row(point: Point, directory: Path) -> dict[str, Any]:
+    """What a row says of its point before anything is measured."""
+    return {
+        "kind": point.kind,
+        "label": point.label,
+        "repeat": point.repeat,
+        "seed": point.seed,
+        "setting_key": point.setting_key,
+        "dir": directory.name,
+        **{f"set_{key}": value for key, value in point.settings.items()},
+    }
+
+
+def write_result(directory: Path, row: dict[str, Any]) -> None:
+    """The point's result.json, written last: its presence is what marks a
+    finished point."""
+    with contextlib.suppress(OSError):
+        (directory / RESULT).write_text(json.dumps(row, indent=1), encoding="utf-8")
+
+
 def run_point(point: Point, directory: Path) -> dict[str, Any]:
     """Run one point into `directory`; the row (status "ok" or "failed")."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -412,15 +438,7 @@ def run_point(point: Point, directory: Path) -> dict[str, Any]:
         encoding="utf-8",
     )
     started = time.monotonic()
-    row: dict[str, Any] = {
-        "kind": point.kind,
-        "label": point.label,
-        "repeat": point.repeat,
-        "seed": point.seed,
-        "setting_key": point.setting_key,
-        "dir": directory.name,
-        **{f"set_{key}": value for key, value in point.settings.items()},
-    }
+    row = point_row(point, directory) | {"host": socket.gethostname()}
     try:
         real = point.kind in ("qemu", "no_balloon", "builtin")
         measured = run_qemu(point, directory) if real else run_mock(point, directory)
@@ -428,6 +446,5 @@ def run_point(point: Point, directory: Path) -> dict[str, Any]:
     except (PointError, subprocess.TimeoutExpired, OSError, ValueError, KeyError) as error:
         row |= {"status": "failed", "error": str(error)}
     row["seconds"] = round(time.monotonic() - started, 2)
-    with contextlib.suppress(OSError):
-        (directory / RESULT).write_text(json.dumps(row, indent=1), encoding="utf-8")
+    write_result(directory, row)
     return row

@@ -4,7 +4,8 @@ anything else (a CI log, a file, a pipe), only those lines, nothing redrawn
 and no escape codes.
 
 The ETA counts only points run in this invocation: points a resumed sweep
-finds already done are neither timed nor left to do.
+finds already done are neither timed nor left to do. On a cluster it
+divides by the most points seen running at once.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class SweepProgress(LiveBar):
         self.failed = 0
         self._ran = 0
         self._run_seconds = 0.0
+        self._running: list[str] = []
+        self._parallel = 1  # the most points seen running at once
         self._started = time.monotonic()
         self.console = text_console(stream)
         super().__init__(
@@ -51,7 +54,22 @@ class SweepProgress(LiveBar):
             self.console.print(f"{already_done} of {total} points already done: resuming")
 
     def running(self, label: str) -> None:
-        self._bar.update(self._task, description=f"running {label}")
+        """A point started (several may run at once on a cluster)."""
+        self._running.append(label)
+        self._parallel = max(self._parallel, len(self._running))
+        self._describe()
+
+    def note(self, text: str) -> None:
+        self.console.print(text)
+
+    def _describe(self) -> None:
+        if not self._running:
+            description = "sweep"
+        elif len(self._running) == 1:
+            description = f"running {self._running[0]}"
+        else:
+            description = f"running {len(self._running)}: {', '.join(self._running)}"
+        self._bar.update(self._task, description=description)
 
     def finished(self, label: str, seconds: float, ok: bool, error: str = "") -> None:
         """A point ran (ok or not): a line, and the bar moves on."""
@@ -60,7 +78,10 @@ class SweepProgress(LiveBar):
         self._run_seconds += seconds
         if not ok:
             self.failed += 1
-        self._bar.update(self._task, advance=1, description="sweep")
+        if label in self._running:
+            self._running.remove(label)
+        self._bar.update(self._task, advance=1)
+        self._describe()
         outcome = "ok" if ok else f"FAILED: {error}"
         self.console.print(
             f"point {self.done}/{self.total} {label}: {outcome} ({seconds:.1f} s)  "
@@ -70,4 +91,5 @@ class SweepProgress(LiveBar):
     def eta(self) -> str:
         if self._ran == 0:
             return "?"
-        return clock((self.total - self.done) * self._run_seconds / self._ran)
+        per_point = self._run_seconds / self._ran
+        return clock((self.total - self.done) * per_point / self._parallel)

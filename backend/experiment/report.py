@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 import os
 import platform
+import socket
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,24 @@ def summary_table(summary: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _where_points_ran(rows: list[dict[str, Any]]) -> list[str]:
+    """Which hosts (and Dask workers) ran the points, when a row says so;
+    the machine facts above are the reporting host's."""
+    hosts = Counter(str(row["host"]) for row in rows if row.get("host"))
+    workers = {str(row["worker"]) for row in rows if row.get("worker")}
+    if not hosts:
+        return []
+    here = socket.gethostname()
+    listed = ", ".join(
+        f"{host}{' (this one)' if host == here else ''}: {count}"
+        for host, count in sorted(hosts.items())
+    )
+    lines = [f"- points ran on: {listed}"]
+    if workers:
+        lines.append(f"- Dask workers: {len(workers)}")
+    return lines
+
+
 def write_report(
     spec: ExperimentSpec,
     out: Path,
@@ -98,6 +118,7 @@ def write_report(
         "",
         *[f"- {key}: {value}" for key, value in machine().items()],
         *[f"- {line}" for line in versions],
+        *_where_points_ran(rows),
         "",
         "## Results (mean ± standard error over repeats)",
         "",

@@ -42,7 +42,7 @@ FIGURES = (
     "kick_to_notify_p50_ms",
     "seconds",
 )
-TEXTS = ("error", "qemu_version", "guest_kernel", "accel")
+TEXTS = ("error", "qemu_version", "guest_kernel", "accel", "host", "worker")
 
 
 class RowError(ValueError):

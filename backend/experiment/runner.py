@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from vhost_balloon.backend.experiment.executors import Executor, Job, Serial
 from vhost_balloon.backend.experiment.points import (
     RESULT,
     finished_runs,
@@ -50,8 +50,10 @@ def run_experiment(
     rerun: bool = False,
     stream: TextIO = sys.stderr,
     run: Callable[[Point, Path], dict[str, Any]] = run_point,
+    executor: Executor | None = None,
 ) -> list[dict[str, Any]]:
-    """Run (or resume) every point; returns the rows in point order."""
+    """Run (or resume) every point, here or on `executor`; returns the rows
+    in point order, whatever order the points finished in."""
     prepare_output(spec, out)
     points = spec.points()
 
@@ -60,22 +62,22 @@ def run_experiment(
 
     done = {} if rerun else finished_runs(out, warn)
     stored = [done.get((point.setting_key, point.seed)) for point in points]
-    rows: list[dict[str, Any]] = []
-    with SweepProgress(len(points), sum(row is not None for row in stored), stream) as progress:
-        for index, (point, kept) in enumerate(zip(points, stored, strict=True)):
-            if kept is not None:
-                rows.append(kept)
-                continue
-            label = f"{point.kind} {point.label} r{point.repeat}"
-            progress.running(label)
-            started = time.monotonic()
-            row = run(point, point_dir(out, point))
+    rows: dict[int, dict[str, Any]] = {i: row for i, row in enumerate(stored) if row is not None}
+    jobs = [Job(i, point) for i, point in enumerate(points) if stored[i] is None]
+    labels = {job.index: job.label for job in jobs}
+    where = executor if executor is not None else Serial(run)
+    with SweepProgress(len(points), len(rows), stream) as progress:
+        if jobs and not isinstance(where, Serial):
+            progress.note(f"running on {where.description}")
+        for finished in where.run(jobs, out, lambda job: progress.running(job.label)):
+            row = finished.row
             ok = row.get("status") == "ok"
-            error = "" if ok else f"point {index}: {row.get('error')}"
-            progress.finished(label, time.monotonic() - started, ok, error)
-            rows.append(row)
-    write_results(spec, out, rows)
-    return rows
+            error = "" if ok else f"point {finished.index}: {row.get('error')}"
+            progress.finished(labels[finished.index], finished.seconds, ok, error)
+            rows[finished.index] = row
+    ordered = [rows[i] for i in range(len(points)) if i in rows]
+    write_results(spec, out, ordered)
+    return ordered
 
 
 def write_results(spec: ExperimentSpec, out: Path, rows: list[dict[str, Any]]) -> None:

@@ -58,3 +58,18 @@ def test_labels_and_errors_are_text_not_markup() -> None:
     with SweepProgress(1, 0, log) as progress:
         progress.finished("real [s1] r0", 1.0, ok=False, error="[/tmp/x] queue 0 broken")
     assert "real [s1] r0: FAILED: [/tmp/x] queue 0 broken" in log.getvalue()
+
+
+def test_points_running_at_once_are_all_shown_and_shorten_the_eta() -> None:
+    log = io.StringIO()
+    with SweepProgress(6, 0, log) as progress:
+        progress.running("mock a r0")
+        progress.running("mock b r0")
+        assert progress._bar.tasks[0].description == "running 2: mock a r0, mock b r0"
+        progress.finished("mock b r0", 4.0, ok=True)
+        assert progress._bar.tasks[0].description == "running mock a r0"
+        progress.finished("mock a r0", 4.0, ok=True)
+        assert progress._bar.tasks[0].description == "sweep"
+    lines = log.getvalue().splitlines()
+    assert lines[0].endswith("ETA 0m10s")  # 5 left x 4 s / 2 at once
+    assert lines[1].endswith("ETA 0m08s")
