@@ -15,6 +15,13 @@
 #             1 GiB-aligned range that is all RAM (-m 2560M), and is meant for
 #             `nokaslr init_on_alloc=0` (docs/qemu.md says why). Runs without
 #             a balloon device too (the no-balloon control).
+#   offline   offline_pages() on ZONE_MOVABLE: after reporting settles, take
+#             each online movable memory block offline and online again
+#             (online_movable), in turn, for vb.duration s, with the same
+#             markers and test_pages_isolated events as gigantic: each
+#             offline is an attempt, each failed isolation test one of
+#             offline_pages()'s internal retries. Needs movable memory
+#             (movablecore=, which launch sets for it).
 #   balloon   classic ballooning, driven by the host: populate vb.size MiB
 #             and free it, say "ready", wait for the balloon to take
 #             vb.balloon MiB (MemFree falls), optionally fill past what is
@@ -44,6 +51,8 @@
 #   vb.balloon=MIB  balloon: the MiB the host will inflate (default 0)
 #   vb.oom=MIB      balloon: after inflating, fill this much more than is
 #                   free (default 0: no OOM step)
+#   vb.movable_gigantic=1  set vm.movable_gigantic_pages=1 where the kernel
+#                   has it (gigantic pages from ZONE_MOVABLE; not in 6.12)
 #   vb.keep=MIB     size of the integrity region (default 16)
 #   vb.trace=0      do not set up ftrace (no report lines, no events)
 #   vb.shell=1      start a shell on the console at the end instead of
@@ -67,7 +76,13 @@
 #   VB round=1 paused t=... memfree_kib=...                         (fill)
 #   VB gigantic_trace=on event=page_isolation:test_pages_isolated  (gigantic; or
 #                                              =unavailable reason=...)
-#   VB gigantic_loop=start t=... settle_s=20 duration_s=30 memfree_kib=...
+#   VB gigantic_zones block_mib=128 DMA32=0,1,.. Normal=.. Movable=..
+#                                              the zone of every online memory block
+#                                              (gigantic; before the loop)
+#   VB offline_blocks usable=8,9,.. refused=19   offline: the movable blocks the
+#                                              loop uses, and those that would not
+#                                              go offline at all (left out)
+#   VB gigantic_loop=start t=... settle_s=20 duration_s=30 memfree_kib=... [op=offline]
 #   VB gigantic_loop=end t=... attempts=N failures=F
 #   VB integrity=ok|bad
 #   VB report_us=D t_start_mono=S cpu=C        one per traced report
@@ -121,7 +136,7 @@ echo "VB init t=$(vbt) kernel=$(uname -r)"
 
 # ------------------------------------------------------------ parameters
 WORKLOAD=fill ROUNDS=2 SIZE=300 PAUSE=5 SETTLE='' DURATION=30 KEEP=16 TRACE=1 SHELL_AT_END=0
-BALLOON=0 OOM=0
+BALLOON=0 OOM=0 MOVABLE_GIGANTIC=0
 for arg in $(cat /proc/cmdline); do
     case $arg in
         vb.workload=*) WORKLOAD=${arg#*=} ;;
@@ -135,12 +150,13 @@ for arg in $(cat /proc/cmdline); do
         vb.shell=*) SHELL_AT_END=${arg#*=} ;;
         vb.balloon=*) BALLOON=${arg#*=} ;;
         vb.oom=*) OOM=${arg#*=} ;;
+        vb.movable_gigantic=*) MOVABLE_GIGANTIC=${arg#*=} ;;
     esac
 done
 case $WORKLOAD in
     fill|balloon|pattern) SETTLE=${SETTLE:-0} ;;
-    gigantic) SETTLE=${SETTLE:-20} ;;
-    *) die bad-workload "vb.workload=$WORKLOAD: expected fill, gigantic, balloon or pattern" ;;
+    gigantic|offline) SETTLE=${SETTLE:-20} ;;
+    *) die bad-workload "vb.workload=$WORKLOAD: expected fill, gigantic, offline, balloon or pattern" ;;
 esac
 for v in "$ROUNDS" "$SIZE" "$PAUSE" "$SETTLE" "$DURATION" "$KEEP" "$BALLOON" "$OOM"; do
     case $v in ''|*[!0-9]*) die bad-parameter "vb.rounds, vb.size, vb.pause, vb.settle, vb.duration, vb.keep, vb.balloon and vb.oom take whole numbers, not '$v'" ;; esac
@@ -203,7 +219,7 @@ for d in /sys/bus/virtio/devices/*; do
 done
 if [ -n "$dev" ]; then
     print_features "$dev"
-elif [ "$WORKLOAD" = gigantic ]; then
+elif [ "$WORKLOAD" = gigantic ] || [ "$WORKLOAD" = offline ]; then
     echo "VB balloon=none t=$(vbt)"   # the no-balloon control: carry on
 else
     die no-balloon-device "no virtio device with id 0x0005 under /sys/bus/virtio/devices"
@@ -228,7 +244,7 @@ if [ "$TRACE" = 1 ]; then
         echo 1 > $T/options/funcgraph-abstime
         echo 1 > $T/options/funcgraph-tail
         echo 1 > $T/options/sleep-time 2>/dev/null   # count time asleep in wait_event
-        if [ "$WORKLOAD" = gigantic ]; then
+        if [ "$WORKLOAD" = gigantic ] || [ "$WORKLOAD" = offline ]; then
             # Events share the ring buffer with the function_graph tracer (it
             # prints them, and trace_marker writes, as /* ... */ comments),
             # so reports, isolation tests and attempts are on one clock.
@@ -244,7 +260,7 @@ if [ "$TRACE" = 1 ]; then
         echo 1 > $T/tracing_on
         echo "VB ftrace=on function=$FN clock=mono tracer=$(cat $T/current_tracer)"
     fi
-elif [ "$WORKLOAD" = gigantic ]; then
+elif [ "$WORKLOAD" = gigantic ] || [ "$WORKLOAD" = offline ]; then
     echo "VB gigantic_trace=unavailable reason=vb.trace=0"
 fi
 
@@ -274,11 +290,38 @@ fill_rounds() {
 
 # ------------------------------------------------- gigantic-page attempts
 HUGE=/sys/kernel/mm/hugepages/hugepages-1048576kB
+# Which zone each online memory block is in (movablecore= moves the top of
+# memory into ZONE_MOVABLE): builtins only, one pass.
+zones_line() {
+    M=/sys/devices/system/memory
+    read -r size < $M/block_size_bytes 2>/dev/null || return 0
+    z_dma= z_dma32= z_normal= z_movable=
+    for b in $M/memory*; do
+        read -r on < "$b/online" 2>/dev/null || continue
+        [ "$on" = 1 ] || continue
+        read -r zone _ < "$b/valid_zones" 2>/dev/null || continue
+        n=${b##*memory}
+        case $zone in
+            DMA) z_dma="$z_dma${z_dma:+,}$n" ;;
+            DMA32) z_dma32="$z_dma32${z_dma32:+,}$n" ;;
+            Normal) z_normal="$z_normal${z_normal:+,}$n" ;;
+            Movable) z_movable="$z_movable${z_movable:+,}$n" ;;
+        esac
+    done
+    MOVABLE_BLOCKS=$z_movable
+    mg=absent
+    if [ -w /proc/sys/vm/movable_gigantic_pages ]; then
+        [ "$MOVABLE_GIGANTIC" = 1 ] && echo 1 > /proc/sys/vm/movable_gigantic_pages
+        read -r mg < /proc/sys/vm/movable_gigantic_pages
+    fi
+    echo "VB gigantic_zones block_mib=$(( 0x$size >> 20 )) movable_gigantic_pages=$mg${z_dma:+ DMA=$z_dma}${z_dma32:+ DMA32=$z_dma32}${z_normal:+ Normal=$z_normal}${z_movable:+ Movable=$z_movable}"
+}
 ATTEMPTS=0 FAILURES=0
 gigantic_loop() {
     [ -d $HUGE ] || die no-gigantic-pages "$HUGE is missing: the guest CPU has no 1 GiB pages (pdpe1gb; use -cpu max)"
     nr=$HUGE/nr_hugepages
     echo 0 > $nr
+    zones_line
     sleep "$SETTLE"
     read -r up _ < /proc/uptime
     echo "VB gigantic_loop=start t=$up settle_s=$SETTLE duration_s=$DURATION memfree_kib=$(memfree)"
@@ -304,6 +347,56 @@ gigantic_loop() {
     done
     echo "vb_loop=end" > $MARK
     echo 0 > $nr
+    echo "VB gigantic_loop=end t=$(vbt) attempts=$ATTEMPTS failures=$FAILURES"
+}
+
+# offline_loop: the gigantic loop's shape, with offline_pages() as the
+# attempt. Each movable block in turn: offline (timed by the markers; the
+# write returns once offline_pages() is done, its retries inside), then
+# online_movable again, outside the attempt.
+offline_loop() {
+    M=/sys/devices/system/memory
+    zones_line
+    [ -n "$MOVABLE_BLOCKS" ] || die no-movable-memory "no online block in ZONE_MOVABLE: boot with movablecore= (launch --movable SIZE)"
+    # A block the kernel will not offline at all (one holding firmware-
+    # reserved pages, as the top of RAM does) fails at once, without an
+    # isolation test: tried once here, outside the loop, and left out.
+    usable= refused=
+    for b in $(echo "$MOVABLE_BLOCKS" | tr , ' '); do
+        if echo offline > $M/memory$b/state 2>/dev/null; then
+            echo online_movable > $M/memory$b/state 2>/dev/null ||
+                die online-failed "memory block $b did not come back online"
+            usable="$usable${usable:+,}$b"
+        else
+            refused="$refused${refused:+,}$b"
+        fi
+    done
+    echo "VB offline_blocks usable=${usable:-none} refused=${refused:-none}"
+    [ -n "$usable" ] || die no-offlinable-memory "no movable block could be offlined: ${refused}"
+    sleep "$SETTLE"
+    read -r up _ < /proc/uptime
+    echo "VB gigantic_loop=start t=$up settle_s=$SETTLE duration_s=$DURATION memfree_kib=$(memfree) op=offline"
+    read -r up _ < /proc/uptime
+    end=$(( ${up%.*} * 100 + 1${up#*.} - 100 + DURATION * 100 ))
+    echo "vb_loop=start" > $MARK
+    blocks=$(echo "$usable" | tr , ' ')
+    while :; do
+        for b in $blocks; do
+            read -r up _ < /proc/uptime
+            [ $(( ${up%.*} * 100 + 1${up#*.} - 100 )) -lt "$end" ] || break 2
+            ATTEMPTS=$((ATTEMPTS + 1))
+            echo "vb_try=$ATTEMPTS block=$b" > $MARK
+            if echo offline > $M/memory$b/state 2>/dev/null; then got=1; else got=0; fi
+            echo "vb_got=$ATTEMPTS n=$got" > $MARK
+            if [ "$got" = 1 ]; then
+                echo online_movable > $M/memory$b/state 2>/dev/null ||
+                    die online-failed "memory block $b did not come back online"
+            else
+                FAILURES=$((FAILURES + 1))
+            fi
+        done
+    done
+    echo "vb_loop=end" > $MARK
     echo "VB gigantic_loop=end t=$(vbt) attempts=$ATTEMPTS failures=$FAILURES"
 }
 
@@ -421,6 +514,7 @@ pattern_rounds() {
 case $WORKLOAD in
     fill) fill_rounds ;;
     gigantic) gigantic_loop ;;
+    offline) offline_loop ;;
     balloon) balloon_steps ;;
     pattern) pattern_rounds ;;
 esac
@@ -462,24 +556,29 @@ if [ "$TRACE" = 1 ]; then
         text = substr(f[3], RSTART + 3, RLENGTH - 6)
         if (text ~ /^vb_loop=start/) t_start = t
         else if (text ~ /^vb_loop=end/) t_end = t
-        else if (text ~ /^vb_try=/) { i = substr(text, 8) + 0; try_t[i] = t; last = i; if (i > tries) tries = i }
+        else if (text ~ /^vb_try=/) {
+            split(text, w, /[= ]/); i = w[2] + 0
+            try_t[i] = t; last = i; if (i > tries) tries = i
+            if (w[3] == "block") block[i] = w[4]
+        }
         else if (text ~ /^vb_got=/) {
             split(text, w, /[= ]/); i = w[2] + 0
             got_t[i] = t; got[i] = w[4]
         } else if (text ~ /^test_pages_isolated: /) {
             events++
             ev[events] = sprintf("t_mono=%.6f %s attempt=%d", t, substr(text, 22), last)
-            if (text ~ /ret=fail/) { isolation_failures++; test[last] = "fail" }
+            if (text ~ /ret=fail/) { isolation_failures++; test[last] = "fail"; fails[last]++ }
             else if (test[last] == "") test[last] = "success"
         }
     }
     END {
         printf "VB reports=%d report_us_total=%.3f report_us_max=%.3f\n", count, total, max
-        if (workload != "gigantic") exit
+        if (workload != "gigantic" && workload != "offline") exit
         for (i = 1; i <= tries; i++)
-            printf "VB gigantic_attempt i=%d t_mono=%.6f t_end_mono=%s ok=%s test=%s\n", i, try_t[i],
+            printf "VB gigantic_attempt i=%d t_mono=%.6f t_end_mono=%s ok=%s test=%s retries=%d%s\n", i, try_t[i],
                 (i in got_t) ? sprintf("%.6f", got_t[i]) : "none", (got[i] == "1") ? 1 : 0,
-                (test[i] == "") ? "none" : test[i]
+                (test[i] == "") ? "none" : test[i], fails[i] + 0,
+                (i in block) ? " block=" block[i] : ""
         for (e = 1; e <= events; e++) print "VB gigantic_event " ev[e]
         printf "VB gigantic attempts=%d failures=%d isolation_failures=%d events=%d t_start_mono=%.6f t_end_mono=%.6f\n",
             attempts, failures, isolation_failures, events, t_start, t_end
@@ -487,7 +586,7 @@ if [ "$TRACE" = 1 ]; then
     ' $T/trace
     overrun=$(cat $T/per_cpu/cpu*/stats 2>/dev/null | awk '/^overrun:/ { s += $2 } END { print s + 0 }')
     echo "VB ftrace_overrun=$overrun"
-elif [ "$WORKLOAD" = gigantic ]; then
+elif [ "$WORKLOAD" = gigantic ] || [ "$WORKLOAD" = offline ]; then
     echo "VB gigantic attempts=$ATTEMPTS failures=$FAILURES"
 fi
 

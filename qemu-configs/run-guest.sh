@@ -22,7 +22,9 @@
 #   --workload W      the guest's workload (fill) [VB_WORKLOAD]: fill = fill/free
 #                     rounds; gigantic = allocate and free one 1 GiB hugetlb page
 #                     in a loop (give it --mem 2560M and --append "nokaslr
-#                     init_on_alloc=0"; `vhost-balloon launch` does); balloon =
+#                     init_on_alloc=0"; `vhost-balloon launch` does); offline =
+#                     offline and online ZONE_MOVABLE memory blocks in a loop
+#                     (add movablecore=1536M to that --append); balloon =
 #                     classic ballooning driven by the host; pattern = write,
 #                     free and check 1 MiB patterns under reporting
 #   --rounds N        fill: fill/free rounds in the guest (2) [VB_ROUNDS]
@@ -111,9 +113,9 @@ done
 for v in "$ROUNDS" "$SIZE" "$PAUSE" "${SETTLE:-0}" "$DURATION" "$TIMEOUT"; do
     case $v in ''|*[!0-9]*) fail "--rounds, --size, --pause, --settle, --duration and --timeout take whole numbers, not '$v'" ;; esac
 done
-case $WORKLOAD in fill|gigantic|balloon|pattern) ;; *) fail "--workload must be fill, gigantic, balloon or pattern, not '$WORKLOAD'" ;; esac
-[ "$NO_BALLOON" = 0 ] || [ "$WORKLOAD" = gigantic ] ||
-    fail "--no-balloon is a control for --workload gigantic (the fill workload needs a balloon device)"
+case $WORKLOAD in fill|gigantic|offline|balloon|pattern) ;; *) fail "--workload must be fill, gigantic, offline, balloon or pattern, not '$WORKLOAD'" ;; esac
+[ "$NO_BALLOON" = 0 ] || [ "$WORKLOAD" = gigantic ] || [ "$WORKLOAD" = offline ] ||
+    fail "--no-balloon is a control for --workload gigantic or offline (the fill workload needs a balloon device)"
 case $ACCEL in auto|tcg|kvm) ;; *) fail "--accel must be auto, tcg or kvm, not '$ACCEL'" ;; esac
 case $SHARE in on|off) ;; *) fail "--share must be on or off, not '$SHARE'" ;; esac
 case $MEM in ''|*[!0-9.KMGTPEkmgtpeBb]*) fail "--mem must be a size such as 512M, not '$MEM'" ;; esac

@@ -22,6 +22,7 @@ from vhost_balloon.backend.cli.options import (
 )
 from vhost_balloon.backend.qemu import provisioning
 from vhost_balloon.backend.qemu.command import (
+    RANGE_LOOPS,
     WORKLOADS,
     LaunchOptions,
     check_qemu_option_values,
@@ -56,6 +57,7 @@ def add_parser(commands: Any) -> None:
         "--workload",
         choices=WORKLOADS,
         help="fill: fill/free rounds; gigantic: allocate and free a 1 GiB page in a loop; "
+        "offline: offline and online ZONE_MOVABLE memory blocks in a loop (--movable); "
         "balloon: inflate to --balloon SIZE and deflate back; pattern: --size 1 MiB files "
         "freed, checked page by page and written again for --duration s, with --pause s "
         "between (fill, or balloon with --balloon)",
@@ -88,6 +90,12 @@ def add_parser(commands: Any) -> None:
         "--duration", type=count, default=30, metavar="S", help="gigantic: loop length (30)"
     )
     guest.add_argument("--mem", metavar="SIZE", help="guest RAM (fill 512M, gigantic 2560M)")
+    guest.add_argument(
+        "--movable",
+        metavar="SIZE",
+        help="boot with movablecore=SIZE: the top SIZE of guest RAM in ZONE_MOVABLE "
+        "(offline: 1536M unless given; gigantic: the review's 'even on MOVABLE memory')",
+    )
     guest.add_argument("--kernel", type=Path, metavar="FILE", help="your own guest kernel")
     guest.add_argument("--initrd", type=Path, metavar="FILE", help="your own initrd")
     guest.add_argument(
@@ -152,8 +160,8 @@ def launch_options(args: argparse.Namespace) -> LaunchOptions:
         raise UsageError(f"--mem-path {args.mem_path} is not a directory")
     if args.baseline and args.no_balloon:
         raise UsageError("--baseline and --no-balloon exclude each other")
-    if args.no_balloon and args.workload != "gigantic":
-        raise UsageError("--no-balloon is a control for --workload gigantic")
+    if args.no_balloon and args.workload not in RANGE_LOOPS:
+        raise UsageError("--no-balloon is a control for --workload gigantic or offline")
     if args.settle is not None and args.settle < 0:
         raise UsageError(f"--settle takes seconds >= 0, not {args.settle}")
     workload = args.workload or ("balloon" if args.balloon is not None else "fill")
@@ -192,6 +200,7 @@ def launch_options(args: argparse.Namespace) -> LaunchOptions:
         balloon_target=args.balloon,
         oom_mib=args.balloon_oom,
         qmp_socket=args.qmp,
+        movable=args.movable,
     )
     try:  # before provisioning and QEMU: a user's mistake is found at once
         check_qemu_option_values(options)

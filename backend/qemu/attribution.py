@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vhost_balloon.backend.qemu.console import GiganticAttempt, GiganticRun, IsolationEvent
+from vhost_balloon.backend.qemu.retries import op_durations_ms, try_again
 
 PAGE_SIZE = 4096
 # Pages are isolated while the reporting worker walks a free list, just
@@ -275,6 +276,26 @@ class BackendReport:
     ranges: tuple[tuple[int, int], ...]  # (gpa, length)
 
 
+def zone_ranges_mib(
+    block_mib: int | None, zone_blocks: dict[str, list[int]]
+) -> dict[str, list[list[int]]] | None:
+    """Each zone's online memory as [start, end) MiB ranges of guest physical
+    memory, contiguous blocks merged (None when the guest did not say)."""
+    if block_mib is None:
+        return None
+    ranges: dict[str, list[list[int]]] = {}
+    for zone, blocks in zone_blocks.items():
+        merged: list[list[int]] = []
+        for block in sorted(blocks):
+            start = block * block_mib
+            if merged and merged[-1][1] == start:
+                merged[-1][1] = start + block_mib
+            else:
+                merged.append([start, start + block_mib])
+        ranges[zone] = merged
+    return ranges
+
+
 def summarize_gigantic(
     run: GiganticRun,
     report_starts: Sequence[float],
@@ -328,6 +349,14 @@ def summarize_gigantic(
         if traced and target is not None and usable is not None
         else None,
         "alignment": None if matched.alignment is None else _alignment_fields(matched.alignment),
+        "zones_mib": zone_ranges_mib(run.block_mib, run.zone_blocks),
+        "movable_gigantic_pages": run.movable_gigantic_pages,
+        "op": run.op,
+        "offline_blocks": None
+        if run.offline_usable is None
+        else {"usable": run.offline_usable, "refused": run.offline_refused or []},
+        "op_ms": op_durations_ms(run.attempt_list),
+        "try_again": try_again(run.op, run.attempt_list),
         "slack_s": slack_s,
         "trace": run.trace,
         "failures_detail": details,
@@ -389,13 +418,16 @@ def failure_details(
     slack_s: float = SLACK_S,
 ) -> list[dict[str, Any]]:
     """One entry per failed attempt: its isolation test, the report that
-    held the first busy page (if any) and the reporting pass running then."""
+    held the first busy page (if any) and the reporting pass running then.
+    An offline does not fail on a busy page: offline_pages() tests again
+    until the range is isolated, so an offline that had to retry is the
+    entry, attributed by its first failed test."""
     by_attempt: dict[int, list[IsolationEvent]] = {}
     for event in run.events:
         by_attempt.setdefault(event.attempt, []).append(event)
     details: list[dict[str, Any]] = []
     for attempt in run.attempt_list:
-        if attempt.ok:
+        if attempt.ok and not (run.op == "offline" and attempt.retries):
             continue
         detail = _failure_detail(attempt, by_attempt.get(attempt.index, []), windows, slack_s)
         detail["pass"] = pass_at(passes, detail["t_mono"], slack_s)

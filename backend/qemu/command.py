@@ -18,20 +18,32 @@ from vhost_balloon.backend.qemu.provisioning import LaunchError, configs_dir
 from vhost_balloon.protocol.units import parse_guest_memory
 from vhost_balloon.protocol.virtio import balloon_queues
 
-WORKLOADS = ("fill", "gigantic", "balloon", "pattern")
+WORKLOADS = ("fill", "gigantic", "offline", "balloon", "pattern")
+# The loops of contiguous-range attempts: a summary each, same keys.
+RANGE_LOOPS = ("gigantic", "offline")
+DEFAULT_MOVABLE = {"offline": "1536M"}  # movablecore= of a workload that needs ZONE_MOVABLE
 # Per workload: guest RAM and kernel command line when the user gives none.
 # The gigantic workload needs a 1 GiB-aligned range that is all RAM (2560M
 # leaves GPA 1-2 GiB), the kernel image out of it (nokaslr), and no zeroing
 # of the whole 1 GiB on every allocation (init_on_alloc=0: 2.5-4 s per
 # attempt under TCG otherwise). See docs/qemu.md.
-DEFAULT_MEM = {"fill": "512M", "gigantic": "2560M", "balloon": "512M", "pattern": "512M"}
+DEFAULT_MEM = {
+    "fill": "512M",
+    "gigantic": "2560M",
+    "offline": "2560M",
+    "balloon": "512M",
+    "pattern": "512M",
+}
 DEFAULT_APPEND = {
     "fill": "",
     "gigantic": "nokaslr init_on_alloc=0",
+    "offline": "nokaslr init_on_alloc=0",
     "balloon": "init_on_alloc=0",
     "pattern": "",
 }
 # What QEMU's -m and size= take: a number and an optional unit (qemu_strtosz).
+# What the kernel's movablecore= takes (memparse, or a percentage of memory).
+_MOVABLECORE = re.compile(r"[1-9][0-9]*[KMG]?|[1-9][0-9]?%")
 _QEMU_SIZE = re.compile(r"[0-9]+(\.[0-9]+)?[BKMGTPEbkmgtpe]?")
 
 
@@ -65,6 +77,7 @@ class LaunchOptions:
     balloon_target: int | None = None  # balloon workload: the guest's target size, bytes
     oom_mib: int = 0  # balloon workload: fill this much past free memory (deflate-on-oom)
     qmp_socket: Path | None = None  # the user's QMP socket (default: in VB_RUN_DIR)
+    movable: str | None = None  # movablecore= for the guest (offline's default: 1536M)
 
     @property
     def guest_ram_bytes(self) -> int:
@@ -92,6 +105,10 @@ class LaunchOptions:
         return self.append if self.append is not None else DEFAULT_APPEND[self.workload]
 
     @property
+    def movablecore(self) -> str | None:
+        return self.movable if self.movable is not None else DEFAULT_MOVABLE.get(self.workload)
+
+    @property
     def mode(self) -> str:
         if self.no_balloon:
             return "none"
@@ -107,6 +124,10 @@ def check_qemu_option_values(options: LaunchOptions) -> None:
     """Refuse a --mem that is not a plain size: run-guest.sh puts it in `-m MEM`
     and `size=MEM`, where anything after a ',' would be another option.
     (Paths are escaped there instead: QEMU reads ',,' as a literal comma.)"""
+    if options.movable is not None and not _MOVABLECORE.fullmatch(options.movable):
+        raise LaunchError(
+            f"--movable {options.movable!r} is not a size such as 1536M or 1G, or a percentage"
+        )
     if options.mem is not None and not _QEMU_SIZE.fullmatch(options.mem):
         raise LaunchError(f"--mem {options.mem!r} is not a size such as 512M or 2G")
     if options.mem is not None and "." not in options.mem:  # QEMU takes 1.5G; we do not parse it
@@ -156,6 +177,10 @@ def run_guest_command(
         # The guest waits for the host to inflate this much, then to deflate.
         balloon_mib = o.balloon_bytes >> 20
         append = f"{append} vb.balloon={balloon_mib} vb.oom={o.oom_mib}".strip()
+    if o.movablecore is not None:
+        # Gigantic pages may come from ZONE_MOVABLE only where the kernel has
+        # vm.movable_gigantic_pages (not 6.12): the guest sets it if so.
+        append = f"{append} movablecore={o.movablecore} vb.movable_gigantic=1".strip()
     if append:
         command += ["--append", append]
     for flag, value in (

@@ -13,6 +13,11 @@ from dataclasses import dataclass, field
 PREFIX = "VB "
 
 
+def _blocks(text: str) -> list[int]:
+    """A guest's list of memory block numbers ("8,9,10" or "none"), sorted."""
+    return sorted(int(n) for n in text.split(",") if n.isdigit())
+
+
 def parse_vb_line(line: str) -> dict[str, str] | None:
     """The key=value pairs of a `VB ...` line (bare words map to ""), or None."""
     text = line.strip("\r\n")
@@ -54,8 +59,10 @@ class GiganticAttempt:
     index: int  # from 1
     t_mono: float
     t_end_mono: float | None
-    ok: bool  # nr_hugepages read back as 1
+    ok: bool  # nr_hugepages read back as 1 (offline: the block went offline)
     test: str  # the isolation test's verdict: "success", "fail" or "none" (not reached)
+    retries: int = 0  # failed isolation tests in it (offline_pages() retries)
+    block: int | None = None  # offline: the memory block
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +94,12 @@ class GiganticRun:
     t_end_mono: float | None = None
     attempt_list: list[GiganticAttempt] = field(default_factory=list)
     events: list[IsolationEvent] = field(default_factory=list)
+    op: str = "gigantic"  # what an attempt is: a 1 GiB page, or "offline" (a memory block)
+    movable_gigantic_pages: str | None = None  # the sysctl, or "absent" (6.12)
+    block_mib: int | None = None  # the guest's memory block size
+    offline_usable: list[int] | None = None  # offline: the blocks the loop offlines
+    offline_refused: list[int] | None = None  # offline: those that never go offline
+    zone_blocks: dict[str, list[int]] = field(default_factory=dict)  # zone -> online blocks
 
 
 @dataclass(slots=True)
@@ -137,7 +150,7 @@ class GuestConsole:
             return
         self.vb_lines += 1
         first = next(iter(pairs), "")
-        if first.startswith("gigantic"):
+        if first.startswith("gigantic") or first == "offline_blocks":
             self._feed_gigantic(first, pairs, t_host)
         elif first.startswith("pattern"):
             self._feed_pattern(first, pairs)
@@ -217,6 +230,8 @@ class GuestConsole:
                     t_end_mono=None if end == "none" else float(end),
                     ok=pairs["ok"] == "1",
                     test=pairs.get("test", "none"),
+                    retries=int(pairs.get("retries", "0")),
+                    block=int(pairs["block"]) if "block" in pairs else None,
                 )
             )
         elif first == "gigantic_event":
@@ -232,9 +247,21 @@ class GuestConsole:
             )
         elif first == "gigantic_trace":
             run.trace = pairs["gigantic_trace"]
+        elif first == "offline_blocks":
+            run.offline_usable = _blocks(pairs["usable"])
+            run.offline_refused = _blocks(pairs["refused"])
+        elif first == "gigantic_zones":
+            run.block_mib = int(pairs["block_mib"])
+            run.movable_gigantic_pages = pairs.get("movable_gigantic_pages")
+            run.zone_blocks = {
+                zone: _blocks(blocks)
+                for zone, blocks in pairs.items()
+                if zone not in (first, "block_mib", "movable_gigantic_pages")
+            }
         elif first == "gigantic_loop":
             if pairs["gigantic_loop"] == "start":
                 run.t_loop_start = t_host
+                run.op = pairs.get("op", "gigantic")
                 run.settle_s = int(pairs["settle_s"])
                 run.duration_s = int(pairs["duration_s"])
             else:

@@ -39,6 +39,7 @@ from vhost_balloon.backend.qemu.balloon_steps import (
     run_balloon_steps,
 )
 from vhost_balloon.backend.qemu.command import (
+    RANGE_LOOPS,
     LaunchOptions,
     check_qemu_option_values,
     qemu_option,
@@ -299,9 +300,9 @@ class Launch:
         if self.server is not None:
             result |= backend_summary(self.server, self.records)
         result |= guest_summary(self.guest, self.sampler)
-        if self.options.workload == "gigantic":
+        if self.options.workload in RANGE_LOOPS:
             records = self.records if self.server is not None else None
-            result["gigantic"] = gigantic_summary(self.guest, records)
+            result[self.options.workload] = gigantic_summary(self.guest, records)
         if self.options.workload == "pattern":
             result["pattern"] = pattern_summary(self.guest)
         if self.options.workload == "balloon":

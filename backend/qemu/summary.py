@@ -10,7 +10,7 @@ from typing import Any
 
 from vhost_balloon.backend.balloon.records import ReportRecord
 from vhost_balloon.backend.qemu.attribution import BackendReport, summarize_gigantic
-from vhost_balloon.backend.qemu.command import LaunchOptions
+from vhost_balloon.backend.qemu.command import RANGE_LOOPS, LaunchOptions
 from vhost_balloon.backend.qemu.console import GuestConsole
 from vhost_balloon.backend.qemu.notes import RunGuestNotes
 from vhost_balloon.backend.qemu.sampler import MemorySampler, memory_given_back
@@ -147,12 +147,13 @@ def launch_failure(
     if guest.balloon_absent and options.mode != "none":
         return "the guest found no balloon device"
     if (
-        options.workload == "gigantic"
+        options.workload in RANGE_LOOPS
         and options.initrd is None
         and guest.done
         and (guest.gigantic is None or guest.gigantic.attempts is None)
     ):
-        return "the guest finished without reporting any gigantic-page attempt"
+        what = "gigantic-page attempt" if options.workload == "gigantic" else "offline"
+        return f"the guest finished without reporting any {what}"
     if options.workload == "pattern" and options.initrd is None and guest.done:
         totals = guest.pattern.totals if guest.pattern is not None else None
         if totals is None:

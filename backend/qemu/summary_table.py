@@ -44,6 +44,8 @@ def format_launch_summary(summary: dict[str, Any]) -> str:
             )
     if summary.get("gigantic"):
         rows += _gigantic_rows(summary["gigantic"])
+    if summary.get("offline"):
+        rows += _offline_rows(summary["offline"])
     pattern = summary.get("pattern")
     if pattern and pattern["complete"]:
         rows.append(
@@ -71,6 +73,62 @@ def format_launch_summary(summary: dict[str, Any]) -> str:
     return two_columns(rows)
 
 
+def _ms(stats: dict[str, float] | None) -> str:
+    if stats is None:
+        return "-"
+    return f"p50 {stats['p50']:.1f}, p90 {stats['p90']:.1f}, max {stats['max']:.1f}"
+
+
+def _zones(g: dict[str, Any]) -> list[tuple[str, str]]:
+    zones = g.get("zones_mib")
+    if not zones:
+        return []
+    text = "; ".join(
+        f"{zone} {', '.join(f'{a}-{b}' for a, b in ranges)} MiB" for zone, ranges in zones.items()
+    )
+    return [("zones", text)]
+
+
+def _try_again_rows(g: dict[str, Any]) -> list[tuple[str, str]]:
+    again = g.get("try_again")
+    if not again:
+        return []
+    retries = again["retries"]
+    tries = "-" if retries is None else f"p50 {retries['p50']}, max {retries['max']}"
+    return [
+        (
+            "try again -> works",
+            f"{again['requests_retried']} retried ({again['never_succeeded']} never worked); "
+            f"retries {tries}",
+        ),
+        ("  time to success (ms)", _ms(again["time_to_success_ms"])),
+    ]
+
+
+def _offline_rows(g: dict[str, Any]) -> list[tuple[str, str]]:
+    blocks = g.get("offline_blocks") or {}
+    refused = ",".join(str(b) for b in blocks.get("refused", [])) or "none"
+    rows = [
+        *_zones(g),
+        (
+            "offlines",
+            f"{g['attempts']} in {g['duration_s'] or 0:.1f} s of blocks "
+            f"{','.join(str(b) for b in blocks.get('usable', []))} (refused: {refused})",
+        ),
+        ("  failed", str(g["failures"])),
+        ("  offline (ms)", _ms(g.get("op_ms"))),
+    ]
+    if g["isolation_failures"] is not None:
+        rows.append(
+            (
+                "  had to retry",
+                f"{g['isolation_failures']} ({g['attributed']} attributed to a report, "
+                f"{g['in_window']} while a report was in flight)",
+            )
+        )
+    return rows + _try_again_rows(g)
+
+
 def _gigantic_rows(g: dict[str, Any]) -> list[tuple[str, str]]:
     def fraction(value: float | None) -> str:
         return "-" if value is None else f"{100 * value:.1f} %"
@@ -82,6 +140,8 @@ def _gigantic_rows(g: dict[str, Any]) -> list[tuple[str, str]]:
             f"{g['attempts']} in {g['duration_s'] or 0:.1f} s (after a {g['settle_s']} s settle)",
         ),
         ("1 GiB failures", f"{g['failures']} ({rate})"),
+        *_zones(g),
+        *_try_again_rows(g),
     ]
     if g["isolation_failures"] is not None:
         rows += [
