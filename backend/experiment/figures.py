@@ -3,6 +3,10 @@
 - hold_cdf.png: CDF of the time each report held its pages, per setting
   (the guest's view: chain available .. used entry seen; for a real guest,
   its ftrace duration of virtballoon_free_page_report);
+- time_to_success_cdf.png: a real guest's "try again -> works": per
+  setting, the CDF of the time from a request's first failure to its
+  success (gigantic: the next attempt that got the page; offline: the
+  offline that retried inside offline_pages());
 - held_over_time.png: bytes held by the report in flight over time, first
   repeat of each setting;
 - failure_vs_delay.png: contiguous-allocation failure rate against the
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,30 +115,80 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def hold_cdf(out: Path, rows: list[dict[str, Any]]) -> Path | None:
+def _times_to_success_ms(out: Path, row: dict[str, Any]) -> list[float]:
+    """A real-guest point's "try again -> works" times (launch.json)."""
+    if row["kind"] in ("mock", "model"):
+        return []
+    directory = out / "points" / str(row.get("dir", ""))
+    try:
+        launch = json.loads((directory / "launch.json").read_text(encoding="utf-8"))
+        loop = launch.get(launch.get("workload", "gigantic")) or {}
+        samples = (loop.get("try_again") or {}).get("time_to_success_samples_ms", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [ms for ms in samples if _finite(ms)] if isinstance(samples, list) else []
+
+
+def _cdf(
+    out: Path,
+    rows: list[dict[str, Any]],
+    samples: Callable[[Path, dict[str, Any]], list[float]],
+    *,
+    name: str,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+) -> Path | None:
+    """One CDF per setting of what `samples` gives for each of its rows."""
     by_setting: dict[str, list[float]] = {}
     labels: dict[str, str] = {}
     for row in rows:
         if row.get("status") != "ok" or row["kind"] not in KIND_STYLE:
             continue
-        by_setting.setdefault(row["setting_key"], []).extend(_holds_ms(out, row))
+        by_setting.setdefault(row["setting_key"], []).extend(samples(out, row))
         labels[row["setting_key"]] = f"{KIND_STYLE[row['kind']][0]}: {row['label']}"
     if not any(by_setting.values()):
         return None
     fig, ax = plt.subplots(figsize=(12, 5))
-    for key, holds in by_setting.items():
-        if not holds:
+    for key, values in by_setting.items():
+        if not values:
             continue
-        ordered = sorted(holds)
+        ordered = sorted(values)
         ys = [(i + 1) / len(ordered) for i in range(len(ordered))]
         ax.step(ordered, ys, where="post", label=f"{labels[key]} (n={len(ordered)})")
     ax.set_xscale("log")
-    ax.set_xlabel("hold window per report (ms, log scale)")
-    ax.set_ylabel("fraction of reports")
-    ax.set_title("How long reported pages are out of the guest's allocator")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the curves
-    return _save(fig, out / "figures" / "hold_cdf.png")
+    return _save(fig, out / "figures" / f"{name}.png")
+
+
+def hold_cdf(out: Path, rows: list[dict[str, Any]]) -> Path | None:
+    return _cdf(
+        out,
+        rows,
+        _holds_ms,
+        name="hold_cdf",
+        xlabel="hold window per report (ms, log scale)",
+        ylabel="fraction of reports",
+        title="How long reported pages are out of the guest's allocator",
+    )
+
+
+def time_to_success_cdf(out: Path, rows: list[dict[str, Any]]) -> Path | None:
+    """The review's "fails. Try again -> works": per setting, how long each
+    request that failed first took to succeed (docs/qemu.md, try_again)."""
+    return _cdf(
+        out,
+        rows,
+        _times_to_success_ms,
+        name="time_to_success_cdf",
+        xlabel="from the first failure to success (ms, log scale)",
+        ylabel="fraction of requests that failed first",
+        title="Try again -> works: time until the same request succeeded",
+    )
 
 
 def held_over_time(out: Path, rows: list[dict[str, Any]]) -> Path | None:
@@ -258,6 +313,7 @@ def draw_all(
     (out / "figures").mkdir(parents=True, exist_ok=True)
     drawn = [
         hold_cdf(out, rows),
+        time_to_success_cdf(out, rows),
         held_over_time(out, rows),
         failure_vs_delay(out, spec, summary),
         measured_vs_model(out, rows),

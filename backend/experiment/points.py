@@ -31,7 +31,7 @@ from typing import Any
 
 from vhost_balloon.backend.balloon.records import hold_window_ns
 from vhost_balloon.backend.experiment.rows import RowError, check_row, read_result
-from vhost_balloon.backend.experiment.spec import Point, Value
+from vhost_balloon.backend.experiment.spec import REAL_KINDS, Point, Value
 from vhost_balloon.backend.latency.delays import parse_duration
 from vhost_balloon.backend.observe.trace import read_trace
 from vhost_balloon.backend.qemu.command import DEFAULT_APPEND
@@ -40,7 +40,6 @@ from vhost_balloon.protocol.units import parse_size
 SOCKET_WAIT_S = 10.0
 STOP_WAIT_S = 60.0
 RESULT = "result.json"
-GIGANTIC_APPEND = DEFAULT_APPEND["gigantic"]  # launch's own default, see docs/qemu.md
 
 
 class PointError(Exception):
@@ -268,6 +267,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 def qemu_command(point: Point, directory: Path) -> list[str]:
     settings = point.settings
+    workload = str(settings["workload"])
     duration = _seconds(settings["duration"])
     settle = _seconds(settings["settle"])
     command = [
@@ -277,7 +277,7 @@ def qemu_command(point: Point, directory: Path) -> list[str]:
         "launch",
         "--json",
         "--workload",
-        "gigantic",
+        workload,
         "--duration",
         f"{round(duration)}",
         "--settle",
@@ -290,9 +290,11 @@ def qemu_command(point: Point, directory: Path) -> list[str]:
         str(directory / "console.log"),
     ]
     if settings["order"] != 9:
-        # --append replaces launch's gigantic defaults, so repeat them.
+        # --append replaces launch's defaults for the workload, so repeat them.
         order = f"page_reporting.page_reporting_order={settings['order']}"
-        command += ["--append", f"{GIGANTIC_APPEND} {order}"]
+        command += ["--append", f"{DEFAULT_APPEND[workload]} {order}"]
+    if settings["movable"] != "none":
+        command += ["--movable", str(settings["movable"])]
     if point.kind == "no_balloon":
         return [*command, "--no-balloon"]
     if point.kind == "builtin":
@@ -327,9 +329,13 @@ def run_qemu(point: Point, directory: Path) -> dict[str, Any]:
 
 
 def qemu_row(summary: dict[str, Any], backend: dict[str, Any]) -> dict[str, Any]:
-    gigantic = summary.get("gigantic") or {}
+    workload = str(summary.get("workload", "gigantic"))
+    gigantic = summary.get(workload) or {}
     if not gigantic.get("attempts"):
-        raise PointError("the guest made no gigantic-page attempt (see console.log)")
+        raise PointError(f"the guest made no {workload} attempt (see console.log)")
+    if workload == "offline":
+        gigantic = _offline_as_failures(gigantic)
+    again = gigantic.get("try_again") or {}
     guest_holds = summary.get("guest_hold_us", {}).get("samples", [])
 
     def number(key: str) -> float | None:
@@ -345,7 +351,7 @@ def qemu_row(summary: dict[str, Any], backend: dict[str, Any]) -> dict[str, Any]
         "failures": gigantic["failures"],
         "failure_rate": number("failure_rate"),
         "requests": gigantic["attempts"],
-        "requests_failed": gigantic["failures"],
+        "requests_failed": gigantic.get("requests_failed", gigantic["failures"]),
         "attributed": count("attributed"),
         "unattributed": count("unattributed"),
         "isolation_failures": count("isolation_failures"),
@@ -358,10 +364,30 @@ def qemu_row(summary: dict[str, Any], backend: dict[str, Any]) -> dict[str, Any]
         "passes": count("passes"),
         "passes_with_failures": count("passes_with_failures"),
         "hold_p50_ms": _median(guest_holds) / 1e3 if guest_holds else None,
+        "retried": again.get("requests_retried"),
+        "time_to_success_p50_ms": (again.get("time_to_success_ms") or {}).get("p50"),
+        "time_to_success_max_ms": (again.get("time_to_success_ms") or {}).get("max"),
+        "op_p50_ms": (gigantic.get("op_ms") or {}).get("p50"),
         "qemu_version": summary.get("qemu_version"),
         "guest_kernel": summary.get("guest_kernel"),
         "accel": summary.get("accel"),
         **backend,
+    }
+
+
+def _offline_as_failures(offline: dict[str, Any]) -> dict[str, Any]:
+    """An offline does not fail on a busy page, it retries until the range
+    is isolated: in a row, its "failures" are the offlines that had to
+    retry (the event the study counts), and "requests_failed" those that
+    failed outright (docs/experiments.md)."""
+    attempts = offline["attempts"]
+    retried = offline.get("isolation_failures")
+    retried = retried if retried is not None else 0
+    return offline | {
+        "failures": retried,
+        "failure_rate": round(retried / attempts, 4) if attempts else None,
+        "requests_failed": offline["failures"],
+        "passes_with_failures": offline.get("passes_with_failures"),
     }
 
 
@@ -400,7 +426,7 @@ def rederive(out: Path, row: dict[str, Any]) -> dict[str, Any]:
     # where a dict was, a number as text) keeps the stored row.
     try:
         trace = backend_figures(directory / "backend-trace.jsonl")
-        if row["kind"] in ("qemu", "no_balloon", "builtin"):
+        if row["kind"] in REAL_KINDS:
             summary = json.loads((directory / "launch.json").read_text(encoding="utf-8"))
             return check_row(row | qemu_row(summary, trace))
         summary = json.loads((directory / "guest.json").read_text(encoding="utf-8"))
@@ -440,7 +466,7 @@ def run_point(point: Point, directory: Path) -> dict[str, Any]:
     started = time.monotonic()
     row = point_row(point, directory) | {"host": socket.gethostname()}
     try:
-        real = point.kind in ("qemu", "no_balloon", "builtin")
+        real = point.kind in REAL_KINDS
         measured = run_qemu(point, directory) if real else run_mock(point, directory)
         row |= {"status": "ok", **measured}
     except (PointError, subprocess.TimeoutExpired, OSError, ValueError, KeyError) as error:

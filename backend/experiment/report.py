@@ -71,6 +71,26 @@ def summary_table(summary: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def try_again_table(summary: list[dict[str, Any]]) -> str | None:
+    """The review's "fails. Try again -> works" per setting, for the real
+    guest's loops (None when no row measured it)."""
+    entries = [e for e in summary if not math.isnan(e.get("time_to_success_p50_ms", math.nan))]
+    if not entries:
+        return None
+    lines = [
+        "| run | setting | repeats | attempts | retried (mean/run) "
+        "| time to success p50 (ms) | attempt p50 (ms) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for e in entries:
+        lines.append(
+            f"| {e['kind']} | {e['label']} | {e['repeats']} | {e['total_attempts']} "
+            f"| {_ms(e['retried'])} | {_ms(e['time_to_success_p50_ms'])} "
+            f"| {_ms(e['op_p50_ms'])} |"
+        )
+    return "\n".join(lines)
+
+
 def _where_points_ran(rows: list[dict[str, Any]]) -> list[str]:
     """Which hosts (and Dask workers) ran the points, when a row says so;
     the machine facts above are the reporting host's."""
@@ -131,6 +151,19 @@ def write_report(
         "Raw rows: `results.csv`; per-run traces under `points/`.",
         "",
     ]
+    again = try_again_table(summary)
+    if again is not None:
+        parts += [
+            "## Try again -> works",
+            "",
+            again,
+            "",
+            "`retried`: requests that failed first (gigantic: a run of failed attempts; "
+            "offline: an offline that offline_pages() had to retry). `time to success`: "
+            "from the first failure to the success, median over the requests of a run, "
+            "mean over repeats; the CDF is figures/time_to_success_cdf.png.",
+            "",
+        ]
     if failed:
         parts += ["## Runs that failed", ""]
         parts += [

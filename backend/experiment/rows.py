@@ -16,6 +16,7 @@ MAX_ROW_BYTES = 16 << 20  # a row is a few KiB; a bigger file is not one
 
 # Measured counts (int >= 0, or null when a run could not measure them).
 COUNTS = (
+    "retried",
     "attempts",
     "failures",
     "requests",
@@ -33,6 +34,9 @@ COUNTS = (
 )
 # Measured figures (a number, or null).
 FIGURES = (
+    "time_to_success_p50_ms",
+    "time_to_success_max_ms",
+    "op_p50_ms",
     "failure_rate",
     "held_fraction",
     "model_p_fail",

@@ -42,6 +42,7 @@ from vhost_balloon.backend.balloon.discard import DiscardStrategy
 from vhost_balloon.backend.latency.contention import parse_bql, parse_mmap_contention
 from vhost_balloon.backend.latency.delays import format_ns, parse_duration
 from vhost_balloon.backend.latency.injection import parse_bql_phases, parse_delay_option
+from vhost_balloon.backend.qemu.command import MOVABLECORE, RANGE_LOOPS
 from vhost_balloon.protocol.units import parse_guest_memory, parse_size
 
 
@@ -185,6 +186,14 @@ def _workload(value: Any) -> Value:
     return text
 
 
+def _movable(value: Any) -> Value:
+    """launch --movable: movablecore= of the guest, or none."""
+    text = _text(value).strip()
+    if text != "none" and not MOVABLECORE.fullmatch(text):
+        raise ValueError(f"{text!r} is not 'none' or a movablecore= size such as 1536M or 25%")
+    return text
+
+
 # Keys, their parser and default, per guest kind. Latency keys are shared.
 LATENCY_KEYS: dict[str, tuple[Normaliser, Value]] = {
     "delay": (_delays, "none"),
@@ -218,8 +227,13 @@ QEMU_KEYS: dict[str, tuple[Normaliser, Value]] = {
     "memory": (_memory, "2560M"),
     "order": (_choice(9, 10), 9),
     "timeout": (_whole_seconds, "600s"),
+    # launch --workload: a 1 GiB page in a loop, or offline_pages() on ZONE_MOVABLE
+    "workload": (_choice(*RANGE_LOOPS), "gigantic"),
+    "movable": (_movable, "none"),  # offline: launch's 1536M when none
 }
 GUESTS = {"mock": MOCK_KEYS, "qemu": QEMU_KEYS}
+REAL_KINDS = ("qemu", "no_balloon", "builtin")
+_LATER_QEMU_KEYS: dict[str, Value] = {"workload": "gigantic", "movable": "none"}
 EXPERIMENT_KEYS = {"name", "guest", "repeats", "seed"}
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]+")
 MAX_REPEATS = 1000
@@ -246,8 +260,19 @@ class Point:
 
     @property
     def setting_key(self) -> str:
-        """Identifies the setting (all repeats share it)."""
-        return self.kind + " " + " ".join(f"{k}={self.settings[k]}" for k in sorted(self.settings))
+        """Identifies the setting (all repeats share it). Keys added to real
+        guests after sweeps were run leave the key as it was at their default,
+        so those sweeps still resume and report."""
+        later = _LATER_QEMU_KEYS if self.kind in REAL_KINDS else {}
+        return (
+            self.kind
+            + " "
+            + " ".join(
+                f"{k}={self.settings[k]}"
+                for k in sorted(self.settings)
+                if k not in later or self.settings[k] != later[k]
+            )
+        )
 
 
 @dataclass(frozen=True, slots=True)

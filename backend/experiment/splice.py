@@ -16,11 +16,13 @@ import re
 import sys
 from pathlib import Path
 
-from vhost_balloon.backend.experiment.report import summary_table
+from vhost_balloon.backend.experiment.report import summary_table, try_again_table
 from vhost_balloon.backend.experiment.runner import load_rows
 from vhost_balloon.backend.experiment.tables import summarise
 
-_BLOCK = re.compile(r"(<!-- results:([\w.-]+) -->\n).*?(<!-- /results:\2 -->)", re.DOTALL)
+# <!-- results:NAME --> the summary table; <!-- try-again:NAME --> its
+# "try again -> works" table.
+_BLOCK = re.compile(r"(<!-- (results|try-again):([\w.-]+) -->\n).*?(<!-- /\2:\3 -->)", re.DOTALL)
 
 
 def _warn(text: str) -> None:
@@ -34,9 +36,11 @@ def splice(document: Path, results: Path) -> int:
 
     def table(match: re.Match[str]) -> str:
         nonlocal count
-        rows = [row for row in load_rows(results / match[2], _warn) if row["status"] == "ok"]
+        rows = [row for row in load_rows(results / match[3], _warn) if row["status"] == "ok"]
         count += 1
-        return f"{match[1]}{summary_table(summarise(rows))}\n{match[3]}"
+        summary = summarise(rows)
+        table = summary_table(summary) if match[2] == "results" else try_again_table(summary)
+        return f"{match[1]}{table or '(not measured)'}\n{match[4]}"
 
     document.write_text(_BLOCK.sub(table, text), encoding="utf-8")
     return count

@@ -21,6 +21,9 @@ AVERAGED = (
     "failures",
     "reports",
     "passes",
+    "retried",
+    "time_to_success_p50_ms",
+    "op_p50_ms",
 )
 
 

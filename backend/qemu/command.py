@@ -43,7 +43,7 @@ DEFAULT_APPEND = {
 }
 # What QEMU's -m and size= take: a number and an optional unit (qemu_strtosz).
 # What the kernel's movablecore= takes (memparse, or a percentage of memory).
-_MOVABLECORE = re.compile(r"[1-9][0-9]*[KMG]?|[1-9][0-9]?%")
+MOVABLECORE = re.compile(r"[1-9][0-9]*[KMG]?|[1-9][0-9]?%")
 _QEMU_SIZE = re.compile(r"[0-9]+(\.[0-9]+)?[BKMGTPEbkmgtpe]?")
 
 
@@ -124,7 +124,7 @@ def check_qemu_option_values(options: LaunchOptions) -> None:
     """Refuse a --mem that is not a plain size: run-guest.sh puts it in `-m MEM`
     and `size=MEM`, where anything after a ',' would be another option.
     (Paths are escaped there instead: QEMU reads ',,' as a literal comma.)"""
-    if options.movable is not None and not _MOVABLECORE.fullmatch(options.movable):
+    if options.movable is not None and not MOVABLECORE.fullmatch(options.movable):
         raise LaunchError(
             f"--movable {options.movable!r} is not a size such as 1536M or 1G, or a percentage"
         )
