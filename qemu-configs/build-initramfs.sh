@@ -14,13 +14,14 @@
 #   VHOST_BALLOON_CACHE   cache directory (default /var/cache/vhost-balloon);
 #                         provision.sh must have run (CACHE/env.sh)
 #   VB_GUEST_MODULES      modules to include and load at boot, in order
-#                         (default: virtio_balloon)
+#                         (default: virtio_balloon virtio_mem button evdev)
 set -u -o pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 CACHE=${VHOST_BALLOON_CACHE:-/var/cache/vhost-balloon}
 # button and evdev: the ACPI power button (QMP system_powerdown) reaches busybox acpid.
-WANT=${VB_GUEST_MODULES:-virtio_balloon button evdev}
+# virtio_mem: the virtio-mem workload's device (harmless without one).
+WANT=${VB_GUEST_MODULES:-virtio_balloon virtio_mem button evdev}
 FORCE=0
 for arg in "$@"; do
     case $arg in

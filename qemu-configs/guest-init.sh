@@ -22,6 +22,12 @@
 #             offline is an attempt, each failed isolation test one of
 #             offline_pages()'s internal retries. Needs movable memory
 #             (movablecore=, which launch sets for it).
+#   vmem      virtio-mem beside free page reporting, driven by the host:
+#             after reporting settles the guest waits vb.duration s with
+#             test_pages_isolated traced, while the host plugs and unplugs
+#             the virtio-mem device's memory through QMP (launch
+#             --workload vmem); hotplugged memory is onlined movable
+#             (memhp_default_state=online_movable, which launch sets).
 #   balloon   classic ballooning, driven by the host: populate vb.size MiB
 #             and free it, say "ready", wait for the balloon to take
 #             vb.balloon MiB (MemFree falls), optionally fill past what is
@@ -68,7 +74,7 @@
 #   VB acpid t=...                              the power button is handled
 #   VB power_button t=...                       it was pressed (QMP system_powerdown): powering off
 #   VB features=0x... bits=5,32 reporting=1 poison=0 device=virtio1 driver=virtio_balloon page_reporting_order=9
-#   VB balloon=none t=...                      gigantic: no balloon device, carrying on
+#   VB balloon=none t=...                      no balloon device (a control), carrying on
 #   VB ftrace=on function=virtballoon_free_page_report clock=mono
 #   VB keep mib=16 md5=...
 #   VB round=1 filled_mib=300 t=... memfree_kib=...                 (fill)
@@ -87,6 +93,7 @@
 #   VB integrity=ok|bad
 #   VB report_us=D t_start_mono=S cpu=C        one per traced report
 #   VB reports=N report_us_total=... report_us_max=...
+#   VB fill_round=R fill_us=U                  fill: round R's allocate-and-touch (ftrace clock)
 #   VB gigantic_attempt i=N t_mono=S t_end_mono=S ok=0|1 test=success|fail|none
 #                                              one per attempt (gigantic; from
 #                                              trace markers written around
@@ -155,8 +162,8 @@ for arg in $(cat /proc/cmdline); do
 done
 case $WORKLOAD in
     fill|balloon|pattern) SETTLE=${SETTLE:-0} ;;
-    gigantic|offline) SETTLE=${SETTLE:-20} ;;
-    *) die bad-workload "vb.workload=$WORKLOAD: expected fill, gigantic, offline, balloon or pattern" ;;
+    gigantic|offline|vmem) SETTLE=${SETTLE:-20} ;;
+    *) die bad-workload "vb.workload=$WORKLOAD: expected fill, gigantic, offline, vmem, balloon or pattern" ;;
 esac
 for v in "$ROUNDS" "$SIZE" "$PAUSE" "$SETTLE" "$DURATION" "$KEEP" "$BALLOON" "$OOM"; do
     case $v in ''|*[!0-9]*) die bad-parameter "vb.rounds, vb.size, vb.pause, vb.settle, vb.duration, vb.keep, vb.balloon and vb.oom take whole numbers, not '$v'" ;; esac
@@ -219,7 +226,7 @@ for d in /sys/bus/virtio/devices/*; do
 done
 if [ -n "$dev" ]; then
     print_features "$dev"
-elif [ "$WORKLOAD" = gigantic ] || [ "$WORKLOAD" = offline ]; then
+elif [ "$WORKLOAD" != balloon ] && [ "$WORKLOAD" != pattern ]; then
     echo "VB balloon=none t=$(vbt)"   # the no-balloon control: carry on
 else
     die no-balloon-device "no virtio device with id 0x0005 under /sys/bus/virtio/devices"
@@ -229,7 +236,7 @@ fi
 T=/sys/kernel/tracing
 FN=virtballoon_free_page_report
 EVENT=page_isolation/test_pages_isolated
-MARK=/dev/null   # the gigantic loop's trace markers go here
+MARK=/dev/null   # the loops' trace markers go here
 if [ "$TRACE" = 1 ]; then
     mount -t tracefs tracefs $T 2>/dev/null
     if [ ! -w $T/set_ftrace_filter ]; then
@@ -244,13 +251,13 @@ if [ "$TRACE" = 1 ]; then
         echo 1 > $T/options/funcgraph-abstime
         echo 1 > $T/options/funcgraph-tail
         echo 1 > $T/options/sleep-time 2>/dev/null   # count time asleep in wait_event
-        if [ "$WORKLOAD" = gigantic ] || [ "$WORKLOAD" = offline ]; then
+        [ -w $T/trace_marker ] && MARK=$T/trace_marker
+        if [ "$WORKLOAD" = gigantic ] || [ "$WORKLOAD" = offline ] || [ "$WORKLOAD" = vmem ]; then
             # Events share the ring buffer with the function_graph tracer (it
             # prints them, and trace_marker writes, as /* ... */ comments),
             # so reports, isolation tests and attempts are on one clock.
             if [ -w "$T/events/$EVENT/enable" ] && [ -w $T/trace_marker ]; then
                 echo 1 > "$T/events/$EVENT/enable"
-                MARK=$T/trace_marker
                 echo "VB gigantic_trace=on event=${EVENT%%/*}:${EVENT#*/}"
             else
                 echo "VB gigantic_trace=unavailable reason=no-$EVENT-event"
@@ -260,7 +267,7 @@ if [ "$TRACE" = 1 ]; then
         echo 1 > $T/tracing_on
         echo "VB ftrace=on function=$FN clock=mono tracer=$(cat $T/current_tracer)"
     fi
-elif [ "$WORKLOAD" = gigantic ] || [ "$WORKLOAD" = offline ]; then
+elif [ "$WORKLOAD" = gigantic ] || [ "$WORKLOAD" = offline ] || [ "$WORKLOAD" = vmem ]; then
     echo "VB gigantic_trace=unavailable reason=vb.trace=0"
 fi
 
@@ -277,7 +284,12 @@ fill_rounds() {
     r=1
     while [ "$r" -le "$ROUNDS" ]; do
         echo "VB round=$r fill_start t=$(vbt) memfree_kib=$(memfree)"
+        # The markers time the allocate-and-touch on ftrace's clock: the
+        # price of reporting is how much longer it takes once the host has
+        # dropped the pages the last round freed.
+        echo "vb_fill=$r start" > $MARK
         out=$(dd if=/dev/zero of=/fill/data bs=1M count="$SIZE" 2>&1) || die fill "round $r: $out"
+        echo "vb_fill=$r end" > $MARK
         echo "VB round=$r filled_mib=$SIZE t=$(vbt) memfree_kib=$(memfree)"
         rm -f /fill/data
         echo "VB round=$r freed t=$(vbt) memfree_kib=$(memfree)"
@@ -316,6 +328,16 @@ zones_line() {
     fi
     echo "VB gigantic_zones block_mib=$(( 0x$size >> 20 )) movable_gigantic_pages=$mg${z_dma:+ DMA=$z_dma}${z_dma32:+ DMA32=$z_dma32}${z_normal:+ Normal=$z_normal}${z_movable:+ Movable=$z_movable}"
 }
+# loop_begin [OP]: the loop's start line (the host's and guest's clocks
+# meet on it), END (when the loop ends, in centiseconds of /proc/uptime)
+# and the start marker on ftrace's clock.
+loop_begin() {
+    read -r up _ < /proc/uptime
+    echo "VB gigantic_loop=start t=$up settle_s=$SETTLE duration_s=$DURATION memfree_kib=$(memfree)${1:+ op=$1}"
+    read -r up _ < /proc/uptime
+    END=$(( ${up%.*} * 100 + 1${up#*.} - 100 + DURATION * 100 ))
+    echo "vb_loop=start" > $MARK
+}
 ATTEMPTS=0 FAILURES=0
 gigantic_loop() {
     [ -d $HUGE ] || die no-gigantic-pages "$HUGE is missing: the guest CPU has no 1 GiB pages (pdpe1gb; use -cpu max)"
@@ -323,17 +345,13 @@ gigantic_loop() {
     echo 0 > $nr
     zones_line
     sleep "$SETTLE"
-    read -r up _ < /proc/uptime
-    echo "VB gigantic_loop=start t=$up settle_s=$SETTLE duration_s=$DURATION memfree_kib=$(memfree)"
     # No fork inside the loop (a fork costs ~10 ms under TCG): builtins and
     # redirections only. /proc/uptime in centiseconds ends it; the markers
     # stamp each attempt on ftrace's mono clock, beside the events.
-    read -r up _ < /proc/uptime
-    end=$(( ${up%.*} * 100 + 1${up#*.} - 100 + DURATION * 100 ))
-    echo "vb_loop=start" > $MARK
+    loop_begin
     while :; do
         read -r up _ < /proc/uptime
-        [ $(( ${up%.*} * 100 + 1${up#*.} - 100 )) -lt "$end" ] || break
+        [ $(( ${up%.*} * 100 + 1${up#*.} - 100 )) -lt "$END" ] || break
         ATTEMPTS=$((ATTEMPTS + 1))
         echo "vb_try=$ATTEMPTS" > $MARK
         echo 1 > $nr   # never fails: the read-back tells
@@ -374,16 +392,12 @@ offline_loop() {
     echo "VB offline_blocks usable=${usable:-none} refused=${refused:-none}"
     [ -n "$usable" ] || die no-offlinable-memory "no movable block could be offlined: ${refused}"
     sleep "$SETTLE"
-    read -r up _ < /proc/uptime
-    echo "VB gigantic_loop=start t=$up settle_s=$SETTLE duration_s=$DURATION memfree_kib=$(memfree) op=offline"
-    read -r up _ < /proc/uptime
-    end=$(( ${up%.*} * 100 + 1${up#*.} - 100 + DURATION * 100 ))
-    echo "vb_loop=start" > $MARK
+    loop_begin offline
     blocks=$(echo "$usable" | tr , ' ')
     while :; do
         for b in $blocks; do
             read -r up _ < /proc/uptime
-            [ $(( ${up%.*} * 100 + 1${up#*.} - 100 )) -lt "$end" ] || break 2
+            [ $(( ${up%.*} * 100 + 1${up#*.} - 100 )) -lt "$END" ] || break 2
             ATTEMPTS=$((ATTEMPTS + 1))
             echo "vb_try=$ATTEMPTS block=$b" > $MARK
             if echo offline > $M/memory$b/state 2>/dev/null; then got=1; else got=0; fi
@@ -398,6 +412,21 @@ offline_loop() {
     done
     echo "vb_loop=end" > $MARK
     echo "VB gigantic_loop=end t=$(vbt) attempts=$ATTEMPTS failures=$FAILURES"
+}
+
+# vmem_loop: the host plugs and unplugs (launch's vmem steps); the guest
+# only keeps the loop's markers, so the isolation tests of virtio-mem's
+# alloc_contig_range() calls land between them on ftrace's clock. The
+# host maps its times onto the guest's through the loop's start line
+# (/proc/uptime is CLOCK_BOOTTIME: the monotonic clock in a guest that
+# never suspends).
+vmem_loop() {
+    zones_line
+    sleep "$SETTLE"
+    loop_begin vmem
+    sleep "$DURATION"
+    echo "vb_loop=end" > $MARK
+    echo "VB gigantic_loop=end t=$(vbt) attempts=0 failures=0"
 }
 
 # ------------------------------------------------------ classic balloon
@@ -515,6 +544,7 @@ case $WORKLOAD in
     fill) fill_rounds ;;
     gigantic) gigantic_loop ;;
     offline) offline_loop ;;
+    vmem) vmem_loop ;;
     balloon) balloon_steps ;;
     pattern) pattern_rounds ;;
 esac
@@ -564,6 +594,10 @@ if [ "$TRACE" = 1 ]; then
         else if (text ~ /^vb_got=/) {
             split(text, w, /[= ]/); i = w[2] + 0
             got_t[i] = t; got[i] = w[4]
+        } else if (text ~ /^vb_fill=/) {
+            split(text, w, /[= ]/); r = w[2] + 0
+            if (w[3] == "start") fill_start[r] = t; else fill_end[r] = t
+            if (r > fills) fills = r
         } else if (text ~ /^test_pages_isolated: /) {
             events++
             ev[events] = sprintf("t_mono=%.6f %s attempt=%d", t, substr(text, 22), last)
@@ -573,7 +607,10 @@ if [ "$TRACE" = 1 ]; then
     }
     END {
         printf "VB reports=%d report_us_total=%.3f report_us_max=%.3f\n", count, total, max
-        if (workload != "gigantic" && workload != "offline") exit
+        for (r = 1; r <= fills; r++)
+            if ((r in fill_start) && (r in fill_end))
+                printf "VB fill_round=%d fill_us=%.1f\n", r, (fill_end[r] - fill_start[r]) * 1e6
+        if (workload != "gigantic" && workload != "offline" && workload != "vmem") exit
         for (i = 1; i <= tries; i++)
             printf "VB gigantic_attempt i=%d t_mono=%.6f t_end_mono=%s ok=%s test=%s retries=%d%s\n", i, try_t[i],
                 (i in got_t) ? sprintf("%.6f", got_t[i]) : "none", (got[i] == "1") ? 1 : 0,
@@ -586,7 +623,7 @@ if [ "$TRACE" = 1 ]; then
     ' $T/trace
     overrun=$(cat $T/per_cpu/cpu*/stats 2>/dev/null | awk '/^overrun:/ { s += $2 } END { print s + 0 }')
     echo "VB ftrace_overrun=$overrun"
-elif [ "$WORKLOAD" = gigantic ] || [ "$WORKLOAD" = offline ]; then
+elif [ "$WORKLOAD" = gigantic ] || [ "$WORKLOAD" = offline ] || [ "$WORKLOAD" = vmem ]; then
     echo "VB gigantic attempts=$ATTEMPTS failures=$FAILURES"
 fi
 

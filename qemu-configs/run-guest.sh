@@ -9,7 +9,7 @@
 # Usage:
 #   run-guest.sh [options] SOCKET [extra QEMU args...]      vhost-user balloon at SOCKET
 #   run-guest.sh [options] --builtin [extra QEMU args...]    QEMU's virtio-balloon-pci,free-page-reporting=on
-#   run-guest.sh [options] --no-balloon [extra QEMU args...] no balloon device (gigantic workload only)
+#   run-guest.sh [options] --no-balloon [extra QEMU args...] no balloon device (a control for gigantic, offline, vmem, fill)
 #
 # Start the backend first, with its socket in a directory QEMU shares
 # (CACHE/run, /tmp, or one listed in VHOST_BALLOON_SHARED_DIRS):
@@ -51,6 +51,11 @@
 #   --initrd FILE     use this initrd instead of building the project's [VB_INITRD]
 #   --mem-path DIR    guest RAM is a file in DIR (memory-backend-file, e.g. a
 #                     hugetlbfs mount) instead of a memfd [VB_MEM_PATH]
+#   --virtio-mem MIB  also a virtio-mem-pci device (id vm0) of MIB MiB, backed by a
+#                     shared memfd the backend maps too, none of it plugged
+#                     (requested-size=0: plug and unplug through QMP qom-set
+#                     /machine/peripheral/vm0 requested-size); -m gets
+#                     maxmem=MEM+MIB [VB_VIRTIO_MEM]
 #   --share on|off    share= of the RAM backend (on); off only to see QEMU's
 #                     error when vhost-user cannot map guest RAM [VB_SHARE]
 #   --qemu BIN        run this QEMU instead of the provisioned one [VB_QEMU]
@@ -71,6 +76,7 @@ MEM=${VB_MEM:-512M} ACCEL=${VB_ACCEL:-auto} APPEND=${VB_APPEND:-} TIMEOUT=${VB_T
 MEM_LOG=${VB_MEM_LOG:-} TIMESTAMPS=0 BUILD=1
 USER_KERNEL=${VB_KERNEL:-} USER_INITRD=${VB_INITRD:-} MEM_PATH=${VB_MEM_PATH:-}
 SHARE=${VB_SHARE:-on} USER_QEMU=${VB_QEMU:-} LISTEN=${VB_LISTEN:-0}
+VIRTIO_MEM=${VB_VIRTIO_MEM:-}
 SOCK='' BUILTIN=0 NO_BALLOON=0
 
 note() { echo "run-guest: $*" >&2; }
@@ -100,6 +106,7 @@ while [ $# -gt 0 ]; do
         --initrd) USER_INITRD=$2; shift 2 ;;
         --mem-path) MEM_PATH=$2; shift 2 ;;
         --share) SHARE=$2; shift 2 ;;
+        --virtio-mem) VIRTIO_MEM=$2; shift 2 ;;
         --qemu) USER_QEMU=$2; shift 2 ;;
         --listen) LISTEN=1; shift ;;
         --builtin) BUILTIN=1; shift; break ;;
@@ -113,9 +120,10 @@ done
 for v in "$ROUNDS" "$SIZE" "$PAUSE" "${SETTLE:-0}" "$DURATION" "$TIMEOUT"; do
     case $v in ''|*[!0-9]*) fail "--rounds, --size, --pause, --settle, --duration and --timeout take whole numbers, not '$v'" ;; esac
 done
-case $WORKLOAD in fill|gigantic|offline|balloon|pattern) ;; *) fail "--workload must be fill, gigantic, offline, balloon or pattern, not '$WORKLOAD'" ;; esac
-[ "$NO_BALLOON" = 0 ] || [ "$WORKLOAD" = gigantic ] || [ "$WORKLOAD" = offline ] ||
-    fail "--no-balloon is a control for --workload gigantic or offline (the fill workload needs a balloon device)"
+case $WORKLOAD in fill|gigantic|offline|vmem|balloon|pattern) ;; *) fail "--workload must be fill, gigantic, offline, vmem, balloon or pattern, not '$WORKLOAD'" ;; esac
+case $NO_BALLOON:$WORKLOAD in 0:*|1:gigantic|1:offline|1:vmem|1:fill) ;;
+    *) fail "--no-balloon is a control for --workload gigantic, offline, vmem or fill (the $WORKLOAD workload needs a balloon device)" ;;
+esac
 case $ACCEL in auto|tcg|kvm) ;; *) fail "--accel must be auto, tcg or kvm, not '$ACCEL'" ;; esac
 case $SHARE in on|off) ;; *) fail "--share must be on or off, not '$SHARE'" ;; esac
 case $MEM in ''|*[!0-9.KMGTPEkmgtpeBb]*) fail "--mem must be a size such as 512M, not '$MEM'" ;; esac
@@ -239,6 +247,20 @@ ARGS=(
     -accel "$ACCEL" -cpu "$CPU"
     -m "$MEM"
 )
+if [ -n "$VIRTIO_MEM" ]; then
+    case $VIRTIO_MEM in ''|*[!0-9]*) fail "--virtio-mem takes MiB, not '$VIRTIO_MEM'" ;; esac
+    case $MEM in
+        *[0-9]M) mem_mib=${MEM%M} ;;
+        *[0-9]G) mem_mib=$(( ${MEM%G} * 1024 )) ;;
+        *) fail "--virtio-mem needs --mem in whole M or G, not '$MEM'" ;;
+    esac
+    case $mem_mib in ''|*[!0-9]*) fail "--virtio-mem needs --mem in whole M or G, not '$MEM'" ;; esac
+    ARGS[${#ARGS[@]}-1]="$MEM,maxmem=$(( mem_mib + VIRTIO_MEM ))M"
+    ARGS+=(
+        -object "memory-backend-memfd,id=vmem0,size=${VIRTIO_MEM}M,share=$SHARE"
+        -device "virtio-mem-pci,id=vm0,memdev=vmem0,requested-size=0"
+    )
+fi
 if [ -n "$MEM_PATH" ]; then
     # A file in MEM_PATH (hugetlbfs: huge pages), unlinked by QEMU once open.
     ARGS+=(-object "memory-backend-file,id=mem,size=$MEM,mem-path=$(qemu_opt "$MEM_PATH"),share=$SHARE")

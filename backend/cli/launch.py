@@ -22,7 +22,7 @@ from vhost_balloon.backend.cli.options import (
 )
 from vhost_balloon.backend.qemu import provisioning
 from vhost_balloon.backend.qemu.command import (
-    RANGE_LOOPS,
+    STUDY_WORKLOADS,
     WORKLOADS,
     LaunchOptions,
     check_qemu_option_values,
@@ -96,6 +96,25 @@ def add_parser(commands: Any) -> None:
         help="boot with movablecore=SIZE: the top SIZE of guest RAM in ZONE_MOVABLE "
         "(offline: 1536M unless given; gigantic: the review's 'even on MOVABLE memory')",
     )
+    guest.add_argument(
+        "--virtio-mem",
+        type=count,
+        metavar="MIB",
+        help="also a virtio-mem-pci device of MIB MiB, shared memfd, none plugged (vmem: 1024)",
+    )
+    guest.add_argument(
+        "--vmem-size",
+        type=size,
+        metavar="SIZE",
+        help="vmem: what each cycle plugs and then unplugs through QMP (default: the whole device)",
+    )
+    guest.add_argument(
+        "--vmem-pause",
+        type=float,
+        default=2.5,
+        metavar="S",
+        help="vmem: from a plug's end to the unplug request (2.5: inside the next reporting pass)",
+    )
     guest.add_argument("--kernel", type=Path, metavar="FILE", help="your own guest kernel")
     guest.add_argument("--initrd", type=Path, metavar="FILE", help="your own initrd")
     guest.add_argument(
@@ -111,7 +130,7 @@ def add_parser(commands: Any) -> None:
     guest.add_argument(
         "--no-balloon",
         action="store_true",
-        help="no balloon device at all (gigantic workload's control; no backend)",
+        help="no balloon device (the control of gigantic, offline, vmem, fill; no backend)",
     )
     guest.add_argument("--console-log", type=Path, metavar="FILE", help="also write it here")
     guest.add_argument("--timeout", type=count, default=900, metavar="S", help="kill QEMU after")
@@ -160,8 +179,12 @@ def launch_options(args: argparse.Namespace) -> LaunchOptions:
         raise UsageError(f"--mem-path {args.mem_path} is not a directory")
     if args.baseline and args.no_balloon:
         raise UsageError("--baseline and --no-balloon exclude each other")
-    if args.no_balloon and args.workload not in RANGE_LOOPS:
-        raise UsageError("--no-balloon is a control for --workload gigantic or offline")
+    if args.no_balloon and args.workload not in STUDY_WORKLOADS:
+        raise UsageError("--no-balloon is a control for --workload gigantic, offline, vmem or fill")
+    if not 0 <= args.vmem_pause <= 3600:
+        raise UsageError(f"--vmem-pause takes seconds from 0 to 3600, not {args.vmem_pause}")
+    if args.vmem_size is not None and args.vmem_size % (2 << 20):
+        raise UsageError("--vmem-size must be a multiple of 2M (virtio-mem's block size)")
     if args.settle is not None and args.settle < 0:
         raise UsageError(f"--settle takes seconds >= 0, not {args.settle}")
     workload = args.workload or ("balloon" if args.balloon is not None else "fill")
@@ -201,6 +224,9 @@ def launch_options(args: argparse.Namespace) -> LaunchOptions:
         oom_mib=args.balloon_oom,
         qmp_socket=args.qmp,
         movable=args.movable,
+        virtio_mem_mib=args.virtio_mem,
+        vmem_size=args.vmem_size,
+        vmem_pause_s=args.vmem_pause,
     )
     try:  # before provisioning and QEMU: a user's mistake is found at once
         check_qemu_option_values(options)

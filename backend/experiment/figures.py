@@ -7,6 +7,9 @@
   setting, the CDF of the time from a request's first failure to its
   success (gigantic: the next attempt that got the page; offline: the
   offline that retried inside offline_pages());
+- fill_cdf.png: the price of reporting: per setting, the CDF of the fill
+  workload's later rounds (each an allocate-and-touch of memory the round
+  before freed);
 - held_over_time.png: bytes held by the report in flight over time, first
   repeat of each setting;
 - failure_vs_delay.png: contiguous-allocation failure rate against the
@@ -115,18 +118,37 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def _times_to_success_ms(out: Path, row: dict[str, Any]) -> list[float]:
-    """A real-guest point's "try again -> works" times (launch.json)."""
+def _launch_summary(out: Path, row: dict[str, Any]) -> dict[str, Any]:
+    """A real-guest point's launch summary (launch.json), {} without one."""
     if row["kind"] in ("mock", "model"):
-        return []
+        return {}
     directory = out / "points" / str(row.get("dir", ""))
     try:
         launch = json.loads((directory / "launch.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return launch if isinstance(launch, dict) else {}
+
+
+def _times_to_success_ms(out: Path, row: dict[str, Any]) -> list[float]:
+    """A real-guest point's "try again -> works" times."""
+    launch = _launch_summary(out, row)
+    try:
         loop = launch.get(launch.get("workload", "gigantic")) or {}
         samples = (loop.get("try_again") or {}).get("time_to_success_samples_ms", [])
-    except (OSError, ValueError, AttributeError):
+    except AttributeError:
         return []
     return [ms for ms in samples if _finite(ms)] if isinstance(samples, list) else []
+
+
+def _later_fills_ms(out: Path, row: dict[str, Any]) -> list[float]:
+    """A fill point's later rounds (round 1 touches memory never backed)."""
+    try:
+        rounds = (_launch_summary(out, row).get("fill") or {}).get("round_ms") or []
+        samples = [r["ms"] for r in rounds if r["round"] > 1]
+    except (AttributeError, KeyError, TypeError):
+        return []
+    return [ms for ms in samples if _finite(ms)]
 
 
 def _cdf(
@@ -138,15 +160,20 @@ def _cdf(
     xlabel: str,
     ylabel: str,
     title: str,
+    controls: bool = False,
 ) -> Path | None:
-    """One CDF per setting of what `samples` gives for each of its rows."""
+    """One CDF per setting of what `samples` gives for each of its rows (and
+    for the controls' rows, when they are the baseline)."""
+    names = {kind: style[0] for kind, style in KIND_STYLE.items()}
+    if controls:
+        names |= CONTROL_LABEL
     by_setting: dict[str, list[float]] = {}
     labels: dict[str, str] = {}
     for row in rows:
-        if row.get("status") != "ok" or row["kind"] not in KIND_STYLE:
+        if row.get("status") != "ok" or row["kind"] not in names:
             continue
         by_setting.setdefault(row["setting_key"], []).extend(samples(out, row))
-        labels[row["setting_key"]] = f"{KIND_STYLE[row['kind']][0]}: {row['label']}"
+        labels[row["setting_key"]] = f"{names[row['kind']]}: {row['label']}"
     if not any(by_setting.values()):
         return None
     fig, ax = plt.subplots(figsize=(12, 5))
@@ -188,6 +215,20 @@ def time_to_success_cdf(out: Path, rows: list[dict[str, Any]]) -> Path | None:
         xlabel="from the first failure to success (ms, log scale)",
         ylabel="fraction of requests that failed first",
         title="Try again -> works: time until the same request succeeded",
+    )
+
+
+def fill_cdf(out: Path, rows: list[dict[str, Any]]) -> Path | None:
+    """The price of reporting: how long each later fill round took."""
+    return _cdf(
+        out,
+        rows,
+        _later_fills_ms,
+        name="fill_cdf",
+        xlabel="allocate and touch one round's memory (ms, log scale)",
+        ylabel="fraction of later rounds",
+        title="The price of reporting: refilling memory the last round freed",
+        controls=True,  # no balloon device is the price's baseline
     )
 
 
@@ -314,6 +355,7 @@ def draw_all(
     drawn = [
         hold_cdf(out, rows),
         time_to_success_cdf(out, rows),
+        fill_cdf(out, rows),
         held_over_time(out, rows),
         failure_vs_delay(out, spec, summary),
         measured_vs_model(out, rows),

@@ -295,6 +295,10 @@ def qemu_command(point: Point, directory: Path) -> list[str]:
         command += ["--append", f"{DEFAULT_APPEND[workload]} {order}"]
     if settings["movable"] != "none":
         command += ["--movable", str(settings["movable"])]
+    if workload == "fill":
+        size_mib = parse_size(str(settings["size"])) >> 20
+        command += ["--rounds", str(settings["rounds"]), "--size", str(size_mib)]
+        command += ["--pause", f"{round(_seconds(settings['pause']))}"]
     if point.kind == "no_balloon":
         return [*command, "--no-balloon"]
     if point.kind == "builtin":
@@ -330,6 +334,10 @@ def run_qemu(point: Point, directory: Path) -> dict[str, Any]:
 
 def qemu_row(summary: dict[str, Any], backend: dict[str, Any]) -> dict[str, Any]:
     workload = str(summary.get("workload", "gigantic"))
+    if workload == "fill":
+        return _fill_row(summary, backend)
+    if workload == "vmem":
+        summary = summary | {"vmem": _vmem_as_attempts(summary.get("vmem") or {})}
     gigantic = summary.get(workload) or {}
     if not gigantic.get("attempts"):
         raise PointError(f"the guest made no {workload} attempt (see console.log)")
@@ -372,6 +380,59 @@ def qemu_row(summary: dict[str, Any], backend: dict[str, Any]) -> dict[str, Any]
         "guest_kernel": summary.get("guest_kernel"),
         "accel": summary.get("accel"),
         **backend,
+    }
+
+
+def _fill_row(summary: dict[str, Any], backend: dict[str, Any]) -> dict[str, Any]:
+    """A fill run in a row: the price of reporting. Each round is an
+    attempt that cannot fail (a fill that fails ends the guest's run);
+    what it measures is the round's allocate-and-touch time
+    (docs/experiments.md)."""
+    fill = summary.get("fill") or {}
+    rounds = fill.get("round_ms") or []
+    if len(rounds) < 2:
+        raise PointError("the guest timed fewer than two fill rounds (see console.log)")
+    later = fill.get("later_ms") or {}
+    given = [
+        r["given_back_bytes"] for r in summary.get("memfd_freed", []) if "given_back_bytes" in r
+    ]
+    guest_holds = summary.get("guest_hold_us", {}).get("samples", [])
+    return {
+        "attempts": len(rounds),
+        "failures": 0,
+        "failure_rate": 0.0,
+        "requests": len(rounds),
+        "reports": summary.get("guest_reports", 0),
+        "hold_p50_ms": _median(guest_holds) / 1e3 if guest_holds else None,
+        "fill_mib": fill.get("size_mib"),
+        "fill_first_ms": fill.get("first_ms"),
+        "fill_later_p50_ms": later.get("p50"),
+        "given_back_mib": _median(given) / (1 << 20) if given else None,
+        "qemu_version": summary.get("qemu_version"),
+        "guest_kernel": summary.get("guest_kernel"),
+        "accel": summary.get("accel"),
+        **backend,
+    }
+
+
+def _vmem_as_attempts(vmem: dict[str, Any]) -> dict[str, Any]:
+    """A vmem run in a row: each unplug is an attempt, and a "failure" an
+    unplug that met a held page (its driver retried, or waited for its
+    retry timer); `requests_failed` the unplugs not done when the loop
+    ended (docs/experiments.md)."""
+    if vmem.get("error"):
+        raise PointError(f"the virtio-mem steps failed: {vmem['error']}")
+    unplugs = vmem.get("unplugs") or 0
+    again = vmem.get("try_again") or {}
+    retried = again.get("requests_retried", 0)
+    seconds = vmem.get("unplug_seconds") or {}
+    return vmem | {
+        "attempts": unplugs,
+        "failures": retried,
+        "failure_rate": round(retried / unplugs, 4) if unplugs else None,
+        "requests_failed": vmem.get("unfinished"),
+        "not_tried": 0,
+        "op_ms": {"p50": seconds["p50"] * 1000} if seconds else None,
     }
 
 

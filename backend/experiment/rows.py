@@ -45,6 +45,10 @@ FIGURES = (
     "injected_ms",
     "kick_to_notify_p50_ms",
     "seconds",
+    "fill_mib",
+    "fill_first_ms",
+    "fill_later_p50_ms",
+    "given_back_mib",
 )
 TEXTS = ("error", "qemu_version", "guest_kernel", "accel", "host", "worker")
 

@@ -42,7 +42,7 @@ from vhost_balloon.backend.balloon.discard import DiscardStrategy
 from vhost_balloon.backend.latency.contention import parse_bql, parse_mmap_contention
 from vhost_balloon.backend.latency.delays import format_ns, parse_duration
 from vhost_balloon.backend.latency.injection import parse_bql_phases, parse_delay_option
-from vhost_balloon.backend.qemu.command import MOVABLECORE, RANGE_LOOPS
+from vhost_balloon.backend.qemu.command import MOVABLECORE, STUDY_WORKLOADS
 from vhost_balloon.protocol.units import parse_guest_memory, parse_size
 
 
@@ -58,6 +58,7 @@ MAX_DURATION_NS = 86_400 * 1_000_000_000
 MIN_CHURN_NS = 1_000_000
 MAX_ATTEMPT_RATE = 100_000.0
 MAX_RETRIES = 1000
+MAX_FILL_ROUNDS = 1000  # a real guest's fill rounds: each takes seconds
 
 
 def _text(value: Any) -> str:
@@ -186,6 +187,14 @@ def _workload(value: Any) -> Value:
     return text
 
 
+def _fill_size(value: Any) -> Value:
+    """launch --size: whole MiB, at least one."""
+    size = parse_size(_text(value))
+    if size < 1 << 20 or size % (1 << 20):
+        raise ValueError(f"{value!r} is not a whole number of MiB >= 1M (launch --size)")
+    return _text(value)
+
+
 def _movable(value: Any) -> Value:
     """launch --movable: movablecore= of the guest, or none."""
     text = _text(value).strip()
@@ -227,13 +236,23 @@ QEMU_KEYS: dict[str, tuple[Normaliser, Value]] = {
     "memory": (_memory, "2560M"),
     "order": (_choice(9, 10), 9),
     "timeout": (_whole_seconds, "600s"),
-    # launch --workload: a 1 GiB page in a loop, or offline_pages() on ZONE_MOVABLE
-    "workload": (_choice(*RANGE_LOOPS), "gigantic"),
+    # launch --workload: a 1 GiB page in a loop, offline_pages() on ZONE_MOVABLE,
+    # virtio-mem unplugs, or fill/free rounds (the price of reporting)
+    "workload": (_choice(*STUDY_WORKLOADS), "gigantic"),
     "movable": (_movable, "none"),  # offline: launch's 1536M when none
+    "rounds": (_number(1, MAX_FILL_ROUNDS, integer=True), 2),  # fill
+    "size": (_fill_size, "300M"),  # fill: per round
+    "pause": (_whole_seconds, "5s"),  # fill: after each free
 }
 GUESTS = {"mock": MOCK_KEYS, "qemu": QEMU_KEYS}
 REAL_KINDS = ("qemu", "no_balloon", "builtin")
-_LATER_QEMU_KEYS: dict[str, Value] = {"workload": "gigantic", "movable": "none"}
+_LATER_QEMU_KEYS: dict[str, Value] = {
+    "workload": "gigantic",
+    "movable": "none",
+    "rounds": 2,
+    "size": "300M",
+    "pause": "5s",
+}
 EXPERIMENT_KEYS = {"name", "guest", "repeats", "seed"}
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]+")
 MAX_REPEATS = 1000

@@ -16,13 +16,27 @@ import re
 import sys
 from pathlib import Path
 
-from vhost_balloon.backend.experiment.report import summary_table, try_again_table
+from vhost_balloon.backend.experiment.report import (
+    prediction_table,
+    price_table,
+    summary_table,
+    try_again_table,
+)
 from vhost_balloon.backend.experiment.runner import load_rows
 from vhost_balloon.backend.experiment.tables import summarise
 
 # <!-- results:NAME --> the summary table; <!-- try-again:NAME --> its
-# "try again -> works" table.
-_BLOCK = re.compile(r"(<!-- (results|try-again):([\w.-]+) -->\n).*?(<!-- /\2:\3 -->)", re.DOTALL)
+# "try again -> works" table; <!-- price:NAME --> its price of reporting;
+# <!-- model:NAME --> its predicted against measured failure rates.
+_BLOCK = re.compile(
+    r"(<!-- (results|try-again|price|model):([\w.-]+) -->\n).*?(<!-- /\2:\3 -->)", re.DOTALL
+)
+_TABLES = {
+    "results": summary_table,
+    "try-again": try_again_table,
+    "price": price_table,
+    "model": prediction_table,
+}
 
 
 def _warn(text: str) -> None:
@@ -39,7 +53,7 @@ def splice(document: Path, results: Path) -> int:
         rows = [row for row in load_rows(results / match[3], _warn) if row["status"] == "ok"]
         count += 1
         summary = summarise(rows)
-        table = summary_table(summary) if match[2] == "results" else try_again_table(summary)
+        table = _TABLES[match[2]](summary)
         return f"{match[1]}{table or '(not measured)'}\n{match[4]}"
 
     document.write_text(_BLOCK.sub(table, text), encoding="utf-8")

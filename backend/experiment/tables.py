@@ -24,6 +24,9 @@ AVERAGED = (
     "retried",
     "time_to_success_p50_ms",
     "op_p50_ms",
+    "fill_first_ms",
+    "fill_later_p50_ms",
+    "given_back_mib",
 )
 
 
@@ -90,6 +93,8 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry["total_attributed"] = sum(_counts(group, "attributed"))
         counted = _counts(group, "passes_with_failures")
         entry["total_passes_with_failures"] = sum(counted) if counted else None
+        # The price of reporting quotes every run: one slow run shows as such.
+        entry["fill_later_runs_ms"] = _numbers(group, "fill_later_p50_ms")
         summary.append(entry)
     return summary
 

@@ -4,7 +4,7 @@ line that asks qemu-configs/run-guest.sh for it.
 run-guest.sh builds the initramfs, picks the accelerator and writes QEMU's
 command line; the balloon device is the backend's socket (default), QEMU's
 built-in device (`baseline`), or none (`no_balloon`, a control for the
-gigantic workload).
+study's workloads).
 """
 
 from __future__ import annotations
@@ -18,9 +18,15 @@ from vhost_balloon.backend.qemu.provisioning import LaunchError, configs_dir
 from vhost_balloon.protocol.units import parse_guest_memory
 from vhost_balloon.protocol.virtio import balloon_queues
 
-WORKLOADS = ("fill", "gigantic", "offline", "balloon", "pattern")
+WORKLOADS = ("fill", "gigantic", "offline", "vmem", "balloon", "pattern")
 # The loops of contiguous-range attempts: a summary each, same keys.
 RANGE_LOOPS = ("gigantic", "offline")
+# The workloads that run for --duration after --settle, with isolation tests traced.
+TIMED_LOOPS = (*RANGE_LOOPS, "vmem")
+# The workloads of the study (experiment specs), each with its controls: no
+# balloon device and QEMU's built-in one. fill is the price of reporting.
+STUDY_WORKLOADS = (*TIMED_LOOPS, "fill")
+DEFAULT_VIRTIO_MEM_MIB = 1024  # vmem: the virtio-mem device's size
 DEFAULT_MOVABLE = {"offline": "1536M"}  # movablecore= of a workload that needs ZONE_MOVABLE
 # Per workload: guest RAM and kernel command line when the user gives none.
 # The gigantic workload needs a 1 GiB-aligned range that is all RAM (2560M
@@ -31,6 +37,7 @@ DEFAULT_MEM = {
     "fill": "512M",
     "gigantic": "2560M",
     "offline": "2560M",
+    "vmem": "1024M",
     "balloon": "512M",
     "pattern": "512M",
 }
@@ -38,6 +45,8 @@ DEFAULT_APPEND = {
     "fill": "",
     "gigantic": "nokaslr init_on_alloc=0",
     "offline": "nokaslr init_on_alloc=0",
+    # Hotplugged memory goes to ZONE_MOVABLE, as virtio-mem's docs advise for unplug.
+    "vmem": "init_on_alloc=0 memhp_default_state=online_movable",
     "balloon": "init_on_alloc=0",
     "pattern": "",
 }
@@ -78,6 +87,9 @@ class LaunchOptions:
     oom_mib: int = 0  # balloon workload: fill this much past free memory (deflate-on-oom)
     qmp_socket: Path | None = None  # the user's QMP socket (default: in VB_RUN_DIR)
     movable: str | None = None  # movablecore= for the guest (offline's default: 1536M)
+    virtio_mem_mib: int | None = None  # a virtio-mem device of this size (vmem's default: 1024)
+    vmem_size: int | None = None  # vmem: bytes plugged and unplugged per cycle (default: all)
+    vmem_pause_s: float = 2.5  # vmem: from a plug's end to the unplug request
 
     @property
     def guest_ram_bytes(self) -> int:
@@ -103,6 +115,12 @@ class LaunchOptions:
     @property
     def kernel_append(self) -> str:
         return self.append if self.append is not None else DEFAULT_APPEND[self.workload]
+
+    @property
+    def virtio_mem(self) -> int | None:
+        if self.virtio_mem_mib is not None:
+            return self.virtio_mem_mib
+        return DEFAULT_VIRTIO_MEM_MIB if self.workload == "vmem" else None
 
     @property
     def movablecore(self) -> str | None:
@@ -184,6 +202,7 @@ def run_guest_command(
     if append:
         command += ["--append", append]
     for flag, value in (
+        ("--virtio-mem", o.virtio_mem),
         ("--kernel", o.kernel),
         ("--initrd", o.initrd),
         ("--mem-path", o.mem_path),

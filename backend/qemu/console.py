@@ -43,6 +43,7 @@ class Round:
     t_filled: float | None = None
     t_freed: float | None = None
     t_paused: float | None = None
+    fill_us: float | None = None  # the allocate-and-touch, on ftrace's clock
 
 
 @dataclass(slots=True)
@@ -94,6 +95,7 @@ class GiganticRun:
     t_end_mono: float | None = None
     attempt_list: list[GiganticAttempt] = field(default_factory=list)
     events: list[IsolationEvent] = field(default_factory=list)
+    t_loop_start_guest: float | None = None  # the same instant, guest uptime s (= mono)
     op: str = "gigantic"  # what an attempt is: a 1 GiB page, or "offline" (a memory block)
     movable_gigantic_pages: str | None = None  # the sysctl, or "absent" (6.12)
     block_mib: int | None = None  # the guest's memory block size
@@ -170,6 +172,9 @@ class GuestConsole:
             self.ftrace = pairs["ftrace"]
         elif "round" in pairs:
             self._feed_round(pairs, t_host)
+        elif first == "fill_round":
+            number = int(pairs["fill_round"])
+            self.rounds.setdefault(number, Round(number)).fill_us = float(pairs["fill_us"])
         elif "integrity" in pairs:
             self.integrity_ok = pairs["integrity"] == "ok"
             self.t_end_of_rounds = t_host
@@ -261,6 +266,7 @@ class GuestConsole:
         elif first == "gigantic_loop":
             if pairs["gigantic_loop"] == "start":
                 run.t_loop_start = t_host
+                run.t_loop_start_guest = float(pairs["t"])
                 run.op = pairs.get("op", "gigantic")
                 run.settle_s = int(pairs["settle_s"])
                 run.duration_s = int(pairs["duration_s"])

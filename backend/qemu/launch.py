@@ -59,11 +59,14 @@ from vhost_balloon.backend.qemu.provisioning import (
 from vhost_balloon.backend.qemu.sampler import MemorySampler
 from vhost_balloon.backend.qemu.summary import (
     backend_summary,
+    fill_summary,
     gigantic_summary,
     guest_summary,
     launch_failure,
     pattern_summary,
+    vmem_summary,
 )
+from vhost_balloon.backend.qemu.vmem_steps import VmemError, run_vmem_steps
 from vhost_balloon.backend.server import Server, ServerSettings
 from vhost_balloon.backend.vhost.server import UnixListener, bind_unix
 
@@ -188,6 +191,8 @@ class Launch:
             balloon_task = None
             if self.options.workload == "balloon":
                 balloon_task = asyncio.ensure_future(self._balloon(monitor_task))
+            elif self.options.workload == "vmem":
+                balloon_task = asyncio.ensure_future(self._vmem(monitor_task))
             try:
                 with self.process.progress:
                     await self.process.run(command)
@@ -274,11 +279,37 @@ class Launch:
             self.balloon_error = f"balloon: the steps failed: {error!r}"
             self.note(self.balloon_error)
 
+    async def _vmem(self, monitor_task: asyncio.Future[QemuMonitor | None]) -> None:
+        """The host's plug/unplug cycles of the vmem workload (vmem_steps.py),
+        through launch's own QMP monitor."""
+        options = self.options
+        assert options.virtio_mem is not None
+        try:
+            monitor = await asyncio.shield(monitor_task)
+            if monitor is None:
+                raise VmemError(f"no QMP to QEMU: {self.qmp.get('error')}")
+            self.balloon = await run_vmem_steps(
+                monitor.client,
+                self.guest,
+                self.clock,
+                plug_bytes=options.vmem_size or options.virtio_mem << 20,
+                pause_s=options.vmem_pause_s,
+                note=self.note,
+            )
+        except (VmemError, QMPError) as error:
+            self.balloon_error = f"vmem: {error}"
+            self.note(self.balloon_error)
+        except Exception as error:  # a bug must not cost the run's summary
+            self.balloon_error = f"vmem: the steps failed: {error!r}"
+            self.note(self.balloon_error)
+
     async def _end_balloon(self, task: asyncio.Future[None]) -> None:
+        """Wait for the host's steps (balloon, vmem) after QEMU ended."""
         if not task.done():
             task.cancel()
             if self.balloon_error is None and self.balloon is None:
-                self.balloon_error = "balloon: QEMU exited before the balloon steps were done"
+                what = self.options.workload
+                self.balloon_error = f"{what}: QEMU exited before the {what} steps were done"
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
@@ -303,10 +334,18 @@ class Launch:
         if self.options.workload in RANGE_LOOPS:
             records = self.records if self.server is not None else None
             result[self.options.workload] = gigantic_summary(self.guest, records)
+        if self.options.workload == "fill":
+            result["fill"] = fill_summary(self.guest)
         if self.options.workload == "pattern":
             result["pattern"] = pattern_summary(self.guest)
         if self.options.workload == "balloon":
             result["balloon"] = {**(self.balloon or {}), "error": self.balloon_error}
+        if self.options.workload == "vmem":
+            records = self.records if self.server is not None else None
+            result["vmem"] = {
+                **vmem_summary(self.guest, self.balloon, records),
+                "error": self.balloon_error,
+            }
         stopped_with = None if self.process is None else self.process.stopped_with
         socket = None if self.user_qmp is None else str(self.user_qmp)
         result["qmp"] = {"socket": socket, **self.qmp, "stopped_with": stopped_with}

@@ -20,7 +20,7 @@ from rich.progress import (
 )
 
 from vhost_balloon.backend.observe.progress_bar import LiveBar, clock, text_console
-from vhost_balloon.backend.qemu.command import RANGE_LOOPS
+from vhost_balloon.backend.qemu.command import TIMED_LOOPS
 from vhost_balloon.backend.qemu.console import GuestConsole
 
 GIGANTIC_LINE_EVERY_S = 10  # plain output: a line per this much of the loop
@@ -30,7 +30,7 @@ def workload_steps(
     workload: str, rounds: int, guest: GuestConsole, now: float
 ) -> tuple[float, float | None, str]:
     """(steps done, steps in all or None if unknown, what it is doing)."""
-    if workload in RANGE_LOOPS:
+    if workload in TIMED_LOOPS:
         run = guest.gigantic
         if run is None or run.t_loop_start is None or run.duration_s is None:
             return 0, None, "booting" if guest.workload is None else "settling"
@@ -91,11 +91,11 @@ class LaunchProgress(LiveBar):
         if self.live or total is None:
             return
         # Plain output: a line per step done (gigantic: per 10 s of its loop).
-        every = GIGANTIC_LINE_EVERY_S if self.workload in RANGE_LOOPS else 1
+        every = GIGANTIC_LINE_EVERY_S if self.workload in TIMED_LOOPS else 1
         step = math.floor(done / every)
         if step > self._printed_step:
             self._printed_step = step
-            unit = "s of the loop" if self.workload in RANGE_LOOPS else "rounds"
+            unit = "s of the loop" if self.workload in TIMED_LOOPS else "rounds"
             self.console.print(
                 f"launch: {done:.0f} of {total:.0f} {unit} done{self._eta(done, total, now)}"
             )

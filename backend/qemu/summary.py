@@ -10,10 +10,11 @@ from typing import Any
 
 from vhost_balloon.backend.balloon.records import ReportRecord
 from vhost_balloon.backend.qemu.attribution import BackendReport, summarize_gigantic
-from vhost_balloon.backend.qemu.command import RANGE_LOOPS, LaunchOptions
+from vhost_balloon.backend.qemu.command import TIMED_LOOPS, LaunchOptions
 from vhost_balloon.backend.qemu.console import GuestConsole
 from vhost_balloon.backend.qemu.notes import RunGuestNotes
 from vhost_balloon.backend.qemu.sampler import MemorySampler, memory_given_back
+from vhost_balloon.backend.qemu.vmem_summary import summarize_vmem
 from vhost_balloon.backend.server import Server
 from vhost_balloon.protocol.samples import percentiles
 from vhost_balloon.protocol.virtio import feature_name
@@ -65,6 +66,28 @@ def guest_summary(guest: GuestConsole, sampler: MemorySampler) -> dict[str, Any]
     }
 
 
+def fill_summary(guest: GuestConsole) -> dict[str, Any] | None:
+    """The fill workload's allocate-and-touch time per round, the price of
+    reporting: round 1 touches memory the host never gave the guest, each
+    later round memory the last round freed, which reporting (if any) has
+    handed back to the host by then. None without ftrace's timings."""
+    timed = sorted(
+        (r.number, r.size_mib, r.fill_us / 1e3) for r in guest.rounds.values() if r.fill_us
+    )
+    if not timed:
+        return None
+    later_ms = [ms for number, _, ms in timed if number > 1]
+    later = percentiles(later_ms) if later_ms else None
+    mib = timed[0][1]
+    return {
+        "size_mib": mib,
+        "round_ms": [{"round": number, "ms": round(ms, 3)} for number, _, ms in timed],
+        "first_ms": round(timed[0][2], 3) if timed[0][0] == 1 else None,
+        "later_ms": later,
+        "later_mib_per_s": round(mib / later["p50"] * 1e3, 1) if later and later["p50"] else None,
+    }
+
+
 def pattern_summary(guest: GuestConsole) -> dict[str, Any] | None:
     """The pattern workload's totals, its rounds and its bad files (None
     when the guest printed nothing about it)."""
@@ -90,6 +113,19 @@ def gigantic_summary(
         return None
     return summarize_gigantic(
         run,
+        [r.t_start_mono for r in guest.reports],
+        [r.duration_us for r in guest.reports],
+        None if records is None else backend_reports(records),
+    )
+
+
+def vmem_summary(
+    guest: GuestConsole, steps: dict[str, Any] | None, records: Sequence[ReportRecord] | None
+) -> dict[str, Any]:
+    """The vmem workload's unplugs and their isolation tests, attributed."""
+    return summarize_vmem(
+        guest.gigantic,
+        steps,
         [r.t_start_mono for r in guest.reports],
         [r.duration_us for r in guest.reports],
         None if records is None else backend_reports(records),
@@ -147,12 +183,14 @@ def launch_failure(
     if guest.balloon_absent and options.mode != "none":
         return "the guest found no balloon device"
     if (
-        options.workload in RANGE_LOOPS
+        options.workload in TIMED_LOOPS
         and options.initrd is None
         and guest.done
         and (guest.gigantic is None or guest.gigantic.attempts is None)
     ):
-        what = "gigantic-page attempt" if options.workload == "gigantic" else "offline"
+        what = {"gigantic": "gigantic-page attempt", "offline": "offline"}.get(
+            options.workload, "end of its loop"
+        )
         return f"the guest finished without reporting any {what}"
     if options.workload == "pattern" and options.initrd is None and guest.done:
         totals = guest.pattern.totals if guest.pattern is not None else None

@@ -42,10 +42,20 @@ def format_launch_summary(summary: dict[str, Any]) -> str:
                     f"(lowest after {item['seconds_to_low']:.1f} s)",
                 )
             )
+    fill = summary.get("fill")
+    if fill:
+        rows.append(
+            (
+                f"fill {fill['size_mib']} MiB (ms)",
+                f"round 1 {fill['first_ms']}, later rounds {_ms(fill['later_ms'])}",
+            )
+        )
     if summary.get("gigantic"):
         rows += _gigantic_rows(summary["gigantic"])
     if summary.get("offline"):
         rows += _offline_rows(summary["offline"])
+    if summary.get("vmem"):
+        rows += _vmem_rows(summary["vmem"])
     pattern = summary.get("pattern")
     if pattern and pattern["complete"]:
         rows.append(
@@ -102,6 +112,27 @@ def _try_again_rows(g: dict[str, Any]) -> list[tuple[str, str]]:
             f"retries {tries}",
         ),
         ("  time to success (ms)", _ms(again["time_to_success_ms"])),
+    ]
+
+
+def _vmem_rows(v: dict[str, Any]) -> list[tuple[str, str]]:
+    if v.get("error"):
+        return [("virtio-mem", str(v["error"]))]
+    if v.get("unplugs") is None:
+        return [("virtio-mem", "the guest's loop never started")]
+    seconds = v["unplug_seconds"]
+    took = "-" if seconds is None else f"p50 {seconds['p50']:.2f}, max {seconds['max']:.2f} s"
+    return [
+        (
+            "virtio-mem unplugs",
+            f"{v['unplugs']} of {v['plug_bytes'] >> 20} MiB ({v['unfinished']} unfinished): {took}",
+        ),
+        ("  waited for the retry timer", f"{v['waited_for_retry_timer']} (>= 50 s, or unfinished)"),
+        (
+            "  isolation tests failed",
+            f"{v['isolation_failures']} of {v['isolation_tests']} "
+            f"({v['attributed']} attributed to a report)",
+        ),
     ]
 
 

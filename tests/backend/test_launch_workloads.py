@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tests.backend.launch_summaries import builtin_summary
 from vhost_balloon.backend.qemu.attribution import summarize_gigantic
 from vhost_balloon.backend.qemu.command import LaunchOptions, run_guest_command
 from vhost_balloon.backend.qemu.console import GiganticAttempt, GiganticRun, IsolationEvent
@@ -73,22 +74,7 @@ def test_the_summary_table_shows_the_gigantic_rows() -> None:
         ],
     )
     gigantic = summarize_gigantic(run, [11.0], [50_000.0], None)
-    summary = {
-        "mode": "builtin",
-        "workload": "gigantic",
-        "guest_reports": 1,
-        "guest_hold_us": {"p50": 5e4, "p90": 5e4, "p99": 5e4, "max": 5e4},
-        "memfd_freed": [],
-        "gigantic": gigantic,
-        "features": None,
-        "page_reporting_order": 9,
-        "integrity_ok": True,
-        "qemu_version": "11.1.3",
-        "guest_kernel": "6.12",
-        "accel": "tcg",
-        "accel_reason": None,
-        "duration_s": 50.0,
-    }
+    summary = builtin_summary("gigantic", gigantic=gigantic)
     text = format_launch_summary(summary)
     assert "1 GiB attempts            2 in 2.0 s (after a 20 s settle)" in text
     assert "1 GiB failures            1 (50.0 %)" in text

@@ -5,6 +5,7 @@ offline that retried attributed to the report that held its range."""
 
 from __future__ import annotations
 
+from tests.backend.launch_summaries import builtin_summary
 from vhost_balloon.backend.qemu.attribution import (
     BackendReport,
     summarize_gigantic,
@@ -138,22 +139,26 @@ def test_the_launch_table_shows_the_offline_rows() -> None:
         console.feed(line, float(t))
     assert console.gigantic is not None
     g = summarize_gigantic(console.gigantic, [], [], None)
-    summary = {
-        "mode": "builtin",
-        "workload": "offline",
-        "guest_reports": 0,
-        "guest_hold_us": None,
-        "memfd_freed": [],
-        "offline": g,
-        "features": None,
-        "page_reporting_order": 9,
-        "integrity_ok": True,
-        "qemu_version": "11.1.3",
-        "guest_kernel": "6.12",
-        "accel": "tcg",
-        "accel_reason": None,
-        "duration_s": 50.0,
-    }
+    summary = builtin_summary("offline", offline=g)
     text = format_launch_summary(summary)
     assert "offlines" in text and "(refused: 19)" in text
     assert "try again -> works" in text and "Movable 1024-1280, 2432-2560 MiB" in text
+
+
+def test_the_launch_table_shows_the_vmem_rows() -> None:
+    vmem = {
+        "plug_bytes": 256 << 20,
+        "unplugs": 2,
+        "unfinished": 1,
+        "unplug_seconds": {"p50": 50.1, "p90": 50.1, "max": 50.1},
+        "waited_for_retry_timer": 2,
+        "isolation_tests": 1306,
+        "isolation_failures": 1300,
+        "attributed": 1300,
+        "error": None,
+    }
+    text = format_launch_summary(builtin_summary("vmem", vmem=vmem))
+    assert "virtio-mem unplugs" in text and "2 of 256 MiB (1 unfinished): p50 50.10" in text
+    assert "1300 of 1306 (1300 attributed to a report)" in text
+    failed = format_launch_summary(builtin_summary("vmem", vmem={"error": "vmem: no QMP"}))
+    assert "vmem: no QMP" in failed

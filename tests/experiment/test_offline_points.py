@@ -42,7 +42,7 @@ def test_a_bad_movable_is_refused_naming_it(movable: str) -> None:
 
 def test_a_bad_workload_is_refused() -> None:
     with pytest.raises(SpecError, match="workload"):
-        parse_spec(SPEC.format(movable="none").replace("'offline'", "'fill'"))
+        parse_spec(SPEC.format(movable="none").replace("'offline'", "'balloon'"))
 
 
 def test_gigantic_keys_stay_as_they_were_before_workload_and_movable() -> None:
