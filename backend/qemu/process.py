@@ -155,6 +155,7 @@ class QemuProcess:
                 self.console_log.write(stamped)
                 self.console_log.flush()
             self.guest.feed(line, now)
+            self.sampler.on_console_line(line, now)
             if self.progress is not None:
                 self.progress.update(self.guest, now)
 

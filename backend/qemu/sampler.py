@@ -40,11 +40,21 @@ class MemorySampler:
                 total += int(line.split()[1])
         return total
 
+    def sample(self, now: float) -> None:
+        value = self.read()
+        if value is not None:
+            self.samples.append((now, value))
+
+    def on_console_line(self, line: str, now: float) -> None:
+        """A fill round's lines (filled, freed) mark the peak and the start
+        of the fall, which can lie between two periodic samples (a 2 MiB
+        huge page faults in fast): sample at each of them as well."""
+        if "VB round=" in line:
+            self.sample(now)
+
     async def run(self, clock: Callable[[], float]) -> None:
         while True:
-            value = self.read()
-            if value is not None:
-                self.samples.append((clock(), value))
+            self.sample(clock())
             await asyncio.sleep(SAMPLE_INTERVAL_S)
 
     def between(self, start: float, end: float) -> list[int]:
