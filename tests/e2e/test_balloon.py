@@ -59,7 +59,9 @@ def test_inflate_gives_memory_to_the_host_and_deflate_gives_it_back(tmp_path: An
     inflated = sum(c["pages"] for c in run.chains if c["kind"] == "inflate")
     deflated = sum(c["pages"] for c in run.chains if c["kind"] == "deflate")
     assert inflated == deflated == 128 * MiB // 4096
-    assert kinds.count("stats") == stats["samples"]
+    # guest_stats is read when the balloon steps end; the guest may post
+    # another stats buffer before it powers off, and the trace has it.
+    assert stats["samples"] <= kinds.count("stats") <= stats["samples"] + 2
     assert all(c["bad_chain"] == "" for c in run.chains if c["kind"] != "stats")
 
 
