@@ -22,6 +22,7 @@ from vhost_balloon.backend.cli.options import (
 )
 from vhost_balloon.backend.qemu import provisioning
 from vhost_balloon.backend.qemu.command import (
+    DEFAULT_VIRTIO_MEM_MIB,
     STUDY_WORKLOADS,
     WORKLOADS,
     LaunchOptions,
@@ -183,8 +184,12 @@ def launch_options(args: argparse.Namespace) -> LaunchOptions:
         raise UsageError("--no-balloon is a control for --workload gigantic, offline, vmem or fill")
     if not 0 <= args.vmem_pause <= 3600:
         raise UsageError(f"--vmem-pause takes seconds from 0 to 3600, not {args.vmem_pause}")
-    if args.vmem_size is not None and args.vmem_size % (2 << 20):
-        raise UsageError("--vmem-size must be a multiple of 2M (virtio-mem's block size)")
+    if args.vmem_size is not None and (args.vmem_size <= 0 or args.vmem_size % (2 << 20)):
+        raise UsageError("--vmem-size must be a multiple of 2M (virtio-mem's block size), above 0")
+    if args.virtio_mem is not None and args.virtio_mem % 2:
+        raise UsageError(
+            f"--virtio-mem takes an even number of MiB (2 MiB blocks), not {args.virtio_mem}"
+        )
     if args.settle is not None and args.settle < 0:
         raise UsageError(f"--settle takes seconds >= 0, not {args.settle}")
     workload = args.workload or ("balloon" if args.balloon is not None else "fill")
@@ -198,6 +203,13 @@ def launch_options(args: argparse.Namespace) -> LaunchOptions:
         raise UsageError("--balloon-oom is for the balloon workload")
     if workload == "balloon" and args.no_balloon:
         raise UsageError("the balloon workload needs a balloon device")
+    if args.vmem_size is not None and workload != "vmem":
+        raise UsageError(f"--vmem-size is for the vmem workload, not --workload {workload}")
+    device_mib = args.virtio_mem if args.virtio_mem is not None else DEFAULT_VIRTIO_MEM_MIB
+    if args.vmem_size is not None and args.vmem_size > device_mib << 20:
+        raise UsageError(
+            f"--vmem-size {args.vmem_size >> 20}M exceeds the {device_mib} MiB virtio-mem device"
+        )
     options = LaunchOptions(
         workload=workload,
         rounds=args.rounds,

@@ -4,11 +4,14 @@ onto each unplug and attributes the failed ones to reports."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 from typing import Any
 
 import pytest
 
+from vhost_balloon.backend.cli import launch as launch_cli
+from vhost_balloon.backend.cli.options import UsageError
 from vhost_balloon.backend.qemu import vmem_steps
 from vhost_balloon.backend.qemu.attribution import BackendReport
 from vhost_balloon.backend.qemu.console import GuestConsole
@@ -160,3 +163,61 @@ def test_each_failed_test_in_an_unplug_is_attributed_to_the_report_holding_it() 
 def test_without_the_loop_there_is_nothing_to_map() -> None:
     v = summarize_vmem(None, {"requests": []}, [], [], None)
     assert v["unplugs"] is None and v["requests"] == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--workload", "vmem", "--vmem-size", "3M"], "multiple of 2M"),
+        (["--workload", "vmem", "--vmem-size", "0"], "above 0"),
+        (["--workload", "vmem", "--vmem-size", "2G"], "exceeds the 1024 MiB virtio-mem device"),
+        (["--workload", "vmem", "--virtio-mem", "512", "--vmem-size", "1G"], "exceeds the 512"),
+        (["--workload", "vmem", "--virtio-mem", "513"], "even number of MiB"),
+        (["--workload", "gigantic", "--vmem-size", "256M"], "for the vmem workload"),
+        (["--workload", "vmem", "--vmem-pause", "-1"], "from 0 to 3600"),
+        (["--workload", "vmem", "--vmem-pause", "nan"], "from 0 to 3600"),
+        (["--workload", "pattern", "--no-balloon"], "control for --workload"),
+    ],
+)
+def test_a_bad_vmem_launch_is_refused_before_qemu(argv: list[str], message: str) -> None:
+    parser = argparse.ArgumentParser(prog="vhost-balloon")
+    launch_cli.add_parser(parser.add_subparsers(dest="command", required=True))
+    with pytest.raises(UsageError, match=message):
+        launch_cli.launch_options(parser.parse_args(["launch", *argv]))
+
+
+def test_a_good_vmem_launch_is_taken() -> None:
+    parser = argparse.ArgumentParser(prog="vhost-balloon")
+    launch_cli.add_parser(parser.add_subparsers(dest="command", required=True))
+    argv = ["launch", "--workload", "vmem", "--virtio-mem", "512", "--vmem-size", "256M"]
+    options = launch_cli.launch_options(parser.parse_args(argv))
+    assert options.virtio_mem == 512 and options.vmem_size == 256 << 20
+
+
+class GarbledDevice(FakeDevice):
+    """A QEMU (or something in its place) whose `size` is not a number."""
+
+    async def execute(self, command: str, arguments: dict[str, Any]) -> Any:
+        if command == "qom-get" and arguments["property"] == "size":
+            return "lots"
+        return await super().execute(command, arguments)
+
+
+def test_a_size_that_is_not_a_number_is_one_sentence(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock()
+
+    async def tick(seconds: float) -> None:
+        clock.now += seconds
+
+    monkeypatch.setattr(vmem_steps, "_sleep", tick)
+    with pytest.raises(VmemError, match="qom-get /machine/peripheral/vm0 size gave 'lots'"):
+        asyncio.run(
+            run_vmem_steps(
+                GarbledDevice(clock, set()),  # type: ignore[arg-type]
+                _console_with_loop(60),
+                clock,
+                plug_bytes=MiB,
+                pause_s=0,
+                note=lambda _: None,
+            )
+        )
