@@ -344,7 +344,6 @@ def qemu_row(summary: dict[str, Any], backend: dict[str, Any]) -> dict[str, Any]
     if workload == "offline":
         gigantic = _offline_as_failures(gigantic)
     again = gigantic.get("try_again") or {}
-    guest_holds = summary.get("guest_hold_us", {}).get("samples", [])
 
     def number(key: str) -> float | None:
         value = gigantic.get(key)  # null for the controls (no backend ranges, no trace)
@@ -371,7 +370,7 @@ def qemu_row(summary: dict[str, Any], backend: dict[str, Any]) -> dict[str, Any]
         "target_reports": count("target_reports"),
         "passes": count("passes"),
         "passes_with_failures": count("passes_with_failures"),
-        "hold_p50_ms": _median(guest_holds) / 1e3 if guest_holds else None,
+        "hold_p50_ms": _guest_hold_p50_ms(summary),
         "retried": again.get("requests_retried"),
         "time_to_success_p50_ms": (again.get("time_to_success_ms") or {}).get("p50"),
         "time_to_success_max_ms": (again.get("time_to_success_ms") or {}).get("max"),
@@ -381,6 +380,12 @@ def qemu_row(summary: dict[str, Any], backend: dict[str, Any]) -> dict[str, Any]
         "accel": summary.get("accel"),
         **backend,
     }
+
+
+def _guest_hold_p50_ms(summary: dict[str, Any]) -> float | None:
+    """The guest's median hold per report (its ftrace durations), ms."""
+    holds = summary.get("guest_hold_us", {}).get("samples", [])
+    return _median(holds) / 1e3 if holds else None
 
 
 def _fill_row(summary: dict[str, Any], backend: dict[str, Any]) -> dict[str, Any]:
@@ -396,14 +401,13 @@ def _fill_row(summary: dict[str, Any], backend: dict[str, Any]) -> dict[str, Any
     given = [
         r["given_back_bytes"] for r in summary.get("memfd_freed", []) if "given_back_bytes" in r
     ]
-    guest_holds = summary.get("guest_hold_us", {}).get("samples", [])
     return {
         "attempts": len(rounds),
         "failures": 0,
         "failure_rate": 0.0,
         "requests": len(rounds),
         "reports": summary.get("guest_reports", 0),
-        "hold_p50_ms": _median(guest_holds) / 1e3 if guest_holds else None,
+        "hold_p50_ms": _guest_hold_p50_ms(summary),
         "fill_mib": fill.get("size_mib"),
         "fill_first_ms": fill.get("first_ms"),
         "fill_later_p50_ms": later.get("p50"),

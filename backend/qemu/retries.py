@@ -22,6 +22,15 @@ def _percentile(ordered: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def p50_p90_max(values: Sequence[float]) -> dict[str, float] | None:
+    """{p50, p90, max} of `values` (None when there are none): the loops'
+    per-request figures."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return {"p50": _percentile(ordered, 0.5), "p90": _percentile(ordered, 0.9), "max": ordered[-1]}
+
+
 def _requests_gigantic(attempts: Sequence[GiganticAttempt]) -> tuple[list[tuple[int, float]], int]:
     """(retries, seconds to success) per request that failed first; and
     how many failed runs never saw a success."""
@@ -59,20 +68,11 @@ def try_again(op: str, attempts: Sequence[GiganticAttempt]) -> dict[str, Any] | 
     retries = sorted(r for r, _ in requests)
     times_ms = sorted(round(s * 1000, 3) for _, s in requests)
 
-    def stats(values: list[float] | list[int]) -> dict[str, float] | None:
-        if not values:
-            return None
-        return {
-            "p50": _percentile(values, 0.5),
-            "p90": _percentile(values, 0.9),
-            "max": values[-1],
-        }
-
     return {
         "requests_retried": len(requests),
         "never_succeeded": never,
-        "retries": stats(retries),
-        "time_to_success_ms": stats(times_ms),
+        "retries": p50_p90_max(retries),
+        "time_to_success_ms": p50_p90_max(times_ms),
         "time_to_success_samples_ms": times_ms,  # sorted: the CDF
     }
 

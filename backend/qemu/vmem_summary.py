@@ -20,20 +20,10 @@ from vhost_balloon.backend.qemu.attribution import (
     match_windows,
 )
 from vhost_balloon.backend.qemu.console import GiganticRun, IsolationEvent
+from vhost_balloon.backend.qemu.retries import p50_p90_max
 from vhost_balloon.backend.qemu.vmem_steps import RETRY_TIMER_MIN_S
 
 CONSOLE_SLACK_S = 0.05  # the loop line's trip through the serial console, and uptime's 10 ms
-
-
-def _percentiles(values: Sequence[float]) -> dict[str, float] | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-
-    def at(q: float) -> float:
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-    return {"p50": at(0.5), "p90": at(0.9), "max": ordered[-1]}
 
 
 def summarize_vmem(
@@ -67,7 +57,7 @@ def summarize_vmem(
     return summary | {
         "requests": requests,
         "unplugs": len(unplugs),
-        "unplug_seconds": _percentiles(done),
+        "unplug_seconds": p50_p90_max(done),
         "unfinished": sum(1 for u in unplugs if u["seconds"] is None),
         "waited_for_retry_timer": sum(
             1 for u in unplugs if u["seconds"] is None or u["seconds"] >= RETRY_TIMER_MIN_S
@@ -79,7 +69,7 @@ def summarize_vmem(
         "try_again": {
             "requests_retried": len(retried),
             "never_succeeded": sum(1 for u in retried if u["seconds"] is None),
-            "time_to_success_ms": _percentiles(
+            "time_to_success_ms": p50_p90_max(
                 [u["seconds"] * 1000 for u in retried if u["seconds"] is not None]
             ),
             "time_to_success_samples_ms": sorted(
